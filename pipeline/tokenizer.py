@@ -1,0 +1,244 @@
+"""SentencePiece tokenizer with the GLM command tokens at fixed ids (spec §7).
+
+    python jobs/train_tokenizer.py --input 'corpus/*.txt' --output tok/glm.model --vocab-size 8000
+
+Our vocabularies put the GLM command tokens first, as sentencepiece control symbols, so each is exactly one
+token at a fixed id and ordinary text can never produce one (a corpus that contains the string "[MASK]" is
+tokenized as ordinary characters, it does not inject mask tokens into training data):
+
+    id  piece                meaning
+    0   <|endoftext|>        eos AND pad (the official code asserts eos == pad for every tokenizer, spec §2)
+    1   [UNK]                unknown
+    2   [CLS]                start of every document in a chunk ("ENC")
+    3   [MASK]               token-level blank (bert objective)
+    4   [sMASK]              sentence blank (sentence objective, task_mask)
+    5   [gMASK]              document-level blank (gpt objective, task_mask)
+    6   <|startofpiece|>     sop: starts every Part B span
+    7   <|endofpiece|>       eop: ends every Part B span (as a target)
+    8   [SEP]                separator (finetuning formats)
+
+The typed `Specials` record carries these ids and the sentence-ending ids to the objective code
+(`pipeline/infilling.py`), so the same objective code serves the official GLM vocabularies too
+(`Specials.official_bert()` etc.). Text that should contain blanks (`fill_blanks`) goes through
+`encode_with_blanks`, which splits on the mask strings explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import sentencepiece as spm
+
+# Command tokens in id order (ids 0..8). Change this list and every shard set and checkpoint changes meaning.
+COMMAND_TOKENS = (
+    "<|endoftext|>", "[UNK]", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]",
+    "<|startofpiece|>", "<|endofpiece|>", "[SEP]",
+)
+MASK_STRINGS = ("[MASK]", "[sMASK]", "[gMASK]")
+# A piece whose string contains one of these ends a sentence (spec §3.4; the official list incl. CJK).
+SENTENCE_END_CHARS = ".?!;:。？！；…\n"
+
+
+@dataclass(frozen=True)
+class Specials:
+    """The GLM command-token ids of one vocabulary, plus the ids of tokens that end a sentence."""
+
+    eos: int            # end of document; the official code uses the same id for padding
+    pad: int            # right-padding of samples (== eos in every official tokenizer)
+    cls: int            # [CLS] / ENC: first token of every document in a chunk
+    mask: int           # [MASK]
+    smask: int          # [sMASK]
+    gmask: int          # [gMASK]
+    sop: int            # <|startofpiece|>
+    eop: int            # <|endofpiece|>
+    sep: int            # [SEP]
+    unk: int            # [UNK]
+    sentence_end_ids: frozenset[int] = field(default_factory=frozenset)  # ids whose piece ends a sentence
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["sentence_end_ids"] = sorted(self.sentence_end_ids)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Specials:
+        d = dict(d)
+        d["sentence_end_ids"] = frozenset(int(i) for i in d.get("sentence_end_ids", ()))
+        return cls(**d)
+
+    @classmethod
+    def ours(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
+        """Ids of every vocabulary trained by this project (the table in the module docstring)."""
+        ids = {name: i for i, name in enumerate(COMMAND_TOKENS)}
+        return cls(eos=ids["<|endoftext|>"], pad=ids["<|endoftext|>"], cls=ids["[CLS]"], mask=ids["[MASK]"],
+                   smask=ids["[sMASK]"], gmask=ids["[gMASK]"], sop=ids["<|startofpiece|>"],
+                   eop=ids["<|endofpiece|>"], sep=ids["[SEP]"], unk=ids["[UNK]"],
+                   sentence_end_ids=frozenset(sentence_end_ids))
+
+    @classmethod
+    def official_bert(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
+        """BERT-wordpiece GLMs (glm-base/large/410m/515m; spec §7.1), with --task-mask ids."""
+        return cls(eos=0, pad=0, cls=101, mask=103, smask=30525, gmask=30524, sop=30522, eop=30523, sep=102,
+                   unk=100, sentence_end_ids=frozenset(sentence_end_ids))
+
+    @classmethod
+    def official_gpt2(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
+        """GPT-2-BPE GLMs (glm-2b, glm-10b; spec §7.1/§7.2)."""
+        return cls(eos=50256, pad=50256, cls=50259, mask=50260, smask=50264, gmask=50263, sop=50257, eop=50258,
+                   sep=50261, unk=50262, sentence_end_ids=frozenset(sentence_end_ids))
+
+    @property
+    def mask_ids(self) -> tuple[int, int, int]:
+        return (self.mask, self.smask, self.gmask)
+
+
+class Tokenizer:
+    """A loaded sentencepiece model whose command tokens are at the ids of `Specials.ours()`."""
+
+    def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
+        self.model_bytes = model_bytes
+        self.source = source
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        for i, piece in enumerate(COMMAND_TOKENS):
+            if self.sp.id_to_piece(i) != piece:
+                raise ValueError(
+                    f"{source}: id {i} is {self.sp.id_to_piece(i)!r}, expected the GLM command token {piece!r}. "
+                    "This model was not trained by pipeline/tokenizer.py; retrain it with "
+                    "`python jobs/train_tokenizer.py` so the command tokens sit at their fixed ids.")
+        ends = [i for i in range(self.sp.get_piece_size())
+                if not self.sp.is_control(i) and not self.sp.is_unknown(i)
+                and any(c in self.sp.id_to_piece(i) for c in SENTENCE_END_CHARS)]
+        self.specials = Specials.ours(ends)
+
+    @classmethod
+    def load(cls, path: str) -> Tokenizer:
+        """Load a `.model` from a local path or any fsspec URL."""
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError as e:
+            raise ValueError(f"tokenizer model {path!r} does not exist; train one with "
+                             "`python jobs/train_tokenizer.py --input ... --output {path}`") from e
+        return cls(data, source=path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the model bytes: identifies the vocabulary in manifests and checkpoints."""
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        """Encode many documents at once with sentencepiece's threaded batch API (-1: one thread per core)."""
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Decode ids; command tokens are rendered as their strings (sentencepiece drops control symbols)."""
+        out: list[str] = []
+        run: list[int] = []
+        for i in (int(x) for x in ids):
+            if i < len(COMMAND_TOKENS):
+                if run:
+                    out.append(self.sp.decode(run))
+                    run = []
+                out.append(COMMAND_TOKENS[i] if out or i != self.specials.cls else "")
+            else:
+                run.append(i)
+        if run:
+            out.append(self.sp.decode(run))
+        return " ".join(s for s in out if s)
+
+    def encode_with_blanks(self, text: str) -> list[int]:
+        """Encode text in which the literal strings [MASK], [sMASK], [gMASK] mark blanks (for fill_blanks)."""
+        ids: list[int] = []
+        for part in re.split(r"(\[MASK\]|\[sMASK\]|\[gMASK\])", text):
+            if part in MASK_STRINGS:
+                ids.append(COMMAND_TOKENS.index(part))
+            elif part.strip():
+                ids.extend(self.sp.encode(part.strip()))
+        return ids
+
+    def save_specials_json(self, path: str) -> None:
+        """Write the small JSON of special ids, vocab size and fingerprint that sits beside a `.model`."""
+        doc = {"vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
+               "command_tokens": {p: i for i, p in enumerate(COMMAND_TOKENS)},
+               "specials": self.specials.to_json()}
+        with fsspec.open(path, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+
+
+def _iter_text_sources(inputs: Sequence[str]) -> Iterator[str]:
+    """Yield the text of each input file (paths, globs or fsspec URLs)."""
+    for spec in inputs:
+        files = fsspec.open_files(spec, "rt", encoding="utf-8", errors="replace", expand=True)
+        if not files:
+            raise ValueError(f"tokenizer input {spec!r} matched no files; check the path or glob")
+        for of in files:
+            with of as f:
+                yield f.read()
+
+
+def train(documents: Iterable[str] | Sequence[str], vocab_size: int, *, model_type: str = "unigram",
+          max_sentences: int = 2_000_000, character_coverage: float = 0.9999, seed: int = 0,
+          num_threads: int = 2) -> Tokenizer:
+    """Train a sentencepiece model on documents (an iterable of strings, or paths/globs/URLs as strings
+    when `documents` is a list whose items name existing files or patterns — use `train_from_files`).
+
+    Input sampling: at most `max_sentences` lines are fed, chosen by sentencepiece's seeded reservoir
+    (`input_sentence_size` + `shuffle_input_sentence`), so large corpora train in bounded memory.
+    """
+    if model_type not in ("unigram", "bpe"):
+        raise ValueError(f"model_type={model_type!r}: choose 'unigram' or 'bpe'")
+    if vocab_size <= len(COMMAND_TOKENS) + 16:
+        raise ValueError(f"vocab_size={vocab_size} is too small; use at least {len(COMMAND_TOKENS) + 17}")
+
+    def lines() -> Iterator[str]:
+        for doc in documents:
+            for line in doc.splitlines():
+                line = line.strip()
+                if line:
+                    yield line
+
+    spm.set_random_generator_seed(seed)
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=out, vocab_size=vocab_size, model_type=model_type,
+        pad_id=0, pad_piece=COMMAND_TOKENS[0], unk_id=1, unk_piece=COMMAND_TOKENS[1], bos_id=-1, eos_id=-1,
+        control_symbols=list(COMMAND_TOKENS[2:]), character_coverage=character_coverage,
+        input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=1 << 16,
+        num_threads=num_threads, byte_fallback=True, split_digits=True, hard_vocab_limit=False,
+        minloglevel=2)
+    return Tokenizer(out.getvalue())
+
+
+def train_from_files(inputs: Sequence[str], vocab_size: int, **kw) -> Tokenizer:
+    """Train on text files given as paths, globs or fsspec URLs."""
+    return train(_iter_text_sources(inputs), vocab_size, **kw)
+
+
+def save(tok: Tokenizer, path: str) -> None:
+    """Write `<path>` (the .model) and `<path without .model>.json` (special ids), locally or to a URL."""
+    fs, p = fsspec.core.url_to_fs(path)
+    parent = os.path.dirname(p)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fsspec.open(path, "wb") as f:
+        f.write(tok.model_bytes)
+    tok.save_specials_json(re.sub(r"\.model$", "", path) + ".json")
+
+
+def token_array(ids: Sequence[int]) -> np.ndarray:
+    return np.asarray(ids, dtype=np.int32)
