@@ -1,0 +1,339 @@
+"""THE shard contract: schema version, columns, manifest, Parquet and WebDataset encode/decode.
+
+Writer (`pipeline/build.py`) and reader (`pipeline/stream.py`, `jobs/inspect_shards.py`) import this one module;
+no other file spells a column name or dtype.
+
+A shard set is a folder (local or any fsspec URL) holding shard files and `manifest.json`, which is written
+LAST: a folder without a manifest is an incomplete build. One row = one GLM training sample, stored unpadded
+(the reader right-pads to `seq_len` with zeros, as the official collate does, spec §3.2):
+
+    column              type           meaning
+    input_ids           list<int32>    [Part A ; Part B inputs]                                  (spec §3.6)
+    targets             list<int32>    aligned labels: targets[i] is the label at position i      (no shift)
+    loss_mask           list<uint8>    1 on Part B, 0 on Part A
+    position_ids        list<int32>    row 0 of the 2D positions: index in the corrupted text A
+    block_position_ids  list<int32>    row 1: 0 in Part A, 1..len+1 inside each Part B span
+    sep                 int32          length of Part A (A bidirectional, B causal)
+    objective           string         bert | sentence | gpt
+    layout              string         bert | sentence | gpt_suffix | gpt_single_span | masked_lm
+    variant             int32          mask variant k in [0, variants): epoch e reads variant e mod variants
+    source              string         URI of the input file holding the chunk's first document
+    doc_index           int64          index of that document within its file
+    chunk_index         int64          index of the chunk within its packing group and variant
+    sample_key          string         globally unique, stable id "<split>/<group>/<variant>/<chunk>"
+
+Parquet shards use zstd and row groups of `ROW_GROUP_SIZE` rows. WebDataset shards are plain POSIX tar files
+whose members are `<key>.<column>.npy` (arrays) and `<key>.json` (scalars), written with fixed metadata
+(mtime 0, uid 0) so the same samples give the same bytes; `webdataset.WebDataset` reads them as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ROW_GROUP_SIZE = 256  # rows per Parquet row group: ~0.5-1 MB at seq_len 512, the unit of a partial read
+FORMATS = ("parquet", "wds")
+SUFFIX = {"parquet": ".parquet", "wds": ".tar"}
+
+ARRAY_COLUMNS = {  # name -> numpy dtype of the per-token columns
+    "input_ids": np.int32,
+    "targets": np.int32,
+    "loss_mask": np.uint8,
+    "position_ids": np.int32,
+    "block_position_ids": np.int32,
+}
+SCALAR_COLUMNS = {  # name -> numpy dtype (object = str)
+    "sep": np.int32,
+    "objective": object,
+    "layout": object,
+    "variant": np.int32,
+    "source": object,
+    "doc_index": np.int64,
+    "chunk_index": np.int64,
+    "sample_key": object,
+}
+_ARROW = {np.int32: pa.int32(), np.int64: pa.int64(), np.uint8: pa.uint8(), object: pa.string()}
+SCHEMA = pa.schema(
+    [pa.field(n, pa.list_(_ARROW[t])) for n, t in ARRAY_COLUMNS.items()]
+    + [pa.field(n, _ARROW[t]) for n, t in SCALAR_COLUMNS.items()],
+    metadata={"glm_shard_schema_version": str(SCHEMA_VERSION)},
+)
+
+
+class ShardError(RuntimeError):
+    """A shard is missing, truncated or does not match the manifest; the message names it and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------ samples
+
+class ShardSamples:
+    """Columnar samples of one shard: flat token arrays plus offsets, cheap row access without python dicts."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], offsets: np.ndarray, scalars: dict[str, np.ndarray]):
+        self.arrays = arrays      # column -> flat 1-D array of all rows' tokens
+        self.offsets = offsets    # int64 [rows+1]; row i is arrays[c][offsets[i]:offsets[i+1]]
+        self.scalars = scalars    # column -> 1-D array [rows]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> dict:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        out: dict = {c: v[a:b] for c, v in self.arrays.items()}
+        for c, v in self.scalars.items():
+            x = v[i]
+            out[c] = x if isinstance(x, str) else int(x)
+        return out
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> ShardSamples:
+        lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=len(rows))
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        arrays = {}
+        for c, t in ARRAY_COLUMNS.items():
+            arrays[c] = (np.concatenate([np.asarray(r[c], dtype=t) for r in rows]) if rows
+                         else np.zeros(0, dtype=t))
+            if len(arrays[c]) != offsets[-1]:
+                raise ValueError(f"column {c!r} has a different length than input_ids in some row")
+        scalars = {c: np.array([r[c] for r in rows], dtype=t) for c, t in SCALAR_COLUMNS.items()}
+        return cls(arrays, offsets, scalars)
+
+
+def pad_row(row: dict, seq_len: int) -> dict[str, np.ndarray]:
+    """Right-pad one row's token columns with 0 to seq_len (spec §3.2: every field padded with 0)."""
+    n = len(row["input_ids"])
+    if n > seq_len:
+        raise ShardError(f"sample {row.get('sample_key')!r} has {n} tokens > seq_len {seq_len}; "
+                         "the shard set was built for a longer seq_len — rebuild or raise seq_len")
+    out = {}
+    for c, t in ARRAY_COLUMNS.items():
+        a = np.zeros(seq_len, dtype=np.int64 if t != np.uint8 else np.uint8)
+        a[:n] = row[c]
+        out[c] = a
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ encode
+
+def encode_parquet(samples: ShardSamples) -> bytes:
+    n = len(samples)
+    offsets = pa.array(samples.offsets.astype(np.int32))
+    cols = [pa.ListArray.from_arrays(offsets, pa.array(samples.arrays[c], type=_ARROW[t]))
+            for c, t in ARRAY_COLUMNS.items()]
+    cols += [pa.array(samples.scalars[c].tolist() if t is object else samples.scalars[c], type=_ARROW[t])
+             for c, t in SCALAR_COLUMNS.items()]
+    table = pa.Table.from_arrays(cols, schema=SCHEMA)
+    assert table.num_rows == n
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=False)
+    return buf.getvalue()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    np.save(b, a, allow_pickle=False)
+    return b.getvalue()
+
+
+def encode_wds(samples: ShardSamples) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(len(samples)):
+            row = samples.row(i)
+            key = row["sample_key"].replace("/", "_")
+            members = [(f"{key}.{c}.npy", _npy(np.asarray(row[c], dtype=t))) for c, t in ARRAY_COLUMNS.items()]
+            meta = {c: row[c] for c in SCALAR_COLUMNS}
+            members.append((f"{key}.json", json.dumps(meta, sort_keys=True).encode()))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def encode(samples: ShardSamples, fmt: str) -> bytes:
+    check_format(fmt)
+    return encode_parquet(samples) if fmt == "parquet" else encode_wds(samples)
+
+
+# ------------------------------------------------------------------------------------------------ decode
+
+def decode_parquet(data: bytes, name: str = "<shard>") -> ShardSamples:
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ShardError(f"shard {name} is not a readable Parquet file ({e}); it is truncated or corrupt — "
+                         "rebuild the shard set (jobs/build_shards.py, same command) or restore the file") from e
+    missing = [c for c in (*ARRAY_COLUMNS, *SCALAR_COLUMNS) if c not in table.column_names]
+    if missing:
+        raise ShardError(f"shard {name} lacks columns {missing}; it was written by another schema version")
+    first = table.column("input_ids").combine_chunks()
+    offsets = first.offsets.to_numpy().astype(np.int64)
+    offsets -= offsets[0]
+    arrays = {c: table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(t, copy=False)
+              for c, t in ARRAY_COLUMNS.items()}
+    scalars = {c: (np.array(table.column(c).to_pylist(), dtype=object) if t is object
+                   else table.column(c).to_numpy().astype(t, copy=False))
+               for c, t in SCALAR_COLUMNS.items()}
+    return ShardSamples(arrays, offsets, scalars)
+
+
+def decode_wds(data: bytes, name: str = "<shard>") -> ShardSamples:
+    rows: dict[str, dict] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                f = tar.extractfile(m)
+                if f is None:
+                    continue
+                key, _, rest = m.name.partition(".")
+                if key not in rows:
+                    rows[key] = {}
+                    order.append(key)
+                payload = f.read()
+                if rest == "json":
+                    rows[key].update(json.loads(payload))
+                else:
+                    rows[key][rest[:-4]] = np.load(io.BytesIO(payload), allow_pickle=False)
+    except (tarfile.TarError, ValueError, EOFError) as e:
+        raise ShardError(f"shard {name} is not a readable tar file ({e}); it is truncated or corrupt — "
+                         "rebuild the shard set (jobs/build_shards.py, same command) or restore the file") from e
+    lst = [rows[k] for k in order]
+    need = set(ARRAY_COLUMNS) | set(SCALAR_COLUMNS)
+    for r in lst:
+        if not need <= set(r):
+            raise ShardError(f"shard {name} has a sample missing {sorted(need - set(r))}; it is truncated")
+    return ShardSamples.from_rows(lst)
+
+
+def decode(data: bytes, fmt: str, name: str = "<shard>") -> ShardSamples:
+    check_format(fmt)
+    return decode_parquet(data, name) if fmt == "parquet" else decode_wds(data, name)
+
+
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: choose one of {FORMATS}")
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+@dataclass
+class ShardInfo:
+    name: str          # file name inside the shard-set folder
+    rows: int          # samples in the shard
+    bytes: int         # file size
+    sha256: str        # checksum of the file bytes
+    variant: int       # mask variant its samples belong to
+    group: int         # packing group (a fixed, contiguous range of input files) it was built from
+
+
+@dataclass
+class Manifest:
+    schema_version: int
+    format: str                      # parquet | wds
+    split: str                       # train | validation
+    seq_len: int                     # every sample has at most seq_len tokens (the reader pads to it)
+    vocab_size: int                  # tokenizer vocabulary size (model vocab must be >= this)
+    tokenizer: dict                  # {"fingerprint": sha256 of the .model, "path": where it was, ...}
+    specials: dict                   # Specials.to_json() of the tokenizer
+    variants: int                    # independently masked versions of every chunk
+    seed: int                        # global seed of the build
+    config: dict                     # the build settings that determine the bytes (objective mix etc.)
+    config_hash: str                 # sha256 of canonical JSON of `config`: refuses mismatched rebuilds
+    shards: list[ShardInfo] = field(default_factory=list)
+    accounting: dict = field(default_factory=dict)   # documents, tokens, pad fraction, histograms, skips
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def shards_of_variant(self, variant: int) -> list[ShardInfo]:
+        return [s for s in self.shards if s.variant == variant]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest") -> Manifest:
+        d = json.loads(text)
+        v = d.get("schema_version")
+        if v != SCHEMA_VERSION:
+            raise ShardError(f"{where}: schema_version {v} but this code reads version {SCHEMA_VERSION}; "
+                             "rebuild the shard set with this version of jobs/build_shards.py")
+        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
+        return cls(**d)
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_url(url: str) -> str:
+    """Accept a shard-set folder or its manifest.json; return the manifest URL."""
+    url = url.rstrip("/")
+    return url if url.endswith(".json") else f"{url}/{MANIFEST_NAME}"
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
+    murl = manifest_url(url)
+    fs, path = fsspec.core.url_to_fs(murl, **(storage_options or {}))
+    if not fs.exists(path):
+        raise ShardError(f"no {MANIFEST_NAME} at {murl}: the shard set does not exist or its build did not "
+                         "finish (the manifest is written last). Run jobs/build_shards.py --output "
+                         f"{murl.rsplit('/', 1)[0]} (rerunning resumes an interrupted build)")
+    return Manifest.from_json(fs.cat_file(path).decode(), where=murl)
+
+
+# ------------------------------------------------------------------------------------------------ I/O
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Commit `data` at `path` all at once: temp file + rename locally, one whole-object PUT on object stores."""
+    if "file" in fs.protocol or "local" in fs.protocol:
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)  # object stores: a single PUT is atomic; no rename exists there
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_shard(fs: fsspec.AbstractFileSystem, path: str, info: ShardInfo, fmt: str,
+               verify: bool = True) -> ShardSamples:
+    """Read one shard, check it against its manifest entry, decode it."""
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise ShardError(f"shard {path} listed in the manifest is missing; restore it or rebuild the shard set "
+                         "(jobs/build_shards.py with the same arguments rewrites only what is missing)") from e
+    if len(data) != info.bytes or (verify and sha256(data) != info.sha256):
+        raise ShardError(f"shard {path} has {len(data)} bytes (manifest: {info.bytes}) or a wrong checksum: it "
+                         "is truncated or was overwritten; rebuild the shard set or restore the file")
+    samples = decode(data, fmt, name=path)
+    if len(samples) != info.rows:
+        raise ShardError(f"shard {path} holds {len(samples)} rows, the manifest says {info.rows}")
+    return samples
