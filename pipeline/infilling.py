@@ -1,0 +1,516 @@
+"""The GLM blank-infilling objective: one packed chunk + one seeded Generator -> one training sample (spec §3).
+
+    PYTHONPATH=. .venv/bin/python -c "import numpy as np; from pipeline.infilling import make_sample; \
+from pipeline.tokenizer import Specials; print(make_sample(np.r_[2, 9:60, 0], 'bert', np.random.default_rng(0), \
+specials=Specials.ours())['input_ids'])"
+    PYTHONPATH=. .venv/bin/python -m pytest tests/test_infilling.py -q      # tests
+    PYTHONPATH=. .venv/bin/python benchmarks/infilling.py --quick             # speed vs sentencepiece
+
+Pure numpy, no torch, no global RNG: a sample is a pure function of (chunk tokens, objective, the state of the
+`numpy.random.Generator` passed in, options). With `rng = np.random.default_rng(seed)` (PCG64, defined
+bit-for-bit on every platform) the same (chunk, objective, seed, options) gives the same bytes everywhere.
+The random *choices* differ from the official code (which uses python's `random.Random`), the distributions
+and the layout do not: given the same spans and Part B order, `make_block_data` / `make_gpt_suffix_data`
+reproduce the official `ConstructBlockStrategy` output exactly (tests/test_infilling.py checks every row of
+the official examples).
+
+Input: `tokens`, one chunk as the packer builds it, `[CLS] doc eos [CLS] doc eos ...`; it always starts with
+[CLS] and may end without eos when its last document continues in the next chunk (spec §2).
+
+Objectives (`make_sample(tokens, objective, rng, specials=..., **options)`):
+
+* "bert" (§3.3): span lengths ~ Poisson(3) truncated to 1..39, drawn until >= int(0.15 n) tokens are masked,
+  placed by the official `sample_span_in_document` (shorter documents get int(0.15 len) each, the rest goes to
+  the longest; >= 1 unmasked token between spans; the leading [CLS] of each document, every eos and the last
+  token of the chunk are never masked). Where the official code silently drops a sample whose spans cannot
+  all be placed, we raise `SpanPlacementError` (a ValueError) so the caller can count it and move on.
+* "sentence" (§3.4): whole sentences (ending at a token in `specials.sentence_end_ids`, or at the end of the
+  chunk) in random order until >= int(0.15 n) tokens are masked. Official quirk kept: after an eos the next
+  sentence starts AT the following document's [CLS], so that [CLS] can be masked with its first sentence
+  (pass `sentence_mask_cls=False` to start such sentences after the [CLS]). Adjacent sentences each get their
+  own mask token. A chunk with no sentence at all raises `SpanPlacementError`.
+* "gpt" (§3.5): G ~ U{int(gpt_min_ratio n) .. n-2} per sample. With probability `gpt_infill_prob` (the
+  official flag name; it is the probability of the SUFFIX variant), or always when the chunk holds more than
+  one document (an eos before the last position), the suffix / prefix-LM layout without eop
+  (`variant="gpt_suffix"`; its span may contain eos and [CLS], as in the official code); otherwise one span of
+  length G placed uniformly in the longest document with the standard layout incl. eop
+  (`variant="gpt_single_span"`). The official code crashes when G does not fit there (G = n-2); we shorten
+  that span to the longest that fits (region length - 1).
+* masked_lm=True (§3.8, the BERT baseline): bert spans, every masked token replaced in place by [MASK], no
+  Part B, sep = n, loss = source loss mask x masked, block positions all 0 (`variant="masked_lm"`).
+
+Layout (§3.6): Part A = the chunk with each span replaced by ONE mask token; Part B = for each span in Part B
+order `sop + span`, targets `span + eop`; targets are already aligned (targets[i] is the label at input i, no
+shift); loss mask 0 on A, 1 on B; position_ids = index in A (B tokens: their span's mask index);
+block_position_ids = 0 on A, 1..len+1 on each B segment; sep = len(A). Mask token: [MASK] unless
+`task_mask=True`, then bert [MASK], sentence [sMASK], gpt [gMASK] (the official --task-mask).
+
+Output length: n + 2 * len(spans) for bert, sentence and gpt_single_span; n + 1 for gpt_suffix; n for
+masked_lm. `sep` = n - sum(span lengths) + len(spans) for the block layouts, n - G + 1 for gpt_suffix.
+
+Ablations (paper Table 6): `shuffle_spans=False` keeps Part B in text order (--no-shuffle-block);
+`block_positions=False` (--no-block-position) sets every Part B block position to 1 and Part A to 0, in both
+gpt layouts too (spec §14.11: the official suffix path builds that row one element too long — a bug we do
+not copy; our row always has the sample's length); `masked_lm=True` as above.
+
+Dtypes: input_ids, targets, position_ids, block_position_ids int32; loss_mask uint8; sep a python int.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from pipeline.tokenizer import Specials
+
+OBJECTIVES = ("bert", "sentence", "gpt")
+VARIANTS = ("bert", "sentence", "gpt_suffix", "gpt_single_span", "masked_lm")
+# Shortest chunk each objective accepts: bert needs int(0.15 n) >= 1 masked token (n >= 7, at the default
+# ratio); the others need [CLS] + a few tokens so that G in [int(n/2), n-2] and a sentence exist.
+MIN_CHUNK_LEN = {"bert": 7, "sentence": 4, "gpt": 4}
+ID_DTYPE = np.int32
+LOSS_DTYPE = np.uint8
+
+
+class SpanPlacementError(ValueError):
+    """The drawn spans cannot all be placed in this chunk's documents (the official code drops the sample).
+
+    Raised by bert / masked_lm sampling (and by sentence sampling when the chunk holds no sentence). The caller
+    should count it and skip the chunk or draw again with the next seed; `spans_drawn` and `spans_placed`
+    say how far placement got."""
+
+    def __init__(self, message: str, spans_drawn: int = 0, spans_placed: int = 0):
+        super().__init__(message)
+        self.spans_drawn = spans_drawn
+        self.spans_placed = spans_placed
+
+
+class ChunkTooShortError(ValueError):
+    """The chunk has fewer tokens than the objective needs (`MIN_CHUNK_LEN`)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# span-length distribution (§3.3): Poisson(lam) restricted to 1..max_block_length-1 and renormalised
+
+
+_PMF_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def span_length_pmf(avg_block_length: float = 3.0, max_block_length: int = 40) -> np.ndarray:
+    """pmf[k-1] = P(length = k), k = 1..max_block_length-1: Poisson(avg_block_length) truncated and renormalised
+    (the official `block_length_distribution`, which `random.choices` renormalises)."""
+    return _pmf_and_cdf(avg_block_length, max_block_length)[0]
+
+
+def _pmf_and_cdf(lam: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (float(lam), int(max_len))
+    if key not in _PMF_CACHE:
+        if lam <= 0 or max_len < 2:
+            raise ValueError(f"avg_block_length={lam}, max_block_length={max_len}: need lam > 0 and max >= 2")
+        k = np.arange(1, max_len)
+        logp = k * math.log(lam) - lam - np.array([math.lgamma(x + 1) for x in k])
+        pmf = np.exp(logp - logp.max())
+        pmf /= pmf.sum()
+        cdf = np.cumsum(pmf)
+        cdf[-1] = 1.0
+        _PMF_CACHE[key] = (pmf, cdf)
+    return _PMF_CACHE[key]
+
+
+def draw_span_lengths(rng: np.random.Generator, target: int, avg_block_length: float = 3.0,
+                      max_block_length: int = 40) -> np.ndarray:
+    """Draw lengths until their sum reaches `target` (the official `while masked_count < int(0.15 n)` loop)."""
+    if target <= 0:
+        return np.zeros(0, dtype=np.int64)
+    _, cdf = _pmf_and_cdf(avg_block_length, max_block_length)
+    out: list[np.ndarray] = []
+    total = 0
+    while True:
+        # draw a batch sized for the expected need (mean ≈ lam) plus slack; extend in the rare short case
+        m = int(target / max(avg_block_length, 1.0) * 1.25) + 8
+        lengths = np.searchsorted(cdf, rng.random(m), side="right") + 1
+        csum = np.cumsum(lengths) + total
+        hit = int(np.searchsorted(csum, target, side="left"))
+        if hit < m:
+            out.append(lengths[: hit + 1])
+            break
+        out.append(lengths)
+        total = int(csum[-1])
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# span placement (§3.3 sample_spans / sample_span_in_document)
+
+
+def sample_spans(lengths: np.ndarray, total: int, rng: np.random.Generator, offset: int = 0) -> np.ndarray:
+    """Place spans of `lengths` (in this order, left to right) inside [offset, offset+total) with >= 1 free token
+    between consecutive spans, uniformly as the official code does: k sorted draws from 0..m with replacement,
+    m = total - sum - k + 1. Returns starts (int64 array)."""
+    k = len(lengths)
+    m = total - int(lengths.sum()) - k + 1
+    places = np.sort(rng.integers(0, m + 1, size=k))
+    before = np.cumsum(lengths) - lengths
+    return offset + places + before + np.arange(k)
+
+
+def document_regions(tokens: np.ndarray, specials: Specials) -> list[tuple[int, int]]:
+    """(offset, length) of every document's maskable region, in the official order (last document first):
+    a region starts after the document's [CLS] and ends before its eos; the chunk's last region also excludes
+    the chunk's final token. Regions may have length 0 (e.g. the empty tail after a final eos)."""
+    n = len(tokens)
+    eos_idx = np.flatnonzero(tokens == specials.eos).tolist()
+    indices = [-1] + eos_idx
+    last = n
+    regions = []
+    for index in reversed(indices):
+        start = index
+        if start + 1 < n and tokens[start + 1] == specials.cls:
+            start += 1
+        length = last - start - 1
+        if last == n and length > 0:
+            length -= 1
+        regions.append((start + 1, length))
+        last = index
+    return regions
+
+
+def sample_span_in_document(tokens: np.ndarray, lengths: np.ndarray, rng: np.random.Generator,
+                            specials: Specials, bert_ratio: float = 0.15) -> list[tuple[int, int]]:
+    """The official placement: shuffle the lengths; sort documents by region length (stable, as python's
+    sort); every document but the longest takes lengths in order while their sum <= int(len * bert_ratio); the
+    longest takes the rest while sum + count <= len. Returns the placed spans sorted by start; fewer spans
+    than lengths means the sample could not be placed (the caller raises)."""
+    lengths = lengths[rng.permutation(len(lengths))] if len(lengths) > 1 else lengths
+    regions = sorted(document_regions(tokens, specials), key=lambda r: r[1])
+    starts: list[np.ndarray] = []
+    used: list[np.ndarray] = []
+    i = 0
+    k_all = len(lengths)
+    csum = np.concatenate(([0], np.cumsum(lengths)))  # csum[j] = sum(lengths[:j])
+    for r, (offset, length) in enumerate(regions):
+        if i >= k_all:
+            break
+        if r == len(regions) - 1:
+            # take lengths[i:j] while sum + count <= length
+            fits = (csum[i + 1:] - csum[i]) + np.arange(1, k_all - i + 1) <= length
+        else:
+            fits = (csum[i + 1:] - csum[i]) <= int(length * bert_ratio)
+        # the official loop stops at the first length that does not fit (no skipping)
+        c = int(np.argmin(fits)) if not fits.all() else len(fits)
+        if c > 0:
+            chunk = lengths[i:i + c]
+            starts.append(sample_spans(chunk, length, rng, offset=offset))
+            used.append(chunk)
+            i += c
+    if not starts:
+        return []
+    s = np.concatenate(starts)
+    e = s + np.concatenate(used)
+    order = np.argsort(s, kind="stable")
+    return list(zip(s[order].tolist(), e[order].tolist()))
+
+
+def sentence_spans(tokens: np.ndarray, specials: Specials, mask_cls: bool = True) -> list[tuple[int, int]]:
+    """Sentences of the chunk in text order (§3.4): a token in `specials.sentence_end_ids` ends one (inclusive);
+    an eos closes the current region without forming a sentence; the trailing remainder is a sentence. Scanning
+    starts after the leading [CLS]; after an eos the official code restarts at the next token, which is the
+    next document's [CLS] (`mask_cls=True`, official) — `mask_cls=False` restarts after that [CLS]."""
+    n = len(tokens)
+    ends_ids = np.fromiter(specials.sentence_end_ids, dtype=np.int64, count=len(specials.sentence_end_ids))
+    is_end = np.isin(tokens, ends_ids) if len(ends_ids) else np.zeros(n, dtype=bool)
+    is_eos = (tokens == specials.eos) & ~is_end
+    # boundaries: after a sentence end a sentence is emitted (if non-empty); after an eos, nothing is
+    # emitted and the next sentence starts after it. Walk only the boundary positions (few), not every token.
+    bpos = np.flatnonzero(is_end | is_eos).tolist()
+    spans = []
+    last = 1 if tokens[0] == specials.cls else 0
+    for i in bpos:
+        if is_end[i]:
+            if last < i + 1:
+                spans.append((last, i + 1))
+            last = i + 1
+        else:
+            last = i + 1
+            if not mask_cls and last < n and tokens[last] == specials.cls:
+                last += 1
+    if last < n:
+        spans.append((last, n))
+    return spans
+
+
+# --------------------------------------------------------------------------------------------------------------
+# deterministic layouts (§3.6, §3.5 suffix, §3.8)
+
+
+def mask_token_id(objective: str, specials: Specials, task_mask: bool) -> int:
+    """The official task_mask rule: False -> always [MASK]; True -> bert [MASK], sentence [sMASK], gpt [gMASK]."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
+    if not task_mask or objective == "bert":
+        return specials.mask
+    return specials.smask if objective == "sentence" else specials.gmask
+
+
+def _as_tokens(tokens, specials: Specials) -> np.ndarray:
+    t = np.asarray(tokens)
+    if t.ndim != 1 or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"tokens must be a 1-D integer array (one chunk), got shape {t.shape} dtype {t.dtype}")
+    if len(t) == 0 or int(t[0]) != specials.cls:
+        first = int(t[0]) if len(t) else None
+        raise ValueError(f"a chunk must start with [CLS] (id {specials.cls}), got first token {first}; build "
+                         "chunks with the packer ([CLS] doc eos [CLS] doc ...)")
+    return t
+
+
+def source_loss_mask(tokens: np.ndarray, specials: Specials) -> np.ndarray:
+    """The dataset loss mask of a packed chunk (§2): 0 at every [CLS], 1 elsewhere (eos included)."""
+    return (np.asarray(tokens) != specials.cls).astype(LOSS_DTYPE)
+
+
+def make_block_data(tokens, spans: Sequence[tuple[int, int]], specials: Specials, task: str = "bert", *,
+                    task_mask: bool = False, block_positions: bool = True) -> dict:
+    """The §3.6 layout from spans given in Part B order (source coordinates [start, end)).
+
+    Returns input_ids, targets, loss_mask, position_ids, block_position_ids, sep, spans (as given, Part B
+    order). Spans may touch (sentence mode) but not overlap, must lie inside the chunk and contain no eos."""
+    t = np.asarray(tokens)
+    n = len(t)
+    k = len(spans)
+    mask_id = mask_token_id(task, specials, task_mask)
+    if k == 0:
+        return _pack(t.copy(), t.copy(), np.zeros(n, LOSS_DTYPE), np.arange(n), np.zeros(n, np.int64), n, [])
+    sp = np.asarray(spans, dtype=np.int64).reshape(k, 2)
+    sb, eb = sp[:, 0], sp[:, 1]                 # Part B order
+    order = np.argsort(sb, kind="stable")
+    s, e = sb[order], eb[order]                 # text order
+    if (e - s).min() < 1 or s[0] < 0 or e[-1] > n or (k > 1 and (s[1:] < e[:-1]).any()):
+        raise ValueError(f"spans {spans!r} must be non-empty, non-overlapping and inside [0, {n})")
+    # inside[i]: token i is a span token other than the span's first (it disappears from Part A); §3.6's
+    # `pos[s+1:e] = 0; pos = cumsum(pos) - 1` then gives each token its index in Part A.
+    d = np.zeros(n + 1, dtype=np.int64)
+    d[s + 1] += 1                               # s+1 distinct across spans, e distinct: plain fancy indexing
+    d[e] -= 1
+    keep = np.cumsum(d[:n]) == 0
+    pos = np.cumsum(keep) - 1
+    if (t[s] == specials.eos).any() or (t[~keep] == specials.eos).any():
+        raise ValueError(f"a span in {spans!r} contains eos (id {specials.eos}); spans never cross documents")
+    a_src = t.copy()
+    a_src[s] = mask_id
+    part_a = a_src[keep]
+    sep = len(part_a)
+    # Part B: segment j (Part B order) = [sop] + t[sb[j]:eb[j]] as input, t[sb[j]:eb[j]] + [eop] as target
+    seg = (eb - sb) + 1
+    nb = int(seg.sum())
+    seg_id = np.repeat(np.arange(k), seg)
+    within = np.arange(nb) - np.repeat(np.cumsum(seg) - seg, seg)       # 0 at sop .. len at the last token
+    src = sb[seg_id] + within                                            # source index of the target token
+    last = within == seg[seg_id] - 1
+    b_tgt = t[np.where(last, 0, src)]
+    b_tgt[last] = specials.eop
+    b_in = t[np.maximum(src - 1, 0)]
+    b_in[within == 0] = specials.sop
+    b_pos = pos[sb][seg_id]
+    b_blk = within + 1 if block_positions else np.ones(nb, dtype=np.int64)
+    return _pack(np.concatenate((part_a, b_in)), np.concatenate((part_a, b_tgt)),
+                 np.concatenate((np.zeros(sep, LOSS_DTYPE), np.ones(nb, LOSS_DTYPE))),
+                 np.concatenate((np.arange(sep), b_pos)),
+                 np.concatenate((np.zeros(sep, np.int64), b_blk)), sep,
+                 list(zip(sb.tolist(), eb.tolist())))
+
+
+def make_gpt_suffix_data(tokens, generation_length: int, specials: Specials, *, task_mask: bool = False,
+                         loss_mask=None, block_positions: bool = True) -> dict:
+    """The §3.5 suffix / prefix-LM layout: the last `generation_length` tokens become one span, no eop.
+
+    input  = src + [gMASK|MASK] + [sop] + tgt[:-1];  targets = src + [gMASK|MASK] + tgt
+    loss   = 0 on src and the mask, then the source loss mask of tgt (`loss_mask`, default 0 at [CLS], 1 else)
+    pos    = 0..len(src) on src+mask, then len(src) repeated; block pos = 0 on src+mask, then 1..G
+    sep    = len(src) + 1."""
+    t = np.asarray(tokens)
+    n = len(t)
+    g = int(generation_length)
+    if not 1 <= g <= n - 1:
+        raise ValueError(f"generation_length={g} must be in [1, {n - 1}] for a chunk of {n} tokens")
+    lm = source_loss_mask(t, specials) if loss_mask is None else np.asarray(loss_mask)
+    if len(lm) != n:
+        raise ValueError(f"loss_mask has {len(lm)} entries for {n} tokens; pass one value per chunk token")
+    div = n - g
+    mask_id = mask_token_id("gpt", specials, task_mask)
+    inp = np.empty(n + 1, dtype=ID_DTYPE)
+    inp[:div] = t[:div]
+    inp[div] = mask_id
+    inp[div + 1] = specials.sop
+    inp[div + 2:] = t[div:n - 1]
+    tgt = np.empty(n + 1, dtype=ID_DTYPE)
+    tgt[:div] = t[:div]
+    tgt[div] = mask_id
+    tgt[div + 1:] = t[div:]
+    loss = np.zeros(n + 1, dtype=LOSS_DTYPE)
+    loss[div + 1:] = lm[div:]
+    pos = np.arange(n + 1)
+    pos[div + 1:] = div
+    blk = np.zeros(n + 1, dtype=np.int64)
+    blk[div + 1:] = np.arange(1, g + 1) if block_positions else 1
+    return _pack(inp, tgt, loss, pos, blk, div + 1, [(div, n)])
+
+
+def make_masked_lm_data(tokens, spans: Sequence[tuple[int, int]], specials: Specials, *, loss_mask=None) -> dict:
+    """§3.8 masked-LM baseline: span tokens replaced in place by [MASK]; sep = n (fully bidirectional);
+    targets = the chunk; loss = source loss mask on masked tokens; position 0..n-1, block positions 0."""
+    t = np.asarray(tokens)
+    n = len(t)
+    lm = source_loss_mask(t, specials) if loss_mask is None else np.asarray(loss_mask)
+    dd = np.zeros(n + 1, dtype=np.int64)
+    if spans:
+        sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        np.add.at(dd, sp[:, 0], 1)
+        np.add.at(dd, sp[:, 1], -1)
+    masked = np.cumsum(dd[:n]) > 0
+    inp = np.where(masked, specials.mask, t)
+    return _pack(inp, t.copy(), (lm.astype(LOSS_DTYPE) * masked), np.arange(n), np.zeros(n, np.int64), n,
+                 [tuple(x) for x in sorted(map(tuple, spans))])
+
+
+def _pack(inp, tgt, loss, pos, blk, sep, spans) -> dict:
+    return {"input_ids": np.ascontiguousarray(inp, dtype=ID_DTYPE),
+            "targets": np.ascontiguousarray(tgt, dtype=ID_DTYPE),
+            "loss_mask": np.ascontiguousarray(loss, dtype=LOSS_DTYPE),
+            "position_ids": np.ascontiguousarray(pos, dtype=ID_DTYPE),
+            "block_position_ids": np.ascontiguousarray(blk, dtype=ID_DTYPE),
+            "sep": int(sep), "spans": spans}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the public entry point
+
+
+def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: Specials,
+                task_mask: bool = False, loss_mask=None, masked_lm: bool = False, shuffle_spans: bool = True,
+                block_positions: bool = True, bert_ratio: float = 0.15, sentence_ratio: float = 0.15,
+                avg_block_length: float = 3.0, max_block_length: int = 40, gpt_infill_prob: float = 0.5,
+                gpt_min_ratio: float = 0.5, sentence_mask_cls: bool = True) -> dict:
+    """One GLM training sample from one chunk (module docstring has the rules).
+
+    tokens: 1-D int array, `[CLS] doc eos [CLS] doc ...`. objective: "bert" | "sentence" | "gpt".
+    rng: a `numpy.random.Generator` (e.g. `np.random.default_rng(seed)`); it is advanced.
+    specials: the tokenizer's `Specials` (ids and sentence-end ids). loss_mask: the source loss mask (only the
+    gpt suffix and masked-LM layouts read it; default 0 at [CLS], 1 elsewhere).
+    Returns input_ids, targets, loss_mask, position_ids, block_position_ids (arrays), sep (int), spans (list of
+    (start, end) in source coordinates, Part B order) and variant.
+    Raises ChunkTooShortError, SpanPlacementError (both ValueError) and ValueError for bad options."""
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng={rng!r}: pass a numpy.random.Generator, e.g. np.random.default_rng(seed); "
+                         "global or legacy RandomState generators are not accepted")
+    if not isinstance(specials, Specials):
+        raise ValueError(f"specials={specials!r}: pass the tokenizer's Specials record (tokenizer.specials)")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
+    t = _as_tokens(tokens, specials)
+    n = len(t)
+    need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
+    if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
+        raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
+                                 f"{need}); pack longer chunks or skip this one")
+    if loss_mask is not None and len(loss_mask) != n:
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
+
+    if objective == "bert":
+        lengths = draw_span_lengths(rng, int(bert_ratio * n), avg_block_length, max_block_length)
+        spans = sample_span_in_document(t, lengths, rng, specials, bert_ratio)
+        if len(spans) < len(lengths):
+            raise SpanPlacementError(
+                f"placed {len(spans)} of {len(lengths)} spans (lengths {lengths.tolist()}) in a chunk of {n} "
+                "tokens; the official code drops such a sample: count it and skip, or draw with the next seed",
+                spans_drawn=len(lengths), spans_placed=len(spans))
+        if masked_lm:
+            out = make_masked_lm_data(t, spans, specials, loss_mask=loss_mask)
+            out["variant"] = "masked_lm"
+            return out
+        variant = "bert"
+    elif objective == "sentence":
+        if masked_lm:
+            raise ValueError("masked_lm=True is the bert-span baseline (§3.8); use objective='bert'")
+        sents = sentence_spans(t, specials, mask_cls=sentence_mask_cls)
+        if not sents:
+            raise SpanPlacementError(f"chunk of {n} tokens has no sentence to mask (only [CLS]/eos tokens)")
+        perm = rng.permutation(len(sents))
+        lens = np.fromiter((sents[i][1] - sents[i][0] for i in perm), dtype=np.int64, count=len(perm))
+        # take sentences in shuffled order until >= int(ratio n) tokens are taken (the last one included)
+        c = int(np.searchsorted(np.cumsum(lens), int(sentence_ratio * n), side="left")) + 1
+        spans = sorted(sents[i] for i in perm[:c])
+        variant = "sentence"
+    else:
+        if masked_lm:
+            raise ValueError("masked_lm=True is the bert-span baseline (§3.8); use objective='bert'")
+        lo = int(gpt_min_ratio * n)
+        if lo > n - 2:
+            raise ValueError(f"gpt_min_ratio={gpt_min_ratio} gives a minimum span {lo} > n-2={n - 2}; use <= 0.5")
+        g = int(rng.integers(lo, n - 1))                 # U{lo .. n-2}, inclusive (official randint)
+        eos_idx = np.flatnonzero(t == specials.eos)
+        multi_doc = len(eos_idx) > 0 and eos_idx[0] != n - 1
+        if multi_doc or rng.random() < gpt_infill_prob:
+            out = make_gpt_suffix_data(t, g, specials, task_mask=task_mask, loss_mask=loss_mask,
+                                       block_positions=block_positions)
+            out["variant"] = "gpt_suffix"
+            return out
+        offset, length = max(document_regions(t, specials), key=lambda r: r[1])
+        g = min(g, length - 1)                           # the official code crashes here; we shorten the span
+        start = int(sample_spans(np.array([g]), length, rng, offset=offset)[0])
+        spans = [(start, start + g)]
+        variant = "gpt_single_span"
+
+    if len(spans) > 1 and shuffle_spans:
+        spans = [spans[i] for i in rng.permutation(len(spans))]
+    out = make_block_data(t, spans, specials, task=objective, task_mask=task_mask, block_positions=block_positions)
+    out["variant"] = variant
+    return out
+
+
+def output_length(sample: dict) -> int:
+    """Length of a sample's arrays (n + 2 * #spans, n + 1 for gpt_suffix, n for masked_lm)."""
+    return len(sample["input_ids"])
+
+
+def reconstruct(sample: dict, specials: Specials) -> np.ndarray:
+    """Recover the original chunk from a sample's arrays alone (the inverse of every layout; for tests and
+    `inspect_shards`). Part B segments are cut at their eop targets and placed back at their mask index."""
+    inp, tgt, sep = sample["input_ids"], sample["targets"], sample["sep"]
+    variant = sample["variant"]
+    if variant == "masked_lm":
+        return tgt.copy()
+    if variant == "gpt_suffix":
+        return np.concatenate((tgt[: sep - 1], tgt[sep:]))
+    part_a = inp[:sep]
+    b_tgt = tgt[sep:]
+    ends = np.flatnonzero(b_tgt == specials.eop)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    where = sample["position_ids"][sep + starts]          # each segment's mask index in Part A
+    fill = {int(w): b_tgt[s:e] for w, s, e in zip(where, starts, ends)}
+    pieces = []
+    last = 0
+    for w in sorted(fill):
+        pieces += [part_a[last:w], fill[w]]
+        last = w + 1
+    pieces.append(part_a[last:])
+    return np.concatenate(pieces)
+
+
+def pad_batch(samples: Sequence[dict], length: int | None = None, pad_id: int = 0) -> dict:
+    """Right-pad samples to one length as the official `pad_batch` (§3.2): every field padded with 0 (ids with
+    `pad_id`, which is eos == pad == 0 in the official vocabularies). Returns [B,T] arrays and sep [B]."""
+    t = max(output_length(s) for s in samples) if length is None else length
+    out = {}
+    for key, fill in (("input_ids", pad_id), ("targets", pad_id), ("loss_mask", 0), ("position_ids", 0),
+                      ("block_position_ids", 0)):
+        dtype = samples[0][key].dtype
+        arr = np.full((len(samples), t), fill, dtype=dtype)
+        for i, s in enumerate(samples):
+            if len(s[key]) > t:
+                raise ValueError(f"sample {i} has {len(s[key])} tokens > length={t}; raise length or drop it")
+            arr[i, : len(s[key])] = s[key]
+        out[key] = arr
+    out["sep"] = np.array([s["sep"] for s in samples], dtype=ID_DTYPE)
+    return out
