@@ -65,3 +65,67 @@ class BuildConfig:
 
 def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def load_config(cls, argv: list[str], default_yaml: str | None = None):
+    """Build a config dataclass from an optional YAML preset plus command-line overrides.
+
+    argv: `[preset.yaml] [--key=value | --key value | --key v1 v2 ... | --flag]`; dashes in keys become
+    underscores; values are parsed as YAML (so 512, true, [a, b] and {bert: 1.0} work). A bare `--flag` sets
+    a bool field to true. Unknown keys are refused with the list of valid ones.
+    """
+    import yaml
+
+    valid = field_names(cls)
+    args = list(argv)
+    values: dict = {}
+    path = args.pop(0) if args and not args[0].startswith("--") else default_yaml
+    config_flag = None
+    if "--config" in args or any(a.startswith("--config=") for a in args):
+        i = next(i for i, a in enumerate(args) if a == "--config" or a.startswith("--config="))
+        config_flag = args[i].split("=", 1)[1] if "=" in args[i] else args[i + 1]
+        del args[i: i + (1 if "=" in args[i] else 2)]
+    path = config_flag or path
+    if path:
+        with open(path) as f:
+            values.update(yaml.safe_load(f) or {})
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r}; settings are given as --key=value")
+        key, eq, val = a[2:].partition("=")
+        key = key.replace("-", "_")
+        if eq:
+            vals = [val]
+            i += 1
+        else:
+            vals = []
+            i += 1
+            while i < len(args) and not args[i].startswith("--"):
+                vals.append(args[i])
+                i += 1
+        values[key] = _cli_value(cls, key, vals)
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for {cls.__name__}; valid settings: {', '.join(valid)}")
+    return cls(**values)
+
+
+def _cli_value(cls, key: str, vals: list[str]):
+    import yaml
+
+    f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+    is_list = f is not None and str(f.type).startswith("list")
+    if not vals:
+        return True
+    parsed = [yaml.safe_load(v) for v in vals]
+    if is_list:
+        out = []
+        for v, raw in zip(parsed, vals):
+            out.extend(v if isinstance(v, list) else [raw])
+        return out
+    if len(parsed) > 1:
+        raise ValueError(f"--{key} takes one value, got {vals}")
+    return parsed[0] if not (f is not None and "str" in str(f.type) and isinstance(parsed[0], (int, float))) \
+        else vals[0]

