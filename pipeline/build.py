@@ -348,7 +348,7 @@ def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> None:
                 diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" if k != "inputs" else "inputs (files or sizes)"
                         for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
                 raise ValueError(
-                    f"output {cfg.output} holds a build with different settings ({"; ".join(diff)}). "
+                    f"output {cfg.output} holds a build with different settings ({'; '.join(diff)}). "
                     "Use another --output, or pass --overwrite to delete it and rebuild.")
             _clear(fs, root)
     elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
