@@ -435,7 +435,8 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
             raise ValueError("masked_lm=True is the bert-span baseline (§3.8); use objective='bert'")
         sents = sentence_spans(t, specials, mask_cls=sentence_mask_cls)
         if not sents:
-            raise SpanPlacementError(f"chunk of {n} tokens has no sentence to mask (only [CLS]/eos tokens)")
+            raise SpanPlacementError(f"chunk of {n} tokens has no sentence to mask: text before an eos only forms a "
+                                     "sentence when it ends with a sentence-end token (official rule); skip it")
         perm = rng.permutation(len(sents))
         lens = np.fromiter((sents[i][1] - sents[i][0] for i in perm), dtype=np.int64, count=len(perm))
         # take sentences in shuffled order until >= int(ratio n) tokens are taken (the last one included)
