@@ -1,0 +1,142 @@
+"""The ComposerModel wrapper around the plain GLM: loss, eval metrics, FLOPs, FSDP2 wrap policy, checkpointing.
+
+    python -c "from model.composer import GLMComposer; from model.config import PRESETS; print(GLMComposer(PRESETS['tiny']))"
+
+`model/glm.py` stays plain torch; everything that is about *training* it is decided here, in one place
+(torchtitan style): which modules are FSDP2 units (one per transformer layer; the root GLM, with the tied word
+embedding, is the last unit), which are activation-checkpointed, how parameters are initialised after a
+meta-device construction, and what the loss and metrics are. This is the only model file importing composer.
+
+Batches are the dicts of `pipeline/stream.py`: input_ids, targets, loss_mask, position_ids, block_position_ids
+[B,T]; sep [B]; objective and sample_key lists [B].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from composer.models import ComposerModel
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from model.config import GLMConfig
+from model.glm import GLM, Block
+
+OBJECTIVES = ("bert", "sentence", "gpt")
+
+
+class MaskedTokenMetric(Metric):
+    """Cross-entropy or top-1 accuracy over Part B tokens (loss_mask 1), optionally of one objective only."""
+
+    full_state_update = False
+
+    def __init__(self, kind: str, objective: str | None = None):
+        super().__init__()
+        if kind not in ("loss", "accuracy"):
+            raise ValueError(f"kind={kind!r}: choose loss or accuracy")
+        self.kind, self.objective = kind, objective
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, batch: dict) -> None:
+        mask = batch["loss_mask"].to(torch.bool)
+        if self.objective is not None:
+            keep = torch.tensor([o == self.objective for o in batch["objective"]], device=mask.device)
+            mask = mask & keep[:, None]
+        if not mask.any():
+            return
+        sel_logits, sel_targets = logits[mask].float(), batch["targets"][mask]
+        if self.kind == "loss":
+            value = F.cross_entropy(sel_logits, sel_targets, reduction="sum")
+        else:
+            value = (sel_logits.argmax(-1) == sel_targets).sum()
+        self.total += value.to(torch.float64)
+        self.count += mask.sum().to(torch.float64)
+
+    def compute(self) -> Tensor:
+        if self.count == 0:  # no sample of this objective in the evaluated batches
+            return torch.tensor(float("nan"))
+        return (self.total / self.count).float()
+
+
+class GLMComposer(ComposerModel):
+    """ComposerModel around `GLM`. init_device "meta" builds no weights until FSDP2 (or `materialize`) does."""
+
+    def __init__(self, config: GLMConfig, *, objectives: tuple[str, ...] = OBJECTIVES,
+                 activation_checkpointing: bool = False, init_device: str = "cpu"):
+        super().__init__()
+        self.config = config
+        if init_device not in ("cpu", "meta", "cuda"):
+            raise ValueError(f"init_device={init_device!r}: choose cpu, cuda or meta (meta: large presets + FSDP2)")
+        with torch.device(init_device):
+            self.model = GLM(config)
+        # FSDP2 units and the activation-checkpointing choice (read by Composer's FSDP2 path; see module doc)
+        self.model.fsdp_wrap_fn = lambda m: isinstance(m, Block)
+        self.model.activation_checkpointing_fn = lambda m: isinstance(m, Block)
+        self.model.param_init_fn = self._init_module
+        self.activation_checkpointing = activation_checkpointing
+        self._module_names = {m: n for n, m in self.model.named_modules()}
+        self.train_metrics: dict[str, Metric] = {}
+        self.objectives = tuple(objectives)
+        evals = {"loss": MaskedTokenMetric("loss"), "accuracy": MaskedTokenMetric("accuracy")}
+        for o in self.objectives:
+            evals[f"loss_{o}"] = MaskedTokenMetric("loss", o)
+            evals[f"accuracy_{o}"] = MaskedTokenMetric("accuracy", o)
+        self.eval_metrics: dict[str, Metric] = evals  # a plain dict: Composer moves metrics, FSDP never wraps them
+
+    # ---- initialisation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_module(self, module: nn.Module) -> None:
+        """Official init (spec §6.4) of ONE module's own parameters; Composer's meta_init calls it per module
+        after FSDP2 sharding (same rules as GLM.init_weights, applied by full parameter name)."""
+        prefix = self._module_names.get(module, "")
+        c = self.config
+        std, out_std = c.init_std, c.init_std / math.sqrt(2.0 * c.n_layer)
+        for local, p in module.named_parameters(recurse=False):
+            name = f"{prefix}.{local}" if prefix else local
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "layernorm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def materialize(self, device: str | torch.device) -> None:
+        """Single-process meta init: allocate on `device` and apply the official init (FSDP2 does its own)."""
+        if any(p.is_meta for p in self.model.parameters()):
+            self.model.to_empty(device=device)
+            self.model.init_weights()
+
+    def apply_activation_checkpointing(self) -> None:
+        """Checkpoint every transformer layer without FSDP2 (with FSDP2, FSDP2Config(activation_checkpointing=True)
+        makes Composer apply the same choice through `activation_checkpointing_fn`)."""
+        from composer.distributed.activation_checkpointing import apply_ac
+
+        apply_ac(self.model, True, False, self.model.activation_checkpointing_fn)
+
+    # ---- ComposerModel protocol -------------------------------------------------------------------------
+    def forward(self, batch: dict) -> Tensor:
+        return self.model(batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"])
+
+    def loss(self, outputs: Tensor, batch: dict, *args, **kwargs) -> Tensor:
+        # spec §6.6: Σ CE·mask / Σ mask over Part B, fp32 logits, targets already aligned (no shift)
+        ce = F.cross_entropy(outputs.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
+        m = batch["loss_mask"].flatten().to(ce.dtype)
+        return (ce * m).sum() / m.sum().clamp(min=1.0)
+
+    def eval_forward(self, batch: dict, outputs: Tensor | None = None) -> Tensor:
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return dict(self.train_metrics) if is_train else dict(self.eval_metrics)
+
+    def update_metric(self, batch: dict, outputs: Tensor, metric: Metric) -> None:
+        metric.update(outputs, batch)
+
+    def flops_per_batch(self, batch: dict) -> int:
+        b, t = batch["input_ids"].shape
+        return self.config.flops_per_token(t) * b * t

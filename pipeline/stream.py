@@ -1,0 +1,455 @@
+"""The trainer-side streaming dataset: GLM samples from a shard set (local folder or any fsspec URL).
+
+    # what a loader yields, on one CPU process (tiny shards):
+    python -m pipeline.stream data/shards/train --batch-size 4 --num-batches 3
+
+`ShardStream` is a torch `IterableDataset` that yields whole per-rank BATCHES (dict of [B, seq_len] int64 tensors,
+`sep` [B], and `objective` / `sample_key` lists); wrap it in `StreamLoader` (a DataLoader with batch_size=None),
+which also advances the epoch at every `iter()`. The sample order is a pure function of the manifest and
+(seed, epoch) — no data is read to compute it:
+
+  1. epoch e reads mask variant e mod K (K = the variants present in the manifest, spec §3: every chunk is stored
+     K times with independent masks);
+  2. the shards of that variant are permuted by rng(seed, e); their rows form one flat sequence;
+  3. the flat sequence is shuffled inside consecutive windows of `shuffle_window` samples (the bounded in-memory
+     shuffle buffer), each window by its own rng(seed, e, window);
+  4. the epoch's tail is dropped so the count is a multiple of global_batch_size = batch_size x world_size;
+  5. global step s covers global samples [s*GB, (s+1)*GB); rank r takes the slice [r*B, (r+1)*B) of it, so
+     concatenating the ranks' batches in rank order gives the global order for ANY world size; dataloader worker
+     w of a rank produces that rank's batches w, w+W, w+2W, ... and PyTorch returns worker batches round-robin,
+     so the rank's order is preserved for any worker count; every rank gets the same number of batches.
+
+Resume follows Composer's dataset protocol: `state_dict(num_samples, from_beginning)` (Composer passes the GLOBAL
+sample count of the current epoch, summed over ranks) and `load_state_dict`, after which the next epoch iteration
+starts exactly after those samples without reading the shards it skips. Remote shards go through a local cache
+folder (content-addressed by sha256, atomic temp+rename writes, LRU eviction under a byte bound, no shared
+memory); transient read errors are retried with exponential backoff; a missing, truncated or corrupt shard raises
+`ShardError` naming it. `ShardStream.check(...)` refuses a shard set that does not fit the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.shards import (
+    ARRAY_COLUMNS,
+    SCHEMA_VERSION,
+    SUFFIX,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    ShardSamples,
+    decode,
+    manifest_url,
+    read_manifest,
+    read_shard,
+    sha256,
+)
+
+log = logging.getLogger(__name__)
+
+# errors worth retrying: network/IO hiccups. FileNotFoundError (and PermissionError) are permanent.
+_TRANSIENT = (ConnectionError, TimeoutError, OSError)
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+@dataclass
+class StreamConfig:
+    shuffle_window: int = 2048        # samples per in-memory shuffle window (the buffer); >= a few shards' rows
+    num_workers: int = 0              # dataloader worker processes per rank (0: load in the training process)
+    prefetch_factor: int = 2          # batches each worker prepares ahead (ignored with num_workers=0)
+    cache_dir: str = ""               # local cache of remote shards; "" = <tmp>/glm-shard-cache
+    cache_bytes: int = 8 << 30        # byte bound of the cache folder; least recently used shards go first
+    retries: int = 4                  # re-reads of a shard after a transient error (backoff 0.5 s, 1 s, 2 s, ...)
+    retry_backoff_s: float = 0.5      # first backoff; doubles each retry
+    verify_checksum: bool = True      # sha256 of every shard read against the manifest (size is always checked)
+
+
+def _dist_env() -> tuple[int, int]:
+    """(rank, world_size): torch.distributed when initialised, else the launcher's env (composer -n N sets it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+class ShardCache:
+    """A local folder of shard files named by their sha256, bounded in bytes, least recently used evicted first.
+
+    Safe across processes: files appear atomically (temp + rename); a file evicted by another process while we
+    look for it is simply a miss. Nothing lives in shared memory, so a crash leaves at most a temp file, which
+    the next cache start removes once it is an hour old.
+    """
+
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder = folder
+        self.max_bytes = max_bytes
+        os.makedirs(folder, exist_ok=True)
+        now = time.time()
+        for n in os.listdir(folder):
+            p = os.path.join(folder, n)
+            try:
+                if ".tmp-" in n and now - os.path.getmtime(p) > 3600:
+                    os.remove(p)
+            except FileNotFoundError:
+                pass
+
+    def get(self, key: str) -> bytes | None:
+        p = os.path.join(self.folder, key)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+            os.utime(p)  # LRU: mtime = last use
+            return data
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        tmp = os.path.join(self.folder, f"{key}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(self.folder, key))
+        self._evict(keep=key)
+
+    def _evict(self, keep: str) -> None:
+        entries = []
+        for n in os.listdir(self.folder):
+            if ".tmp-" in n:
+                continue
+            try:
+                st = os.stat(os.path.join(self.folder, n))
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_mtime, st.st_size, n))
+        total = sum(e[1] for e in entries)
+        for _, size, n in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if n == keep:
+                continue
+            try:
+                os.remove(os.path.join(self.folder, n))
+            except FileNotFoundError:
+                pass
+            total -= size
+
+
+# ------------------------------------------------------------------------------------------------ order
+
+class EpochOrder:
+    """Global sample index -> (shard, row) for one epoch, from the manifest alone (module docstring steps 1-4)."""
+
+    def __init__(self, manifest: Manifest, epoch: int, seed: int, shuffle: bool, shuffle_window: int,
+                 global_batch_size: int):
+        present = sorted({s.variant for s in manifest.shards})
+        if not present:
+            raise ShardError("the manifest lists no shards; rebuild the shard set")
+        self.variant = present[epoch % len(present)]
+        shards = manifest.shards_of_variant(self.variant)
+        if shuffle:
+            perm = np.random.default_rng([seed, epoch]).permutation(len(shards))
+            shards = [shards[i] for i in perm]
+        self.shards: list[ShardInfo] = shards
+        rows = np.array([s.rows for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(rows)])   # flat index of each shard's first row
+        self.num_total = int(self.starts[-1])
+        self.num_used = self.num_total // global_batch_size * global_batch_size
+        self.num_dropped = self.num_total - self.num_used
+        self.seed, self.epoch, self.shuffle, self.window = seed, epoch, shuffle, max(1, shuffle_window)
+        self._perm_cache: tuple[int, np.ndarray] | None = None
+
+    def _window_perm(self, w: int) -> np.ndarray:
+        if self._perm_cache is None or self._perm_cache[0] != w:
+            size = min(self.window, self.num_total - w * self.window)
+            self._perm_cache = (w, np.random.default_rng([self.seed, self.epoch, 1, w]).permutation(size))
+        return self._perm_cache[1]
+
+    def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global indices [n] -> (shard position in self.shards [n], row in that shard [n])."""
+        g = np.asarray(g, dtype=np.int64)
+        if self.shuffle:
+            flat = np.empty_like(g)
+            for i, x in enumerate(g):
+                w = int(x) // self.window
+                flat[i] = w * self.window + self._window_perm(w)[int(x) - w * self.window]
+        else:
+            flat = g
+        k = np.searchsorted(self.starts, flat, side="right") - 1
+        return k, flat - self.starts[k]
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+
+class ShardStream(IterableDataset):
+    """Per-rank batches of GLM samples from a shard set; see the module docstring for the order and resume."""
+
+    def __init__(self, url: str, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 config: StreamConfig | None = None, storage_options: dict | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1 (samples per device per step)")
+        self.url = manifest_url(url)
+        self.base = self.url.rsplit("/", 1)[0]
+        self.storage_options = dict(storage_options or {})
+        self.manifest = read_manifest(self.url, self.storage_options)
+        self.config = config or StreamConfig()
+        self.batch_size = batch_size
+        self.seed, self.shuffle = seed, shuffle
+        env_rank, env_world = _dist_env()
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} is outside world_size={self.world_size}")
+        self.global_batch_size = batch_size * self.world_size
+        self.seq_len = self.manifest.seq_len
+        self.max_seq_len = self.seq_len  # Composer reads this name for token counts
+        order = self.order(0)
+        if order.num_used == 0:
+            raise ValueError(f"{self.url}: {order.num_total} samples per epoch is fewer than one global batch "
+                             f"({self.global_batch_size} = batch_size {batch_size} x world_size "
+                             f"{self.world_size}); lower batch_size or build more data")
+        # epoch bookkeeping (main process): see begin_epoch / state_dict
+        self._epoch = 0          # epoch of the current (or next, if not started) iteration
+        self._started = False    # has an iteration of self._epoch begun?
+        self._skip = 0           # global samples of self._epoch to skip at its next iteration (resume)
+        self._iter_skip = 0      # skip used by the iteration in progress (copied into workers)
+        self._fs = None          # per process, lazily
+        self._cache: ShardCache | None = None
+
+    # ---- derived figures --------------------------------------------------------------------------------
+    def order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(self.manifest, epoch, self.seed, self.shuffle, self.config.shuffle_window,
+                          self.global_batch_size)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches per rank in one epoch (the same on every rank; epoch 0's count, variants are the same size)."""
+        return self.order(self._epoch).num_used // self.global_batch_size
+
+    def __len__(self) -> int:
+        # With batch_size=None the DataLoader's length is this: batches per rank per epoch.
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    # ---- checks -------------------------------------------------------------------------------------------
+    def check(self, *, vocab_size: int | None = None, max_position_embeddings: int | None = None,
+              tokenizer_fingerprint: str | None = None, seq_len: int | None = None) -> None:
+        """Refuse a shard set that does not fit the model / the run (error names both values and the fix)."""
+        m, where = self.manifest, self.url
+        if m.schema_version != SCHEMA_VERSION:
+            raise ShardError(f"{where}: schema_version {m.schema_version}, this trainer reads {SCHEMA_VERSION}; "
+                             "rebuild the shard set with this version of jobs/build_shards.py")
+        fp = (m.tokenizer or {}).get("fingerprint")
+        if tokenizer_fingerprint is not None and fp != tokenizer_fingerprint:
+            raise ValueError(f"{where}: tokenizer fingerprint {fp} but the run expects {tokenizer_fingerprint}; "
+                             "the shards were tokenized with another tokenizer — rebuild them with the run's "
+                             "tokenizer (jobs/build_shards.py --tokenizer <its .model>) or point to the right set")
+        if vocab_size is not None and m.vocab_size > vocab_size:
+            raise ValueError(f"{where}: vocab_size {m.vocab_size} in the shards > model vocab_size {vocab_size}; "
+                             f"set model.vocab_size >= {m.vocab_size} (0 derives it from the manifest) or rebuild "
+                             "the shards with the model's tokenizer")
+        if seq_len is not None and m.seq_len != seq_len:
+            raise ValueError(f"{where}: seq_len {m.seq_len} but the run trains on seq_len {seq_len}; build the "
+                             f"shards with --seq_len={seq_len} or use a shard set of that length")
+        if max_position_embeddings is not None and m.seq_len > max_position_embeddings:
+            raise ValueError(f"{where}: seq_len {m.seq_len} > model max_position_embeddings "
+                             f"{max_position_embeddings}; set model.max_position_embeddings >= {m.seq_len} "
+                             "(0 derives it) or rebuild the shards with a shorter --seq_len")
+
+    # ---- epochs and resume (Composer's dataset protocol) ------------------------------------------------
+    def begin_epoch(self) -> None:
+        """Called (by StreamLoader) in the main process at every iter(): the next epoch starts."""
+        if self._started:
+            self._epoch += 1
+            self._skip = 0
+        self._started = True
+        self._iter_skip, self._skip = self._skip, 0
+
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
+        """num_samples: GLOBAL samples consumed in the current epoch (Composer sums over ranks)."""
+        if not from_beginning:
+            num_samples += self._iter_skip if self._started else self._skip
+        epoch = self._epoch
+        if num_samples == 0 and self._started:
+            epoch += 1  # called after the epoch rolled over (Composer's sample_in_epoch is back to 0)
+        return {"epoch": epoch, "sample_in_epoch": int(num_samples), "world_size": self.world_size,
+                "global_batch_size": self.global_batch_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = int(state["sample_in_epoch"])
+        if n % self.global_batch_size:
+            raise ValueError(f"resume at sample {n} of epoch {state['epoch']} is not a whole number of global "
+                             f"batches of {self.global_batch_size}; resume with batch_size x world_size = "
+                             f"{state.get('global_batch_size')} (as saved)")
+        if state.get("seed", self.seed) != self.seed:
+            log.warning("resuming a stream saved with seed %s under seed %s: the order changes", state["seed"],
+                        self.seed)
+        self._epoch, self._skip, self._started = int(state["epoch"]), n, False
+
+    def __getstate__(self):
+        # sent to dataloader workers: they open their own filesystem (s3fs sessions do not survive a fork)
+        d = dict(self.__dict__)
+        d["_fs"], d["_cache"] = None, None
+        return d
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def _filesystem(self):
+        if self._fs is None:
+            self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+        return self._fs
+
+    def _is_local(self) -> bool:
+        p = self._filesystem().protocol
+        return any(x in ("file", "local") for x in ((p,) if isinstance(p, str) else p))
+
+    def _shard_path(self, info: ShardInfo) -> str:
+        return fsspec.core.url_to_fs(f"{self.base}/{info.name}", **self.storage_options)[1]
+
+    def read(self, info: ShardInfo) -> ShardSamples:
+        """One shard, through the cache for remote stores, with retries on transient errors."""
+        fs, path, fmt = self._filesystem(), self._shard_path(info), self.manifest.format
+        if self._is_local():
+            return self._retry(lambda: read_shard(fs, path, info, fmt, verify=self.config.verify_checksum), path)
+        if self._cache is None:
+            self._cache = ShardCache(self.config.cache_dir or os.path.join(tempfile.gettempdir(),
+                                                                           "glm-shard-cache"),
+                                     self.config.cache_bytes)
+        key = info.sha256 + SUFFIX[fmt]
+        data = self._cache.get(key)
+        if data is not None and len(data) == info.bytes:
+            return decode(data, fmt, name=f"{self.base}/{info.name}")
+
+        def fetch() -> bytes:
+            try:
+                return fs.cat_file(path)
+            except _PERMANENT as e:
+                raise ShardError(f"shard {self.base}/{info.name} listed in the manifest is missing; restore it "
+                                 "or rebuild the shard set (jobs/build_shards.py with the same arguments)") from e
+
+        data = self._retry(fetch, path)
+        if len(data) != info.bytes or (self.config.verify_checksum and sha256(data) != info.sha256):
+            raise ShardError(f"shard {self.base}/{info.name} has {len(data)} bytes (manifest: {info.bytes}) or a "
+                             "wrong checksum: it is truncated or was overwritten; rebuild the shard set or "
+                             "restore the file")
+        self._cache.put(key, data)
+        samples = decode(data, fmt, name=f"{self.base}/{info.name}")
+        if len(samples) != info.rows:
+            raise ShardError(f"shard {self.base}/{info.name} holds {len(samples)} rows, the manifest says "
+                             f"{info.rows}")
+        return samples
+
+    def _retry(self, fn, what: str):
+        delay = self.config.retry_backoff_s
+        for attempt in range(self.config.retries + 1):
+            try:
+                return fn()
+            except ShardError:
+                raise
+            except _PERMANENT:
+                raise
+            except _TRANSIENT as e:
+                if attempt == self.config.retries:
+                    raise ShardError(f"reading shard {what} failed {attempt + 1} times ({e!r}); check the store "
+                                     "or network, then resume (autoresume restarts at the last checkpoint)") from e
+                log.warning("transient error reading %s (%r); retry %d in %.1fs", what, e, attempt + 1, delay)
+                time.sleep(delay)
+                delay *= 2
+
+    def make_batch(self, pairs: list[tuple[ShardSamples, int]]) -> dict:
+        b, t = len(pairs), self.seq_len
+        out = {c: np.zeros((b, t), dtype=np.int64) for c in ARRAY_COLUMNS}
+        sep = np.zeros(b, dtype=np.int64)
+        objective, keys = [], []
+        for i, (s, r) in enumerate(pairs):
+            a, z = int(s.offsets[r]), int(s.offsets[r + 1])
+            if z - a > t:
+                raise ShardError(f"sample {s.scalars['sample_key'][r]!r} has {z - a} tokens > seq_len {t}")
+            for c in ARRAY_COLUMNS:
+                out[c][i, :z - a] = s.arrays[c][a:z]
+            sep[i] = s.scalars["sep"][r]
+            objective.append(str(s.scalars["objective"][r]))
+            keys.append(str(s.scalars["sample_key"][r]))
+        batch = {c: torch.from_numpy(v) for c, v in out.items()}
+        batch["sep"] = torch.from_numpy(sep)
+        batch["objective"] = objective
+        batch["sample_key"] = keys
+        return batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        order = self.order(self._epoch)
+        gb, b = self.global_batch_size, self.batch_size
+        num_steps = order.num_used // gb
+        first = self._iter_skip // gb
+        decoded: OrderedDict[int, ShardSamples] = OrderedDict()   # shard position -> samples (small LRU)
+        min_rows = max(1, min(s.rows for s in order.shards))
+        keep = max(2, order.window // min_rows + 2)
+        for step in range(first + worker, num_steps, num_workers):
+            g = np.arange(step * gb + self.rank * b, step * gb + (self.rank + 1) * b)
+            ks, rows = order.locate(g)
+            pairs = []
+            for k, r in zip(ks.tolist(), rows.tolist()):
+                if k not in decoded:
+                    decoded[k] = self.read(order.shards[k])
+                    while len(decoded) > keep:
+                        decoded.popitem(last=False)
+                decoded.move_to_end(k)
+                pairs.append((decoded[k], r))
+            yield self.make_batch(pairs)
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a ShardStream: batch_size=None (the dataset batches); each iter() starts the next epoch.
+
+    Workers are not persistent, so every epoch re-sends the dataset (with its epoch and resume offset) to them.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int | None = None, prefetch_factor: int | None = None):
+        n = dataset.config.num_workers if num_workers is None else num_workers
+        pf = dataset.config.prefetch_factor if prefetch_factor is None else prefetch_factor
+        super().__init__(dataset, batch_size=None, num_workers=n, prefetch_factor=pf if n > 0 else None,
+                         persistent_workers=False)
+
+    def __iter__(self):
+        self.dataset.begin_epoch()
+        return super().__iter__()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("url")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    ds = ShardStream(a.url, a.batch_size, seed=a.seed, rank=0, world_size=1)
+    order = ds.order(0)
+    print(f"{ds.url}: {order.num_total} samples/epoch, {order.num_dropped} dropped, {ds.batches_per_epoch} "
+          f"batches of {a.batch_size}, seq_len {ds.seq_len}, variants {ds.manifest.variants}")
+    for i, batch in enumerate(StreamLoader(ds)):
+        if i >= a.num_batches:
+            break
+        print(i, batch["sample_key"], batch["objective"], tuple(batch["input_ids"].shape))
+
+
+if __name__ == "__main__":
+    main()
