@@ -1,0 +1,319 @@
+"""The Ray shard builder with real parts: real text, a real sentencepiece model, a local Ray, moto's S3 server,
+`ray start --head` + `ray job submit`, and real kills of workers and drivers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import documents as D
+from pipeline import infilling
+from pipeline import shards as S
+from pipeline.build import build, demo_corpus
+from pipeline.config import BuildConfig, load_config
+from pipeline.tokenizer import Tokenizer
+
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.ray
+
+
+def cfg_for(files, out, tokenizer_path, **kw) -> BuildConfig:
+    base = dict(input=list(files), output=str(out), tokenizer=tokenizer_path, seq_len=128, variants=2, seed=7,
+                group_bytes=60_000, samples_per_shard=300, validation_fraction=0.1)
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+def read_all(root: str, split: str = "train", storage_options=None) -> tuple[S.Manifest, list[dict]]:
+    m = S.read_manifest(f"{root}/{split}", storage_options)
+    fs, base = fsspec.core.url_to_fs(f"{root}/{split}", **(storage_options or {}))
+    rows = []
+    for info in m.shards:
+        samples = S.read_shard(fs, f"{base}/{info.name}", info, m.format)
+        rows += [samples.row(i) for i in range(len(samples))]
+    return m, rows
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_corpus, tokenizer_path, ray_local) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "shards"
+    build(cfg_for(small_corpus, out, tokenizer_path))
+    return out
+
+
+def test_demo_defaults():
+    cfg = load_config(BuildConfig, [], default_yaml=str(ROOT / "configs/pipeline/demo.yaml"))
+    assert cfg.output == "data/shards" and cfg.input == [] and cfg.tokenizer is None
+    assert len(demo_corpus()) == 249
+    with pytest.raises(ValueError, match="valid settings"):
+        load_config(BuildConfig, ["--seq-lenn=5"])
+    cfg = load_config(BuildConfig, ["--input", "a.txt", "b.txt", "--seq-len=64", "--overwrite",
+                                    "--objectives={bert: 1.0}"])
+    assert cfg.input == ["a.txt", "b.txt"] and cfg.seq_len == 64 and cfg.overwrite and cfg.objectives == {"bert": 1}
+
+
+def test_manifest_and_samples(reference, small_corpus, tokenizer_path):
+    tok = Tokenizer.load(tokenizer_path)
+    m, rows = read_all(str(reference))
+    assert m.schema_version == S.SCHEMA_VERSION and m.format == "parquet" and m.split == "train"
+    assert m.tokenizer["fingerprint"] == tok.fingerprint and m.vocab_size == tok.vocab_size
+    assert m.specials == tok.specials.to_json() and m.variants == 2 and m.seq_len == 128
+    assert m.num_samples == len(rows) == m.accounting["samples"]
+    acc = m.accounting
+    assert acc["pad_fraction"] <= 0.02, "goal: >= 98% real tokens"
+    assert set(acc["objectives"]) == {"bert", "sentence", "gpt"}
+    assert acc["objectives"]["bert"] > acc["objectives"]["gpt"]
+    assert sum(sum(h.values()) for h in acc["span_length_hist"].values()) > 0
+    assert len({r["sample_key"] for r in rows}) == len(rows)
+    for r in rows:
+        assert len(r["input_ids"]) <= 128
+        assert not r["loss_mask"][: r["sep"]].any() and r["loss_mask"][r["sep"]:].any()
+        assert r["objective"] in ("bert", "sentence", "gpt") and r["variant"] in (0, 1)
+    # every shard's checksum matches the manifest (read_shard verified it); names are deterministic
+    assert [s.name for s in m.shards][:1] == ["g00000-v00-0000.parquet"]
+    mv, vrows = read_all(str(reference), "validation")
+    assert mv.variants == 1 and mv.accounting["documents"] >= 1 and vrows
+
+
+def test_every_document_token_lands_in_exactly_one_chunk(reference, small_corpus, tokenizer_path):
+    """Reconstruct each chunk from its sample and re-assemble the token stream of variant 0 and 1: it must be
+    exactly the framed documents (train split, in order), nothing lost, nothing repeated."""
+    tok = Tokenizer.load(tokenizer_path)
+    sp = tok.specials
+    expected = []
+    for f in D.list_inputs(small_corpus):
+        for doc in D.read_documents(f, "text", "file", None, []):
+            if not D.is_validation(doc, 0.1):
+                # long documents are encoded in whitespace-aligned segments (documents.segments)
+                expected += [sp.cls, *(t for seg in D.segments(doc.text) for t in tok.encode(seg)), sp.eos]
+    m, rows = read_all(str(reference))
+    for variant in (0, 1):
+        chunks = sorted((r for r in rows if r["variant"] == variant),
+                        key=lambda r: tuple(int(x) for x in r["sample_key"].split("/")[1:]))
+        stream = []
+        for r in chunks:
+            chunk = infilling.reconstruct({**r, "variant": r["layout"]}, sp).tolist()
+            if stream and stream[-1] != sp.eos:     # a continuation chunk starts with a fresh [CLS]
+                assert chunk[0] == sp.cls
+                chunk = chunk[1:]
+            stream += chunk
+        assert stream == expected, f"variant {variant}: the chunks do not re-assemble the documents"
+    assert m.accounting["tail_tokens_dropped"] == 0
+
+
+def test_rerun_is_identical_and_other_config_refused(reference, small_corpus, tokenizer_path, tmp_path):
+    before = tree_bytes(reference)
+    build(cfg_for(small_corpus, reference, tokenizer_path))
+    assert tree_bytes(reference) == before
+    with pytest.raises(ValueError, match=r"seq_len: 128 -> 96.*--overwrite"):
+        build(cfg_for(small_corpus, reference, tokenizer_path, seq_len=96))
+    # a second, separate build of the same config gives the same manifests and shards, byte for byte
+    other = tmp_path / "again"
+    build(cfg_for(small_corpus, other, tokenizer_path))
+    again = tree_bytes(other)
+    for k, v in before.items():
+        assert again[k] == v, k
+
+
+def test_overwrite_and_wds(small_corpus, tokenizer_path, tmp_path, ray_local):
+    import webdataset as wds
+
+    out = tmp_path / "s"
+    build(cfg_for(small_corpus[:4], out, tokenizer_path))
+    build(cfg_for(small_corpus[:4], out, tokenizer_path, format="wds", variants=1, overwrite=True))
+    m, rows = read_all(str(out))
+    assert m.format == "wds" and all(s.name.endswith(".tar") for s in m.shards) and m.variants == 1
+    assert not list(out.glob("train/*.parquet")), "--overwrite clears the old build"
+    first = next(iter(wds.WebDataset(str(out / "train" / m.shards[0].name), shardshuffle=False).decode()))
+    assert first["input_ids.npy"].tolist() == rows[0]["input_ids"].tolist()
+    assert first["json"]["sep"] == rows[0]["sep"]
+
+
+def test_inspect_shards(reference, tmp_path):
+    png = tmp_path / "h.png"
+    r = subprocess.run([sys.executable, "jobs/inspect_shards.py", str(reference / "train"), "-n", "2", "--plot",
+                        str(png)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "Part A:" in r.stdout and "blank at A[" in r.stdout and "pad fraction" in r.stdout
+    assert png.stat().st_size > 1000
+
+
+def test_jsonl_and_parquet_inputs(tmp_path, small_corpus, tokenizer_path, ray_local):
+    texts = [Path(f).read_text() for f in small_corpus[:3]]
+    src = tmp_path / "in"
+    src.mkdir()
+    with open(src / "a.jsonl", "w") as f:
+        for t in texts[:2]:
+            f.write(json.dumps({"text": t, "id": 1}) + "\n")
+        f.write("{not json\n")
+        f.write(json.dumps({"body": "no text field"}) + "\n")
+    pq.write_table(pa.table({"text": [texts[2]]}), src / "b.parquet")
+    out = tmp_path / "out"
+    m = build(cfg_for([str(src / "*")], out, tokenizer_path, validation_fraction=0.0))["train"]
+    assert m.accounting["documents"] == 3
+    reasons = [s["reason"] for s in m.accounting["skipped"]]
+    assert m.accounting["skipped_count"] == 2 and all("bad JSONL record" in r for r in reasons)
+
+
+def test_bad_inputs_are_counted_or_refused(tmp_path, small_corpus, tokenizer_path, ray_local):
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "good.txt").write_text(Path(small_corpus[0]).read_text())
+    (src / "empty.txt").write_text("")
+    (src / "latin1.txt").write_bytes("Caf\xe9 au lait, na\xefve r\xe9sum\xe9. ".encode("latin-1") * 20)
+    (src / "binary.txt").write_bytes(bytes(range(256)) * 64)
+    m = build(cfg_for([str(src)], tmp_path / "o", tokenizer_path, validation_fraction=0.0))["train"]
+    skipped = {Path(s["source"]).name: s["reason"] for s in m.accounting["skipped"]}
+    assert set(skipped) == {"empty.txt", "latin1.txt", "binary.txt"}
+    assert "empty" in skipped["empty.txt"] and "UTF-8" in skipped["latin1.txt"] and "binary" in skipped["binary.txt"]
+    assert m.accounting["documents"] == 1
+    with pytest.raises(ValueError, match="missing.txt"):
+        build(cfg_for([str(src / "missing.txt")], tmp_path / "o2", tokenizer_path))
+    with pytest.raises(ValueError, match="matched no files"):
+        build(cfg_for([str(src / "*.jsonl")], tmp_path / "o3", tokenizer_path))
+
+
+@pytest.mark.slow
+def test_50mb_single_line_document(tmp_path, small_corpus, tokenizer_path, ray_local):
+    words = " ".join(Path(f).read_text().replace("\n", " ") for f in small_corpus)
+    big = (words + " ") * (50_000_000 // len(words) + 1)
+    (tmp_path / "big.txt").write_text(big[:50_000_000])
+    m = build(cfg_for([str(tmp_path / "big.txt")], tmp_path / "o", tokenizer_path, variants=1, seq_len=512,
+                      validation_fraction=0.0, samples_per_shard=4096, objectives={"bert": 1.0}))["train"]
+    assert m.accounting["documents"] == 1 and m.accounting["tokens_in"] > 5_000_000
+    assert m.accounting["pad_fraction"] < 0.02 and m.num_samples > 10_000
+
+
+@pytest.mark.s3
+def test_s3_input_and_output(s3_bucket, small_corpus, tokenizer_path, reference, ray_local):
+    bucket, so = s3_bucket
+    fs = fsspec.filesystem("s3", **so)
+    for f in small_corpus:
+        fs.put_file(f, f"{bucket}/raw/{Path(f).name}")
+    fs.put_file(tokenizer_path, f"{bucket}/tok/t.model")
+    out = f"s3://{bucket}/shards"
+    cfg = cfg_for([f"s3://{bucket}/raw/*.txt"], out, f"s3://{bucket}/tok/t.model", storage_options=so)
+    ms = build(cfg)
+    m, rows = read_all(out, storage_options=so)
+    ref, ref_rows = read_all(str(reference))
+    assert len(rows) == len(ref_rows)
+    assert [r["input_ids"].tolist() for r in rows] == [r["input_ids"].tolist() for r in ref_rows], \
+        "same corpus and settings give the same samples from S3 as from local disk"
+    assert fs.exists(f"{bucket}/shards/validation/manifest.json") and ms["train"].accounting["pad_fraction"] < 0.02
+    assert not [p for p in fs.find(f"{bucket}/shards") if ".tmp-" in p]
+    with pytest.raises(ValueError, match="no-such-bucket"):
+        build(cfg_for(["s3://no-such-bucket/raw/*.txt"], f"s3://{bucket}/x", tokenizer_path, storage_options=so))
+
+
+def _subprocess_build(out: Path, files, tokenizer_path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "jobs/build_shards.py", "--input", *files, "--output", str(out), "--tokenizer",
+            tokenizer_path, "--seq-len=128", "--variants=2", "--seed=7", "--group-bytes=60000",
+            "--samples-per-shard=300", "--validation-fraction=0.1", *extra]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_one_cpu_equals_two_cpus(reference, small_corpus, tokenizer_path, tmp_path):
+    out = tmp_path / "one"
+    p = _subprocess_build(out, small_corpus, tokenizer_path, "--num-cpus=1")
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
+@pytest.mark.slow
+def test_driver_killed_midway_then_rerun_is_identical(reference, small_corpus, tokenizer_path, tmp_path):
+    out = tmp_path / "killed"
+    p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
+    receipts = out / "_receipts"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (receipts.exists() and len(list(receipts.glob("*.json"))) >= 2):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)     # the driver, its in-process Ray and every worker
+    p.wait()
+    done = len(list(receipts.glob("*.json")))
+    assert not (out / "train" / "manifest.json").exists(), "killed before the end: no manifest yet"
+    p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    assert f"{done} already done" in log
+    full = tmp_path / "full"
+    p = _subprocess_build(full, small_corpus, tokenizer_path, "--group-bytes=20000")
+    assert p.wait(timeout=300) == 0
+    a, b = tree_bytes(out), tree_bytes(full)
+    assert a.keys() == b.keys() and a == b
+
+
+@pytest.mark.slow
+def test_worker_killed_midway_is_retried(reference, small_corpus, tokenizer_path, tmp_path):
+    import psutil
+
+    out = tmp_path / "wk"
+    p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
+    killed = 0
+    deadline = time.time() + 240
+    while p.poll() is None and time.time() < deadline and not killed:
+        for proc in psutil.process_iter(["cmdline"]):
+            if any("ray::process_group" in c for c in (proc.info["cmdline"] or [])):
+                proc.kill()
+                killed += 1
+                break
+        time.sleep(0.02)
+    log, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, log
+    assert killed, "no worker was caught running a group"
+    ref = tmp_path / "ref20k"
+    q = _subprocess_build(ref, small_corpus, tokenizer_path, "--group-bytes=20000")
+    assert q.wait(timeout=300) == 0
+    assert tree_bytes(out) == tree_bytes(ref)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_against_a_started_cluster(small_corpus, tokenizer_path, tmp_path):
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    gcs, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    temp = f"/tmp/ray-test-{os.getpid()}"
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
+                            "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                            f"--temp-dir={temp}", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stdout + start.stderr
+    try:
+        out = tmp_path / "job"
+        r = subprocess.run(
+            [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"excludes": [".venv", "data", ".git", "runs"]}), "--",
+             "python", "jobs/build_shards.py", "--input", *small_corpus[:5], "--output", str(out), "--tokenizer",
+             tokenizer_path, "--seq-len=128", "--variants=1"],
+            capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "succeeded" in r.stdout.lower()
+        m = S.read_manifest(str(out / "train"))
+        assert m.num_samples > 0
+    finally:
+        # Not `ray stop`: it would also stop every other Ray on this machine. Kill this cluster's processes only.
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(temp in c for c in (proc.info["cmdline"] or [])):
+                proc.kill()

@@ -1,0 +1,85 @@
+"""pipeline/tokenizer.py on a committed public-domain excerpt (tests/fixtures/SOURCES.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import tokenizer as T
+
+FIXTURE = Path(__file__).parent / "fixtures" / "washington_1790_state_of_the_union.txt"
+
+
+@pytest.fixture(scope="module")
+def tok() -> T.Tokenizer:
+    return T.train_from_files([str(FIXTURE)], 600)
+
+
+def test_command_tokens_are_single_fixed_ids(tok):
+    for i, piece in enumerate(T.COMMAND_TOKENS):
+        assert tok.sp.id_to_piece(i) == piece
+        assert tok.sp.is_control(i) or i in (0, 1)
+    sp = tok.specials
+    assert (sp.eos, sp.pad, sp.unk, sp.cls, sp.mask, sp.smask, sp.gmask, sp.sop, sp.eop, sp.sep) == \
+        (0, 0, 1, 2, 3, 4, 5, 6, 7, 8)
+    assert sp == T.Specials.ours(sp.sentence_end_ids)
+
+
+def test_text_never_produces_command_tokens(tok):
+    text = "[CLS] [MASK] [sMASK] [gMASK] <|startofpiece|> <|endofpiece|> [SEP] [UNK] <|endoftext|>"
+    ids = tok.encode(text)
+    assert not set(ids) & set(range(len(T.COMMAND_TOKENS)))
+    # ... but the blank markers of fill_blanks text become exactly one command token each
+    ids = tok.encode_with_blanks("The [MASK] of the Union, [sMASK] and then [gMASK]")
+    assert [i for i in ids if i < len(T.COMMAND_TOKENS)] == [3, 4, 5]
+
+
+def test_round_trip_and_sentence_ends(tok):
+    text = FIXTURE.read_text().split("\n\n")[1].strip()
+    assert tok.decode(tok.encode(text)) == " ".join(text.split())
+    ends = tok.specials.sentence_end_ids
+    assert ends and all(any(c in tok.sp.id_to_piece(i) for c in T.SENTENCE_END_CHARS) for i in ends)
+    assert tok.encode("the Union.")[-1] in ends
+
+
+def test_batch_encode_matches_single(tok):
+    docs = FIXTURE.read_text().split("\n\n")[:6]
+    assert tok.encode_batch(docs, num_threads=2) == [tok.encode(d) for d in docs]
+
+
+def test_fingerprint_stable_across_processes(tok, tmp_path):
+    again = T.train_from_files([str(FIXTURE)], 600)
+    assert again.fingerprint == tok.fingerprint        # deterministic training
+    path = tmp_path / "t.model"
+    T.save(tok, str(path))
+    code = f"from pipeline.tokenizer import Tokenizer; print(Tokenizer.load({str(path)!r}).fingerprint)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == tok.fingerprint
+    assert (tmp_path / "t.json").exists()
+
+
+def test_rejects_foreign_model_and_missing_path(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(FIXTURE.read_text().splitlines()), model_writer=buf,
+                                   vocab_size=300, minloglevel=2)
+    with pytest.raises(ValueError, match="not trained by pipeline/tokenizer.py"):
+        T.Tokenizer(buf.getvalue())
+    with pytest.raises(ValueError, match="does not exist"):
+        T.Tokenizer.load(str(tmp_path / "nope.model"))
+
+
+def test_train_tokenizer_job(tmp_path):
+    out = tmp_path / "job.model"
+    r = subprocess.run([sys.executable, "jobs/train_tokenizer.py", "--input", str(FIXTURE), "--output", str(out),
+                        "--vocab-size", "500", "--model-type", "bpe"], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert T.Tokenizer.load(str(out)).vocab_size <= 500
+    assert (tmp_path / "job.json").exists()
