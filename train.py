@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 import yaml
-from composer import Callback, Event, Logger, State, Trainer
+from composer import Callback, Logger, State, Trainer
 from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
 from composer.core import Evaluator
 from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger

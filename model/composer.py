@@ -1,6 +1,6 @@
 """The ComposerModel wrapper around the plain GLM: loss, eval metrics, FLOPs, FSDP2 wrap policy, checkpointing.
 
-    python -c "from model.composer import GLMComposer; from model.config import PRESETS; print(GLMComposer(PRESETS['tiny']))"
+    python -c "from model.composer import GLMComposer as G; from model.config import PRESETS as P; print(G(P['tiny']))"
 
 `model/glm.py` stays plain torch; everything that is about *training* it is decided here, in one place
 (torchtitan style): which modules are FSDP2 units (one per transformer layer; the root GLM, with the tied word

@@ -1,0 +1,243 @@
+"""pipeline/stream.py: global order, rank/worker invariance, resume, cache, retries, errors, manifest checks.
+
+    .venv/bin/python -m pytest -q tests/test_stream.py
+
+Shard sets here are written directly with the shard contract (pipeline/shards.py), small and synthetic, so the
+order properties can be checked sample by sample; tests/test_train.py trains on shards from the real builder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+
+from pipeline.shards import (
+    SCHEMA_VERSION,
+    SUFFIX,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    ShardSamples,
+    atomic_write,
+    encode,
+    sha256,
+)
+from pipeline.stream import ShardCache, ShardStream, StreamConfig, StreamLoader
+
+SEQ_LEN = 16
+
+
+def _row(variant: int, shard: int, i: int) -> dict:
+    n = 6 + (i % 5)
+    ids = np.arange(n, dtype=np.int32) + 10
+    return {"input_ids": ids, "targets": ids, "loss_mask": np.r_[np.zeros(3), np.ones(n - 3)].astype(np.uint8),
+            "position_ids": np.arange(n, dtype=np.int32), "block_position_ids": np.zeros(n, dtype=np.int32),
+            "sep": 3, "objective": "bert", "layout": "bert", "variant": variant, "source": "synthetic",
+            "doc_index": i, "chunk_index": i, "sample_key": f"train/{shard}/{variant}/{i}"}
+
+
+def write_set(url: str, *, rows=(7, 5, 9, 6, 8), variants: int = 2, fmt: str = "parquet",
+              storage_options: dict | None = None, vocab_size: int = 100, fingerprint: str = "tok-a") -> Manifest:
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    infos = []
+    for v in range(variants):
+        for s, n in enumerate(rows):
+            data = encode(ShardSamples.from_rows([_row(v, s, i) for i in range(n)]), fmt)
+            name = f"s{s:03d}-v{v}{SUFFIX[fmt]}"
+            atomic_write(fs, f"{root}/{name}", data)
+            infos.append(ShardInfo(name=name, rows=n, bytes=len(data), sha256=sha256(data), variant=v, group=s))
+    m = Manifest(schema_version=SCHEMA_VERSION, format=fmt, split="train", seq_len=SEQ_LEN, vocab_size=vocab_size,
+                 tokenizer={"fingerprint": fingerprint}, specials={}, variants=variants, seed=0, config={},
+                 config_hash="", shards=infos)
+    atomic_write(fs, f"{root}/manifest.json", m.to_json().encode())
+    return m
+
+
+@pytest.fixture
+def shard_set(tmp_path):
+    write_set(str(tmp_path / "set"))
+    return str(tmp_path / "set")
+
+
+def keys_of(loader) -> list[list[str]]:
+    return [b["sample_key"] for b in loader]
+
+
+def global_order(url, *, world: int, batch_size: int, workers: int = 0, epochs: int = 1, **kw) -> list[str]:
+    """Concatenate the ranks' batches step by step, in rank order."""
+    per_rank = []
+    for r in range(world):
+        ds = ShardStream(url, batch_size, seed=3, rank=r, world_size=world,
+                         config=StreamConfig(shuffle_window=8, num_workers=workers), **kw)
+        loader = StreamLoader(ds)
+        per_rank.append([k for _ in range(epochs) for k in keys_of(loader)])
+    assert len({len(p) for p in per_rank}) == 1, "every rank must get the same number of batches"
+    return [k for step in zip(*per_rank) for batch in step for k in batch]
+
+
+def test_epoch_is_a_permutation_of_one_variant(shard_set):
+    ds = ShardStream(shard_set, 4, seed=3, rank=0, world_size=1, config=StreamConfig(shuffle_window=8))
+    loader = StreamLoader(ds)
+    e0, e1, e2 = (sum(keys_of(loader), []) for _ in range(3))
+    total = 35  # rows per variant
+    assert len(e0) == total // 4 * 4 and ds.order(0).num_dropped == total % 4
+    assert len(set(e0)) == len(e0) and {k.split("/")[2] for k in e0} == {"0"}
+    assert {k.split("/")[2] for k in e1} == {"1"} and {k.split("/")[2] for k in e2} == {"0"}
+    assert e0 != [k.replace("/1/", "/0/") for k in e1]  # another shuffle each epoch
+    assert sorted(e0) != e0  # shuffled at all
+    again = StreamLoader(ShardStream(shard_set, 4, seed=3, rank=0, world_size=1, config=StreamConfig(8)))
+    assert sum(keys_of(again), []) == e0  # deterministic from (seed, epoch)
+
+
+def test_global_order_independent_of_world_size_and_workers(shard_set):
+    ref = global_order(shard_set, world=1, batch_size=4, epochs=2)
+    assert global_order(shard_set, world=2, batch_size=2, epochs=2) == ref
+    assert global_order(shard_set, world=4, batch_size=1, workers=2, epochs=2) == ref
+    assert global_order(shard_set, world=1, batch_size=4, workers=3, epochs=2) == ref
+
+
+def test_batches_are_padded_tensors(shard_set):
+    ds = ShardStream(shard_set, 3, rank=0, world_size=1)
+    b = next(iter(StreamLoader(ds)))
+    assert b["input_ids"].shape == (3, SEQ_LEN) and b["input_ids"].dtype == torch.int64
+    assert b["sep"].tolist() == [3, 3, 3] and len(b["objective"]) == 3
+    n = int((b["input_ids"][0] != 0).sum())
+    assert b["loss_mask"][0, n:].sum() == 0 and len(ds) == ds.batches_per_epoch == 35 // 3
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_mid_epoch_resume(shard_set, workers):
+    cfg = StreamConfig(shuffle_window=8, num_workers=workers)
+    ds = ShardStream(shard_set, 2, seed=5, rank=1, world_size=2, config=cfg)
+    loader = StreamLoader(ds)
+    full = [keys_of(loader) for _ in range(2)]   # two epochs, uninterrupted
+    # stop after 3 steps of epoch 1: Composer passes the GLOBAL sample count (3 steps x 2 ranks x 2)
+    ds2 = ShardStream(shard_set, 2, seed=5, rank=1, world_size=2, config=cfg)
+    loader2 = StreamLoader(ds2)
+    keys_of(loader2)
+    it = iter(loader2)
+    [next(it) for _ in range(3)]
+    state = ds2.state_dict(num_samples=3 * 4, from_beginning=True)
+    assert state["epoch"] == 1 and state["sample_in_epoch"] == 12
+    ds3 = ShardStream(shard_set, 2, seed=5, rank=1, world_size=2, config=cfg)
+    ds3.load_state_dict(state)
+    assert keys_of(StreamLoader(ds3)) == full[1][3:]
+    # a checkpoint taken right after an epoch ended (sample_in_epoch back to 0) resumes at the next epoch
+    end = ds.state_dict(num_samples=0)
+    assert end["epoch"] == 2
+    ds4 = ShardStream(shard_set, 2, seed=5, rank=1, world_size=2, config=cfg)
+    ds4.load_state_dict(end)
+    assert sum(keys_of(StreamLoader(ds4)), [])[0].split("/")[2] == "0"  # epoch 2 reads variant 0 again
+
+
+def test_resume_with_another_world_size(shard_set):
+    ref = global_order(shard_set, world=1, batch_size=4)
+    ds = ShardStream(shard_set, 4, seed=3, rank=0, world_size=1, config=StreamConfig(shuffle_window=8))
+    state = ds.state_dict(num_samples=8)
+    out = []
+    for r in range(2):
+        d = ShardStream(shard_set, 2, seed=3, rank=r, world_size=2, config=StreamConfig(shuffle_window=8))
+        d.load_state_dict(state)
+        out.append(keys_of(StreamLoader(d)))
+    assert [k for step in zip(*out) for b in step for k in b] == ref[8:]
+    bad = ShardStream(shard_set, 3, seed=3, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="whole number of global batches"):
+        bad.load_state_dict(state)
+
+
+def test_webdataset_shards_give_the_same_stream(tmp_path):
+    write_set(str(tmp_path / "pq"), fmt="parquet")
+    write_set(str(tmp_path / "wds"), fmt="wds")
+    a = global_order(str(tmp_path / "pq"), world=1, batch_size=4)
+    b = global_order(str(tmp_path / "wds"), world=1, batch_size=4)
+    assert a == b
+
+
+def test_missing_and_truncated_shards_are_named(shard_set):
+    ds = ShardStream(shard_set, 4, seed=3, rank=0, world_size=1, config=StreamConfig(shuffle_window=8))
+    loader = iter(StreamLoader(ds))
+    next(loader)  # reading has begun
+    order = ds.order(0)
+    victim = order.shards[-1].name
+    os.remove(os.path.join(shard_set, victim))
+    with pytest.raises(ShardError, match=victim):
+        list(loader)
+    ds2 = ShardStream(shard_set, 4, seed=3, rank=0, world_size=1, config=StreamConfig(shuffle_window=8))
+    first = ds2.order(0).shards[0].name
+    path = os.path.join(shard_set, first)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(ShardError, match=f"{first}.*truncated"):
+        next(iter(StreamLoader(ds2)))
+
+
+def test_manifest_checks_name_both_values(shard_set):
+    ds = ShardStream(shard_set, 4, rank=0, world_size=1)
+    ds.check(vocab_size=128, max_position_embeddings=SEQ_LEN, tokenizer_fingerprint="tok-a")
+    with pytest.raises(ValueError, match="vocab_size 100 .* model vocab_size 64"):
+        ds.check(vocab_size=64)
+    with pytest.raises(ValueError, match="seq_len 16 > model max_position_embeddings 8"):
+        ds.check(max_position_embeddings=8)
+    with pytest.raises(ValueError, match="tok-a.*tok-b"):
+        ds.check(tokenizer_fingerprint="tok-b")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        ShardStream(shard_set, 40, rank=0, world_size=1)
+
+
+class FlakyFS(MemoryFileSystem):
+    """An in-memory object store whose first reads of every file fail like a dropped connection."""
+
+    protocol = "flaky"
+    fails: dict[str, int] = {}
+    budget = 2
+
+    def cat_file(self, path, start=None, end=None, **kw):
+        if path.endswith(".parquet"):
+            n = FlakyFS.fails.get(path, 0)
+            if n < FlakyFS.budget:
+                FlakyFS.fails[path] = n + 1
+                raise ConnectionError(f"simulated reset reading {path}")
+        return super().cat_file(path, start, end, **kw)
+
+
+def test_remote_shards_cache_and_retries(tmp_path):
+    fsspec.register_implementation("flaky", FlakyFS, clobber=True)
+    FlakyFS.fails.clear()
+    m = write_set("flaky://remote-set")
+    cfg = StreamConfig(shuffle_window=8, cache_dir=str(tmp_path / "cache"), cache_bytes=10 ** 9,
+                       retries=3, retry_backoff_s=0.001)
+    ds = ShardStream("flaky://remote-set", 4, seed=3, rank=0, world_size=1, config=cfg)
+    keys = sum(keys_of(StreamLoader(ds)), [])
+    assert len(keys) == 32
+    assert all(n == 2 for n in FlakyFS.fails.values())  # each shard failed twice, then was read once
+    cached = os.listdir(tmp_path / "cache")
+    assert len(cached) == len(m.shards_of_variant(0))
+    # a second pass reads the cache, not the store
+    FlakyFS.budget = 10 ** 6
+    try:
+        ds2 = ShardStream("flaky://remote-set", 4, seed=3, rank=0, world_size=1, config=cfg)
+        assert sum(keys_of(StreamLoader(ds2)), []) == keys
+        # too many failures: a ShardError naming the shard
+        cfg2 = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache2"), retries=1)
+        ds3 = ShardStream("flaky://remote-set", 4, seed=3, rank=0, world_size=1, config=cfg2)
+        with pytest.raises(ShardError, match=r"s0\d\d-v0.parquet failed 2 times"):
+            next(iter(StreamLoader(ds3)))
+    finally:
+        FlakyFS.budget = 2
+
+
+def test_cache_is_bounded_lru(tmp_path):
+    c = ShardCache(str(tmp_path / "c"), max_bytes=250)
+    for i in range(4):
+        c.put(f"k{i}", bytes(100))
+        os.utime(tmp_path / "c" / f"k{i}", (i, i))  # deterministic LRU clock
+    assert sorted(os.listdir(tmp_path / "c")) == ["k2", "k3"]
+    assert c.get("k0") is None and c.get("k3") == bytes(100)
+    c.put("huge", bytes(1000))  # larger than the bound: not cached
+    assert c.get("huge") is None
