@@ -68,7 +68,8 @@ def test_logits_explicit_mask(tv, official):
 def test_hidden_states(tv, official):
     captured = []
     hooks = [official.transformer.embedding_dropout.register_forward_hook(lambda m, i, o: captured.append(o))]
-    hooks += [layer.register_forward_hook(lambda m, i, o: captured.append(o[0])) for layer in official.transformer.layers]
+    hooks += [layer.register_forward_hook(lambda m, i, o: captured.append(o[0]))  # blocks return (x, kv)
+              for layer in official.transformer.layers]
     try:
         with torch.no_grad():
             last = official(tv["input_ids"], tv["position_ids"], sep=tv["sep"], return_hidden=True)
