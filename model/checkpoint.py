@@ -1,6 +1,6 @@
 """Load GLM weights from the official release, the hub, our trainer or a state dict; export to the hub layout.
 
-    python model/checkpoint.py SOURCE OUT_DIR [--config config.json|PRESET]   # convert any source to the hub layout
+    python -m model.checkpoint SOURCE OUT_DIR [--config config.json|PRESET]   # convert any source to the hub layout
 
 Accepted sources (spec §8.1, §8.2), detected in this order:
 * a state dict (mapping of name -> tensor), or a mapping holding one under 'module' (official container) or
@@ -9,8 +9,9 @@ Accepted sources (spec §8.1, §8.2), detected in this order:
   iteration or `release`) and `<iter>/mp_rank_00_model_states.pt` whose 'module' is the state dict;
 * a hub folder: `config.json` + `model.safetensors` or `pytorch_model.bin` (or their sharded `*.index.json`);
 * a single weights file: `.safetensors`, or a torch pickle (`.bin` / `.pt`) holding any mapping above.
-Key prefixes `glm.` (hub task wrappers), `model.` (Composer wrapper) and `_orig_mod.` (torch.compile) are
-stripped. Every torch.load uses weights_only=True (Composer's rng/timestamp entries are allow-listed data types).
+Key prefixes `glm.` (hub task wrappers), `model.` (Composer wrapper) and `_orig_mod.` (torch.compile), and
+`_checkpoint_wrapped_module.` anywhere, are stripped. Every torch.load uses weights_only=True (Composer's
+rng / timestamp entries are allow-listed plain data types).
 
 The config comes from the `config` argument (a GLMConfig, a hub config dict, a path to a config.json or a
 preset name) or else from a `config.json` beside the weights.
@@ -36,6 +37,7 @@ TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                "pytorch_model.bin.index.json")
 STRIP_PREFIXES = ("glm.", "model.", "_orig_mod.")
+_CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
 def load_official(source: str | os.PathLike | Mapping[str, Any], config: GLMConfig | dict | str | None = None, *,
@@ -208,7 +210,7 @@ def _unwrap(obj: Mapping[str, Any], where: str) -> dict[str, Tensor]:
         if not isinstance(value, Tensor):
             raise ValueError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor; expected a model "
                              "state dict (or an official / Composer checkpoint that holds one)")
-        name = key
+        name = key.replace(_CHECKPOINT_WRAPPER, "")  # activation-checkpoint wrappers, should a trainer leave them
         stripped = True
         while stripped:
             stripped = False

@@ -1,6 +1,6 @@
 """GLM — the official architecture of Du et al. (spec §5, §6), parameter for parameter, as a plain torch module.
 
-    python model/glm.py --preset tiny          # build, count parameters, run one forward on CPU
+    python -m model.glm --preset tiny          # build, count parameters, run one forward on CPU
 
 Read top-down: GLM (embeddings, mask, tied output) -> Block (pre-LN residual) -> Attention (fused QKV) -> MLP.
 Parameter names equal the official / hub checkpoints (spec §8.3), so their state dicts load with no renaming.
@@ -133,8 +133,9 @@ class GLM(nn.Module):
         for i, block in enumerate(self.transformer.layers):
             cache = (mems.keys[i], mems.values[i]) if mems is not None else None
             x, (k, v) = block(x, mask, cache)
-            new_keys.append(k)
-            new_values.append(v)
+            if return_mems:  # else drop them now: holding them would undo activation checkpointing's savings
+                new_keys.append(k)
+                new_values.append(v)
         x = self.transformer.final_layernorm(x)
 
         out = x if return_hidden else F.linear(x, self.word_embeddings.weight)  # tied output, no bias (§6.2)
@@ -150,6 +151,8 @@ class GLM(nn.Module):
             if m.dim() != 4 or m.shape[2] != T or m.shape[-1] < S:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected [B,1,T,>=S] "
                                  f"with T={T} queries and S={S} keys (cache {M} + new {T})")
+            # A query row with no visible key gets zeros from SDPA (the official code averages V there): only
+            # padding rows are like that, and they carry no loss.
             return AttnMask(dense=m[..., -S:].to(device=device) > 0.5)
         if sep is None:
             sep = 0  # hub GLMModel default: causal (spec §14.16)
@@ -243,8 +246,7 @@ def _flex_attention(device: torch.device):
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type not in _FLEX_FN:
-        _FLEX_FN[device.type] = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" \
-            else flex_attention
+        _FLEX_FN[device.type] = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
     return _FLEX_FN[device.type]
 
 
