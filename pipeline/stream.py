@@ -426,8 +426,10 @@ class StreamLoader(DataLoader):
     def __init__(self, dataset: ShardStream, num_workers: int | None = None, prefetch_factor: int | None = None):
         n = dataset.config.num_workers if num_workers is None else num_workers
         pf = dataset.config.prefetch_factor if prefetch_factor is None else prefetch_factor
+        # its own generator: creating an iterator must not draw from the global torch RNG (dropout masks after
+        # a mid-epoch resume would then differ from an uninterrupted run); the stream needs no worker seeds
         super().__init__(dataset, batch_size=None, num_workers=n, prefetch_factor=pf if n > 0 else None,
-                         persistent_workers=False)
+                         persistent_workers=False, generator=torch.Generator())
 
     def __iter__(self):
         self.dataset.begin_epoch()
