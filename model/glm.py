@@ -51,7 +51,7 @@ class KVCache:
 class AttnMask(NamedTuple):
     """How attention is restricted in one forward; built once in GLM, shared by every layer."""
 
-    dense: Tensor | None = None      # bool [B or 1,1,T,S], True = visible; None with is_causal False = all visible
+    dense: Tensor | None = None      # [B or 1,1,T,S]: bool (True = visible) or additive float; None = all visible
     is_causal: bool = False          # plain causal (sep 0, no cache): SDPA's is_causal fast path
     block_mask: object = None        # FlexAttention BlockMask (attn_impl "flex", sep-based masks only)
 
@@ -170,7 +170,10 @@ class GLM(nn.Module):
             return AttnMask(block_mask=_flex_block_mask(sep.expand(B).contiguous(), B, T, M, device))
         q = torch.arange(T, device=device).view(1, 1, T, 1)
         k = torch.arange(S, device=device).view(1, 1, 1, S)
-        return AttnMask(dense=(k < M + sep.view(-1, 1, 1, 1)) | (k <= q + M))  # [B,1,T,S]
+        visible = (k < M + sep.view(-1, 1, 1, 1)) | (k <= q + M)  # [B,1,T,S]
+        # Additive, with the official fill value -65504 (fp16-safe, spec §5): SDPA's CPU kernel runs faster with a
+        # float mask than with a bool one, and every row sees at least its own token, so no row is all -65504.
+        return AttnMask(dense=torch.zeros(visible.shape, device=device).masked_fill_(~visible, -65504.0))
 
 
 class Block(nn.Module):
@@ -212,7 +215,10 @@ class Attention(nn.Module):
                               "dropout); set attention_dropout=0 or attn_impl='sdpa'", stacklevel=2)
             y = _flex_attention(q.device)(q, k, v, block_mask=mask.block_mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=p_drop,
+            dense = mask.dense
+            if dense is not None and dense.is_floating_point() and dense.dtype != q.dtype:
+                dense = dense.to(q.dtype)  # SDPA wants the q dtype (bf16 under autocast)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=p_drop,
                                                is_causal=mask.is_causal)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.output_dropout(self.dense(y)), (k, v)
