@@ -254,7 +254,11 @@ def test_driver_killed_midway_then_rerun_is_identical(reference, small_corpus, t
     p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
-    assert f"{done} already done" in log
+    # workers of the killed run may still commit a group or two while they notice their raylet is gone
+    import re
+
+    resumed = int(re.search(r"(\d+) already done", log).group(1))
+    assert done <= resumed < int(re.search(r"in (\d+) packing groups", log).group(1)), log
     full = tmp_path / "full"
     p = _subprocess_build(full, small_corpus, tokenizer_path, "--group-bytes=20000")
     assert p.wait(timeout=300) == 0
@@ -292,20 +296,29 @@ def test_ray_job_submit_against_a_started_cluster(small_corpus, tokenizer_path, 
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
     temp = f"/tmp/ray-test-{os.getpid()}"
     start = subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                            f"--temp-dir={temp}", "--disable-usage-stats"],
+                            f"--temp-dir={temp}", "--disable-usage-stats",
+                            # explicit free ports: another Ray on this machine may hold the defaults
+                            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+                            f"--ray-client-server-port={free_port()}"],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:
         out = tmp_path / "job"
-        r = subprocess.run(
+        submit = (
             [ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
              "--runtime-env-json", json.dumps({"excludes": [".venv", "data", ".git", "runs"]}), "--",
              "python", "jobs/build_shards.py", "--input", *small_corpus[:5], "--output", str(out), "--tokenizer",
-             tokenizer_path, "--seq-len=128", "--variants=1"],
-            capture_output=True, text=True, env=env, timeout=300)
+             tokenizer_path, "--seq-len=128", "--variants=1"])
+        for _ in range(30):   # the dashboard's job agent registers a few seconds after `ray start` returns
+            r = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=300)
+            if "No available agent" not in r.stderr + r.stdout:
+                break
+            time.sleep(2)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout.lower()
         m = S.read_manifest(str(out / "train"))
