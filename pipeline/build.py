@@ -30,7 +30,6 @@ import json
 import os
 import sys
 import time
-from collections import Counter, defaultdict
 
 import fsspec
 import numpy as np

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, free_port
 
 from pipeline import documents as D
 from pipeline import infilling
@@ -23,8 +23,6 @@ from pipeline import shards as S
 from pipeline.build import build, demo_corpus
 from pipeline.config import BuildConfig, load_config
 from pipeline.tokenizer import Tokenizer
-
-from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.ray
 
@@ -302,7 +300,8 @@ def test_ray_job_submit_against_a_started_cluster(small_corpus, tokenizer_path, 
                             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                             f"--temp-dir={temp}", "--disable-usage-stats",
                             # explicit free ports: another Ray on this machine may hold the defaults
-                            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                            f"--dashboard-agent-listen-port={free_port()}",
+                            f"--dashboard-agent-grpc-port={free_port()}",
                             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
                             f"--ray-client-server-port={free_port()}"],
                            capture_output=True, text=True, env=env, timeout=180)
