@@ -28,6 +28,7 @@ import glob
 import importlib.util
 import json
 import os
+import resource
 import sys
 import time
 
@@ -309,7 +310,9 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     }
     S.atomic_write(fs, f"{root}/{RECEIPTS}/g{group:05d}.json", json.dumps(receipt, sort_keys=True).encode())
     tokens = accs["train"]["tokens_in"] + accs["validation"]["tokens_in"]
-    return {"group": group, "tokens": tokens, "seconds": time.time() - t0,
+    # Run statistics (not part of any committed file: they depend on timing and the machine).
+    return {"group": group, "tokens": tokens, "seconds": time.time() - t0, "pid": os.getpid(),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "documents": accs["train"]["documents"] + accs["validation"]["documents"]}
 
 
@@ -419,8 +422,9 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, to
     return manifests
 
 
-def build(cfg: BuildConfig) -> dict[str, S.Manifest]:
-    """Build (or resume) the shard sets of cfg; returns {split: Manifest}."""
+def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
+    """Build (or resume) the shard sets of cfg; returns {split: Manifest}. `stats`, when given, receives this
+    run's figures: tokens, seconds (excluding Ray start-up), peak RSS (MB) of each worker process."""
     cfg.validate()
     inputs = cfg.input or demo_corpus()
     files = D.list_inputs(inputs, cfg.storage_options)
@@ -448,6 +452,7 @@ def build(cfg: BuildConfig) -> dict[str, S.Manifest]:
         from tqdm import tqdm
 
         _init_ray(cfg.num_cpus)
+        t_work = time.time()
         remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
         model_ref = ray.put(tok.model_bytes)
         cfg_ref = ray.put(cfg)
@@ -457,9 +462,14 @@ def build(cfg: BuildConfig) -> dict[str, S.Manifest]:
             ready, pending = ray.wait(pending, num_returns=1)
             res = ray.get(ready[0])
             tokens += res["tokens"]
+            if stats is not None:
+                rss = stats.setdefault("worker_peak_rss_mb", {})
+                rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
             bar.update(1)
             bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")
         bar.close()
+        if stats is not None:
+            stats.update(tokens=tokens, seconds=time.time() - t_work)
     manifests = _assemble(cfg, fs, root, tok, len(groups), tokenizer_path)
     dt = time.time() - t0
     tr, va = manifests["train"].accounting, manifests["validation"].accounting
