@@ -55,10 +55,10 @@ not copy; our row always has the sample's length); `masked_lm=True` as above.
 
 Dtypes: input_ids, targets, position_ids, block_position_ids int32; loss_mask uint8; sep a python int.
 
-Speed (benchmarks/infilling.py, n=512, one core): ~35-120 us per sample, no per-token python; that is
-0.3-0.9x the time sentencepiece needs to encode the same 512 tokens (goal 0.1x, NOT met). The floor of this
-per-sample design is ~30 numpy calls of ~1 us each; reaching 0.1x needs a path vectorised across samples
-(and counter-based per-sample randomness so a sample stays a pure function of its seed), not yet written.
+Speed (benchmarks/infilling.py, n=512, one core): ~20-50 us per sample (gpt ~20, sentence ~45, bert ~50),
+no per-token python, outputs written into preallocated arrays; that is ~0.25-0.55x the time sentencepiece needs
+to encode the same 512 tokens (goal 0.1x, NOT met). What is left is ~25 numpy calls of ~1 us each plus 3-4
+Generator calls per sample; 0.1x (~9 us) needs a layout vectorised across many samples at once, not written.
 """
 
 from __future__ import annotations
@@ -135,9 +135,12 @@ def draw_span_lengths(rng: np.random.Generator, target: int, avg_block_length: f
     while True:
         # draw a batch sized for the expected need (mean ≈ lam) plus slack; extend in the rare short case
         m = int(target / max(avg_block_length, 1.0) * 1.25) + 8
-        lengths = np.searchsorted(cdf, rng.random(m), side="right") + 1
-        csum = np.cumsum(lengths) + total
-        hit = int(np.searchsorted(csum, target, side="left"))
+        lengths = cdf.searchsorted(rng.random(m), side="right")
+        lengths += 1
+        csum = lengths.cumsum()
+        if total:
+            csum += total
+        hit = int(csum.searchsorted(target, side="left"))
         if hit < m:
             out.append(lengths[: hit + 1])
             break
@@ -155,10 +158,11 @@ def sample_spans(lengths: np.ndarray, total: int, rng: np.random.Generator, offs
     between consecutive spans, uniformly as the official code does: k sorted draws from 0..m with replacement,
     m = total - sum - k + 1. Returns starts (int64 array)."""
     k = len(lengths)
-    m = total - int(lengths.sum()) - k + 1
-    places = np.sort(rng.integers(0, m + 1, size=k))
-    before = np.cumsum(lengths) - lengths
-    return offset + places + before + np.arange(k)
+    c1 = (lengths + 1).cumsum()                    # c1[i] = sum(lengths[:i+1]) + i + 1
+    places = rng.integers(0, total - int(c1[-1]) + 2 if k else total + 2, size=k)
+    places.sort()
+    # start_i = offset + place_i + sum(lengths[:i]) + i = offset + place_i + c1[i] - lengths[i] - 1
+    return places + (c1 - lengths + (offset - 1))
 
 
 def document_regions(tokens: np.ndarray, specials: Specials) -> list[tuple[int, int]]:
@@ -166,7 +170,7 @@ def document_regions(tokens: np.ndarray, specials: Specials) -> list[tuple[int, 
     a region starts after the document's [CLS] and ends before its eos; the chunk's last region also excludes
     the chunk's final token. Regions may have length 0 (e.g. the empty tail after a final eos)."""
     n = len(tokens)
-    eos_idx = np.flatnonzero(tokens == specials.eos).tolist()
+    eos_idx = (np.asarray(tokens) == specials.eos).nonzero()[0].tolist()
     indices = [-1] + eos_idx
     last = n
     regions = []
@@ -188,23 +192,36 @@ def sample_span_in_document(tokens: np.ndarray, lengths: np.ndarray, rng: np.ran
     sort); every document but the longest takes lengths in order while their sum <= int(len * bert_ratio); the
     longest takes the rest while sum + count <= len. Returns the placed spans sorted by start; fewer spans
     than lengths means the sample could not be placed (the caller raises)."""
-    lengths = lengths[rng.permutation(len(lengths))] if len(lengths) > 1 else lengths
-    n = len(tokens)
-    eos_at = np.flatnonzero(tokens == specials.eos)
+    s, ln = _place_in_documents(np.asarray(tokens), lengths, rng, specials, bert_ratio)
+    return list(zip(s.tolist(), (s + ln).tolist()))
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _place_in_documents(t: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, specials: Specials,
+                        bert_ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """sample_span_in_document on arrays: (starts, lengths) of the placed spans, sorted by start."""
+    k_all = len(lengths)
+    if k_all > 1:
+        lengths = lengths[rng.permutation(k_all)]
+    n = len(t)
+    eos_at = (t == specials.eos).nonzero()[0]
     if len(eos_at) == 0 or (len(eos_at) == 1 and eos_at[0] == n - 1):
         # one document (the common case at n=512): its region is [1, n-1); same rule as the loop below
-        length = n - 2
-        k = int(np.searchsorted(np.cumsum(lengths) + np.arange(1, len(lengths) + 1), length, side="right"))
+        c1 = (lengths + 1).cumsum()                # sum + count of the first i+1 lengths
+        k = int(c1.searchsorted(n - 2, side="right"))
         if k == 0:
-            return []
-        st = sample_spans(lengths[:k], length, rng, offset=1)
-        return list(zip(st.tolist(), (st + lengths[:k]).tolist()))
-    regions = sorted(document_regions(tokens, specials), key=lambda r: r[1])
+            return _EMPTY, _EMPTY
+        ln = lengths[:k]
+        places = rng.integers(0, n - int(c1[k - 1]), size=k)   # sample_spans(ln, n-2, rng, offset=1), inlined
+        places.sort()
+        return places + (c1[:k] - ln), ln
+    regions = sorted(document_regions(t, specials), key=lambda r: r[1])
     starts: list[np.ndarray] = []
     used: list[np.ndarray] = []
     i = 0
-    k_all = len(lengths)
-    csum = np.concatenate(([0], np.cumsum(lengths)))  # csum[j] = sum(lengths[:j])
+    csum = np.concatenate(([0], lengths.cumsum()))  # csum[j] = sum(lengths[:j])
     for r, (offset, length) in enumerate(regions):
         if i >= k_all:
             break
@@ -221,11 +238,25 @@ def sample_span_in_document(tokens: np.ndarray, lengths: np.ndarray, rng: np.ran
             used.append(chunk)
             i += c
     if not starts:
-        return []
+        return _EMPTY, _EMPTY
     s = np.concatenate(starts)
-    e = s + np.concatenate(used)
-    order = np.argsort(s, kind="stable")
-    return list(zip(s[order].tolist(), e[order].tolist()))
+    order = s.argsort(kind="stable")
+    return s[order], np.concatenate(used)[order]
+
+
+# sentence boundary classes per (eos, sentence-end ids): 1 = ends a sentence, 2 = eos (that is not a sentence end)
+_BOUNDARY_LUT: dict[tuple[int, frozenset], np.ndarray] = {}
+
+
+def _boundary_lut(specials: Specials) -> np.ndarray:
+    key = (specials.eos, specials.sentence_end_ids)
+    lut = _BOUNDARY_LUT.get(key)
+    if lut is None:
+        lut = np.zeros(max([specials.eos, *specials.sentence_end_ids]) + 2, dtype=np.int8)  # last entry: "other"
+        lut[specials.eos] = 2
+        lut[list(specials.sentence_end_ids)] = 1
+        _BOUNDARY_LUT[key] = lut
+    return lut
 
 
 def sentence_spans(tokens: np.ndarray, specials: Specials, mask_cls: bool = True) -> list[tuple[int, int]]:
@@ -233,27 +264,31 @@ def sentence_spans(tokens: np.ndarray, specials: Specials, mask_cls: bool = True
     an eos closes the current region without forming a sentence; the trailing remainder is a sentence. Scanning
     starts after the leading [CLS]; after an eos the official code restarts at the next token, which is the
     next document's [CLS] (`mask_cls=True`, official) — `mask_cls=False` restarts after that [CLS]."""
-    n = len(tokens)
-    ends_ids = np.fromiter(specials.sentence_end_ids, dtype=np.int64, count=len(specials.sentence_end_ids))
-    is_end = np.isin(tokens, ends_ids) if len(ends_ids) else np.zeros(n, dtype=bool)
-    is_eos = (tokens == specials.eos) & ~is_end
-    # boundaries: after a sentence end a sentence is emitted (if non-empty); after an eos, nothing is
-    # emitted and the next sentence starts after it. Walk only the boundary positions (few), not every token.
-    bpos = np.flatnonzero(is_end | is_eos).tolist()
-    spans = []
-    last = 1 if tokens[0] == specials.cls else 0
-    for i in bpos:
-        if is_end[i]:
-            if last < i + 1:
-                spans.append((last, i + 1))
-            last = i + 1
-        else:
-            last = i + 1
-            if not mask_cls and last < n and tokens[last] == specials.cls:
-                last += 1
-    if last < n:
-        spans.append((last, n))
-    return spans
+    s, e = _sentence_bounds(np.asarray(tokens), specials, mask_cls)
+    return list(zip(s.tolist(), e.tolist()))
+
+
+def _sentence_bounds(t: np.ndarray, specials: Specials, mask_cls: bool) -> tuple[np.ndarray, np.ndarray]:
+    """sentence_spans as (starts, ends) arrays, vectorised over the boundary tokens (ids are >= 0)."""
+    n = len(t)
+    kind = _boundary_lut(specials).take(t, mode="clip")   # ids above the table map to its last entry, 0
+    b = kind.nonzero()[0]
+    starts = np.empty(len(b) + 1, dtype=np.int64)         # sentence j would run [starts[j], b[j] + 1)
+    starts[0] = 1 if n and t[0] == specials.cls else 0
+    starts[1:] = b + 1
+    kb = kind[b]
+    if not mask_cls:                                      # after an eos, skip the next document's [CLS]
+        after = starts[1:]
+        w = ((kb == 2) & (after < n)).nonzero()[0]
+        after[w[t[after[w]] == specials.cls]] += 1
+    ends = np.empty(len(b) + 1, dtype=np.int64)
+    ends[:-1] = b + 1
+    ends[-1] = n
+    take = np.empty(len(b) + 1, dtype=bool)               # a sentence end emits a non-empty sentence; the
+    take[:-1] = kb == 1                                   # trailing remainder is one if non-empty
+    take[-1] = True
+    take &= starts < ends
+    return starts[take], ends[take]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,7 +306,7 @@ def mask_token_id(objective: str, specials: Specials, task_mask: bool) -> int:
 
 def _as_tokens(tokens, specials: Specials) -> np.ndarray:
     t = np.asarray(tokens)
-    if t.ndim != 1 or not np.issubdtype(t.dtype, np.integer):
+    if t.ndim != 1 or t.dtype.kind not in "iu":
         raise ValueError(f"tokens must be a 1-D integer array (one chunk), got shape {t.shape} dtype {t.dtype}")
     if len(t) == 0 or int(t[0]) != specials.cls:
         first = int(t[0]) if len(t) else None
@@ -292,62 +327,79 @@ def make_block_data(tokens, spans: Sequence[tuple[int, int]], specials: Specials
     Returns input_ids, targets, loss_mask, position_ids, block_position_ids, sep, spans (as given, Part B
     order). Spans may touch (sentence mode) but not overlap, must lie inside the chunk and contain no eos."""
     t = np.asarray(tokens)
-    sp = np.asarray(spans, dtype=np.int64).reshape(len(spans), 2)
-    return _block_layout(t, sp[:, 0], sp[:, 1], specials, mask_token_id(task, specials, task_mask),
-                         block_positions)
-
-
-def _block_layout(t: np.ndarray, sb: np.ndarray, eb: np.ndarray, specials: Specials, mask_id: int,
-                  block_positions: bool, validate: bool = True) -> dict:
-    """make_block_data on int64 arrays of starts/ends in Part B order (the hot path: ~20 numpy calls, no
-    per-token python). validate=False skips the span checks for spans that `make_sample` built itself (they
-    lie inside document regions or sentences by construction; the property tests check it)."""
     n = len(t)
-    k = len(sb)
-    if k == 0:
-        return _pack(t, t, np.zeros(n, LOSS_DTYPE), np.arange(n), np.zeros(n, np.int64), n, [])
-    s = np.sort(sb)
-    e = s + (eb - sb)[np.argsort(sb)] if not validate else np.sort(eb)
-    if validate and ((eb - sb).min() < 1 or s[0] < 0 or e[-1] > n or (k > 1 and (s[1:] < e[:-1]).any())):
+    sp = np.asarray(spans, dtype=np.int64).reshape(len(spans), 2)
+    sb, eb = sp[:, 0], sp[:, 1]
+    k = len(sp)
+    idx = sb.argsort(kind="stable")
+    s, e = sb[idx], eb[idx]
+    if k and ((e - s).min() < 1 or s[0] < 0 or e[-1] > n or (s[1:] < e[:-1]).any()):
         raise ValueError(f"spans {list(zip(sb.tolist(), eb.tolist()))} must be non-empty, non-overlapping and "
                          f"inside [0, {n})")
-    # §3.6: `pos[s+1:e] = 0; pos = cumsum(pos) - 1` gives each token its index in Part A; `keep` marks the
-    # tokens that stay in Part A (span starts stay, as the mask token). s+1 and e are distinct across
-    # non-overlapping spans, so plain fancy indexing builds the +1/-1 difference array.
-    d = np.zeros(n + 1, dtype=np.int32)
-    d[s + 1] = 1
-    d[e] -= 1
-    keep = np.cumsum(d[:n]) == 0
-    pos = np.cumsum(keep) - 1
-    if validate and (specials.eos in t[s] or specials.eos in t[~keep]):
-        raise ValueError(f"a span in {list(zip(sb.tolist(), eb.tolist()))} contains eos (id {specials.eos}); "
-                         "spans never cross documents")
-    sep = n - int((e - s).sum()) + k
-    seg = (eb - sb) + 1                                   # Part B segment j = [sop] + t[sb[j]:eb[j]]
+    if k:
+        d = np.zeros(n + 1, dtype=np.int32)
+        d[s] = 1
+        d[e] -= 1
+        if (t[d[:n].cumsum() > 0] == specials.eos).any():
+            raise ValueError(f"a span in {list(zip(sb.tolist(), eb.tolist()))} contains eos (id {specials.eos}); "
+                             "spans never cross documents")
+    order = np.empty(k, dtype=np.int64)                   # Part B order as indices into the sorted spans
+    order[idx] = np.arange(k)
+    return _layout(t, s, e - s, order, specials, mask_token_id(task, specials, task_mask), block_positions)
+
+
+def _layout(t: np.ndarray, s: np.ndarray, ln: np.ndarray, order: np.ndarray | None, specials: Specials,
+            mask_id: int, block_positions: bool) -> dict:
+    """The §3.6 layout, the hot path: spans as starts `s` (sorted) and lengths `ln`, Part B order `order`
+    (indices into s; None = text order). ~25 numpy calls on preallocated outputs, no per-token python; spans
+    are trusted (make_sample builds them inside document regions or sentences; make_block_data validates)."""
+    n = len(t)
+    k = len(s)
+    if k == 0:
+        return _pack(t, t, np.zeros(n, LOSS_DTYPE), np.arange(n), np.zeros(n, ID_DTYPE), n, [])
+    lm1 = ln - 1
+    removed = lm1.cumsum()                                # tokens removed from Part A up to each span's end
+    sep = n - int(removed[-1])
+    mpos = s - removed + lm1                              # §3.6 pos[s]: each span's mask index in Part A
     nb = n + 2 * k - sep
     total = sep + nb
+    # Part A: a_src[j] = j + (tokens removed before Part A index j); each span removes lm1 after its mask
+    shift = np.zeros(sep + 1, dtype=np.int64)
+    shift[mpos + 1] = lm1
+    a_src = shift[:sep].cumsum()
+    a_src += np.arange(sep)
     inp = np.empty(total, dtype=ID_DTYPE)
+    inp[:sep] = t[a_src]
+    inp[mpos] = mask_id
     tgt = np.empty(total, dtype=ID_DTYPE)
-    a = t[keep]
-    inp[:sep] = a
-    inp[pos[s]] = mask_id
     tgt[:sep] = inp[:sep]
-    seg_start = np.cumsum(seg) - seg                      # offset of each segment inside Part B
-    within = np.arange(nb) - np.repeat(seg_start, seg)    # 0 at sop .. len at the last span token
-    src = np.repeat(sb - 1, seg) + within                 # source index of the input token (sop: start-1)
-    inp[sep:] = t[src]
+    # Part B: segment j = [sop] + t[sb[j]:sb[j]+lb[j]], targets t[sb[j]:...] + [eop]
+    if order is not None:
+        sb, lb, mb = s[order], ln[order], mpos[order]
+    else:
+        sb, lb, mb = s, ln, mpos
+    seg = lb + 1
+    seg_end = seg.cumsum()
+    seg_start = seg_end - seg
+    within = np.arange(nb) - seg_start.repeat(seg)        # 0 at sop .. len at the last span token
+    b_src = within + (sb - 1).repeat(seg)                 # source index of each Part B input (sop: start-1)
+    inp[sep:] = t[b_src]
     inp[sep + seg_start] = specials.sop
-    tgt[sep:total - 1] = t[src[1:] ]
-    tgt[sep + seg_start + seg - 1] = specials.eop
+    tgt[sep:total - 1] = inp[sep + 1:]                    # targets are the inputs shifted by one inside B ...
+    tgt[sep - 1 + seg_end] = specials.eop                 # ... and eop closes every segment
     loss = np.zeros(total, dtype=LOSS_DTYPE)
     loss[sep:] = 1
     position = np.empty(total, dtype=ID_DTYPE)
     position[:sep] = np.arange(sep)
-    position[sep:] = np.repeat(pos[sb], seg)
+    position[sep:] = mb.repeat(seg)
     block = np.zeros(total, dtype=ID_DTYPE)
-    block[sep:] = within + 1 if block_positions else 1
+    if block_positions:
+        within += 1
+        block[sep:] = within
+    else:
+        block[sep:] = 1
     return {"input_ids": inp, "targets": tgt, "loss_mask": loss, "position_ids": position,
-            "block_position_ids": block, "sep": sep, "spans": list(zip(sb.tolist(), eb.tolist()))}
+            "block_position_ids": block, "sep": sep, "spans": list(zip(sb.tolist(), (sb + lb).tolist()))}
 
 
 def make_gpt_suffix_data(tokens, generation_length: int, specials: Specials, *, task_mask: bool = False,
@@ -363,9 +415,8 @@ def make_gpt_suffix_data(tokens, generation_length: int, specials: Specials, *, 
     g = int(generation_length)
     if not 1 <= g <= n - 1:
         raise ValueError(f"generation_length={g} must be in [1, {n - 1}] for a chunk of {n} tokens")
-    lm = source_loss_mask(t, specials) if loss_mask is None else np.asarray(loss_mask)
-    if len(lm) != n:
-        raise ValueError(f"loss_mask has {len(lm)} entries for {n} tokens; pass one value per chunk token")
+    if loss_mask is not None and len(loss_mask) != n:
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per chunk token")
     div = n - g
     mask_id = mask_token_id("gpt", specials, task_mask)
     inp = np.empty(n + 1, dtype=ID_DTYPE)
@@ -378,12 +429,16 @@ def make_gpt_suffix_data(tokens, generation_length: int, specials: Specials, *, 
     tgt[div] = mask_id
     tgt[div + 1:] = t[div:]
     loss = np.zeros(n + 1, dtype=LOSS_DTYPE)
-    loss[div + 1:] = lm[div:]
-    pos = np.arange(n + 1)
+    if loss_mask is None:
+        np.not_equal(t[div:], specials.cls, out=loss[div + 1:])   # source_loss_mask of the suffix
+    else:
+        loss[div + 1:] = np.asarray(loss_mask)[div:]
+    pos = np.arange(n + 1, dtype=ID_DTYPE)
     pos[div + 1:] = div
-    blk = np.zeros(n + 1, dtype=np.int64)
+    blk = np.zeros(n + 1, dtype=ID_DTYPE)
     blk[div + 1:] = np.arange(1, g + 1) if block_positions else 1
-    return _pack(inp, tgt, loss, pos, blk, div + 1, [(div, n)])
+    return {"input_ids": inp, "targets": tgt, "loss_mask": loss, "position_ids": pos,
+            "block_position_ids": blk, "sep": div + 1, "spans": [(div, n)]}
 
 
 def make_masked_lm_data(tokens, spans: Sequence[tuple[int, int]], specials: Specials, *, loss_mask=None) -> dict:
@@ -448,29 +503,30 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
 
     if objective == "bert":
         lengths = draw_span_lengths(rng, int(bert_ratio * n), avg_block_length, max_block_length)
-        spans = sample_span_in_document(t, lengths, rng, specials, bert_ratio)
-        if len(spans) < len(lengths):
+        s, ln = _place_in_documents(t, lengths, rng, specials, bert_ratio)
+        if len(s) < len(lengths):
             raise SpanPlacementError(
-                f"placed {len(spans)} of {len(lengths)} spans (lengths {lengths.tolist()}) in a chunk of {n} "
+                f"placed {len(s)} of {len(lengths)} spans (lengths {lengths.tolist()}) in a chunk of {n} "
                 "tokens; the official code drops such a sample: count it and skip, or draw with the next seed",
-                spans_drawn=len(lengths), spans_placed=len(spans))
+                spans_drawn=len(lengths), spans_placed=len(s))
         if masked_lm:
-            out = make_masked_lm_data(t, spans, specials, loss_mask=loss_mask)
+            out = make_masked_lm_data(t, list(zip(s.tolist(), (s + ln).tolist())), specials, loss_mask=loss_mask)
             out["variant"] = "masked_lm"
             return out
         variant = "bert"
     elif objective == "sentence":
         if masked_lm:
             raise ValueError("masked_lm=True is the bert-span baseline (§3.8); use objective='bert'")
-        sents = sentence_spans(t, specials, mask_cls=sentence_mask_cls)
-        if not sents:
+        ss, se = _sentence_bounds(t, specials, sentence_mask_cls)
+        if not len(ss):
             raise SpanPlacementError(f"chunk of {n} tokens has no sentence to mask: text before an eos only forms a "
                                      "sentence when it ends with a sentence-end token (official rule); skip it")
-        perm = rng.permutation(len(sents))
-        lens = np.fromiter((sents[i][1] - sents[i][0] for i in perm), dtype=np.int64, count=len(perm))
+        perm = rng.permutation(len(ss))
         # take sentences in shuffled order until >= int(ratio n) tokens are taken (the last one included)
-        c = int(np.searchsorted(np.cumsum(lens), int(sentence_ratio * n), side="left")) + 1
-        spans = sorted(sents[i] for i in perm[:c])
+        c = int((se - ss)[perm].cumsum().searchsorted(int(sentence_ratio * n), side="left")) + 1
+        pick = np.sort(perm[:c])
+        s = ss[pick]
+        ln = se[pick] - s
         variant = "sentence"
     else:
         if masked_lm:
@@ -479,24 +535,22 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         if lo > n - 2:
             raise ValueError(f"gpt_min_ratio={gpt_min_ratio} gives a minimum span {lo} > n-2={n - 2}; use <= 0.5")
         g = int(rng.integers(lo, n - 1))                 # U{lo .. n-2}, inclusive (official randint)
-        eos_idx = np.flatnonzero(t == specials.eos)
+        eos_idx = (t == specials.eos).nonzero()[0]
         multi_doc = len(eos_idx) > 0 and eos_idx[0] != n - 1
         if multi_doc or rng.random() < gpt_infill_prob:
             out = make_gpt_suffix_data(t, g, specials, task_mask=task_mask, loss_mask=loss_mask,
                                        block_positions=block_positions)
             out["variant"] = "gpt_suffix"
             return out
-        offset, length = max(document_regions(t, specials), key=lambda r: r[1])
-        g = min(g, length - 1)                           # the official code crashes here; we shorten the span
-        start = int(sample_spans(np.array([g]), length, rng, offset=offset)[0])
-        spans = [(start, start + g)]
+        # one document (no eos before the last token): its region, the longest, is [1, n-1)
+        g = min(g, n - 3)                                # the official code crashes at g = n-2; we shorten it
+        start = 1 + int(rng.integers(0, n - 1 - g, size=1)[0])     # sample_spans([g], n-2, rng, offset=1)
+        s = np.array([start])
+        ln = np.array([g])
         variant = "gpt_single_span"
 
-    sp = np.asarray(spans, dtype=np.int64).reshape(len(spans), 2)
-    if len(spans) > 1 and shuffle_spans:
-        sp = sp[rng.permutation(len(spans))]
-    out = _block_layout(t, sp[:, 0], sp[:, 1], specials, mask_token_id(objective, specials, task_mask),
-                        block_positions, validate=False)
+    order = rng.permutation(len(s)) if len(s) > 1 and shuffle_spans else None
+    out = _layout(t, s, ln, order, specials, mask_token_id(objective, specials, task_mask), block_positions)
     out["variant"] = variant
     return out
 
