@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 # errors worth retrying: network/IO hiccups. FileNotFoundError (and PermissionError) are permanent.
 _TRANSIENT = (ConnectionError, TimeoutError, OSError)
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# remote shards below this size are fetched with one ranged GET; larger ones by the filesystem's own (concurrent) read
+_SINGLE_GET_BYTES = 32 << 20
 
 
 @dataclass
@@ -182,10 +184,11 @@ class EpochOrder:
         """Global indices [n] -> (shard position in self.shards [n], row in that shard [n])."""
         g = np.asarray(g, dtype=np.int64)
         if self.shuffle:
+            w = g // self.window
             flat = np.empty_like(g)
-            for i, x in enumerate(g):
-                w = int(x) // self.window
-                flat[i] = w * self.window + self._window_perm(w)[int(x) - w * self.window]
+            for wi in np.unique(w).tolist():                 # a batch spans one or two windows
+                m = w == wi
+                flat[m] = wi * self.window + self._window_perm(wi)[g[m] - wi * self.window]
         else:
             flat = g
         k = np.searchsorted(self.starts, flat, side="right") - 1
@@ -339,6 +342,10 @@ class ShardStream(IterableDataset):
 
         def fetch() -> bytes:
             try:
+                if info.bytes < _SINGLE_GET_BYTES:
+                    # one ranged GET, no HEAD for the size (s3fs asks for it to split large reads); asking for one
+                    # byte more than the manifest says still reveals a file that grew
+                    return fs.cat_file(path, start=0, end=info.bytes + 1)
                 return fs.cat_file(path)
             except _PERMANENT as e:
                 raise ShardError(f"shard {self.base}/{info.name} listed in the manifest is missing; restore it "
@@ -417,6 +424,11 @@ class ShardStream(IterableDataset):
             yield self.make_batch(pairs)
 
 
+def _as_is(batch: dict) -> dict:
+    """StreamLoader's collate_fn (module level so that worker processes can unpickle it)."""
+    return batch
+
+
 class StreamLoader(DataLoader):
     """A DataLoader over a ShardStream: batch_size=None (the dataset batches); each iter() starts the next epoch.
 
@@ -428,8 +440,10 @@ class StreamLoader(DataLoader):
         pf = dataset.config.prefetch_factor if prefetch_factor is None else prefetch_factor
         # its own generator: creating an iterator must not draw from the global torch RNG (dropout masks after
         # a mid-epoch resume would then differ from an uninterrupted run); the stream needs no worker seeds
+        # collate_fn: the dataset already yields tensors; the default (default_convert) would walk every string of
+        # the objective / sample_key lists on every batch for nothing
         super().__init__(dataset, batch_size=None, num_workers=n, prefetch_factor=pf if n > 0 else None,
-                         persistent_workers=False, generator=torch.Generator())
+                         persistent_workers=False, generator=torch.Generator(), collate_fn=_as_is)
 
     def __iter__(self):
         self.dataset.begin_epoch()
