@@ -411,6 +411,9 @@ def main(cfg: TrainConfig) -> Trainer:
         save_folder=cfg.save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.keep_checkpoints,
+        # A crash between writing a checkpoint and moving the `latest` link leaves a "future" checkpoint beside
+        # an older latest; the resumed run recreates it identically, so it may be overwritten.
+        save_overwrite=cfg.autoresume,
         autoresume=cfg.autoresume,
         load_path=cfg.load_path or None,
         run_name=run_name,

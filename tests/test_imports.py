@@ -1,0 +1,55 @@
+"""House-style import directions (house-style.md) and every shipped config loads."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from pipeline.config import BuildConfig, load_config
+
+
+def imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def py(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).glob("*.py"))
+
+
+def test_pipeline_never_imports_model_and_only_stream_imports_torch():
+    for f in py("pipeline"):
+        mods = imports(f)
+        assert "model" not in mods, f
+        if f.name != "stream.py":
+            assert "torch" not in mods, f"{f.name} imports torch; only stream.py may"
+        if f.name != "build.py":
+            assert "ray" not in mods, f"{f.name} imports ray; only build.py may"
+
+
+def test_model_is_plain_torch():
+    for f in py("model"):
+        mods = imports(f)
+        assert not mods & {"ray", "pyarrow", "pipeline"}, f
+        if f.name != "composer.py":
+            assert "composer" not in mods, f"{f.name} imports composer; only model/composer.py may"
+
+
+def test_nothing_imports_jobs_or_train():
+    for folder in ("pipeline", "model", "jobs", "benchmarks"):
+        for f in py(folder):
+            assert not imports(f) & {"jobs", "train"}, f
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipeline").glob("*.yaml")), ids=lambda p: p.name)
+def test_pipeline_configs_load(path):
+    cfg = load_config(BuildConfig, [str(path)])
+    cfg.validate()
