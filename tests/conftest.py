@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
     os.pathsep) if p and p != str(ROOT)])
 
-SHARED = ROOT.parent / "shared" / "testvectors"
+SHARED = ROOT.parent / "shared" / "testvectors"   # the official GLM test vectors (../shared relative to the repo)
 
 
 def free_port() -> int:
@@ -94,3 +94,14 @@ def s3_bucket(s3_server, request):
     fs.mkdir(name)
     yield name, dict(s3_server)
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture(scope="session")
+def tv() -> dict:
+    """The official model's test vectors (glm-official-public.pt; see ../shared/testvectors/README.md)."""
+    import torch
+
+    if not SHARED.is_dir():
+        pytest.skip(f"official GLM test vectors not found: expected the folder {SHARED} "
+                    "(../shared/testvectors relative to the repository root)")
+    return torch.load(SHARED / "glm-official-public.pt", weights_only=True)

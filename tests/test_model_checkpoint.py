@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,16 +16,6 @@ import torch
 from model.checkpoint import read_state_dict, save_hub
 from model.config import GLMConfig
 from model.glm import GLM
-
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
-
-
-@pytest.fixture(scope="module")
-def tv() -> dict:
-    if not VECTORS.is_dir():
-        pytest.skip(f"official GLM test vectors not found: expected the folder {VECTORS} "
-                    "(../shared/testvectors relative to the repository root)")
-    return torch.load(VECTORS / "glm-official-public.pt", weights_only=True)
 
 
 def assert_official_logits(model: GLM, tv: dict) -> None:

@@ -17,16 +17,7 @@ import torch
 from model.config import PRESETS, GLMConfig
 from model.glm import GLM, glm_loss
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
 ATOL = 1e-5  # fp32 official vs fp64 official differ by 1.5e-6 (testvectors/README.md)
-
-
-@pytest.fixture(scope="module")
-def tv() -> dict:
-    if not VECTORS.is_dir():
-        pytest.skip(f"official GLM test vectors not found: expected the folder {VECTORS} "
-                    "(../shared/testvectors relative to the repository root)")
-    return torch.load(VECTORS / "glm-official-public.pt", weights_only=True)
 
 
 def official_model(tv) -> GLM:
