@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline.config import BuildConfig, load_config
 
 
