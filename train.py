@@ -64,9 +64,9 @@ class OptimConfig:
     lr: float = 2e-3                      # peak learning rate (official: 4e-4 base, 2e-4 large, 1e-4 10B; §9)
     betas: tuple[float, float] = (0.9, 0.98)  # Adam betas (official: 0.9/0.98; 10B: 0.9/0.95)
     eps: float = 1e-6                     # Adam epsilon (official 1e-6; 10B 1e-8)
-    weight_decay: float = 0.1             # decoupled decay; biases and LayerNorm parameters never decay (§6.5)
+    weight_decay: float = 0.1             # AdamW decay (per step: w *= 1 - lr_t*wd); none on biases/LayerNorm (§6.5)
     schedule: str = "cosine"              # cosine | linear decay after warmup (AnnealingLR, §9)
-    warmup: str = "15ba"                  # warmup length: a Composer time string (e.g. 8000ba, 0.05dur)
+    warmup: str = "30ba"                  # warmup length: a Composer time string (e.g. 8000ba, 0.05dur)
     decay_to: float = 0.1                 # final lr as a fraction of lr (official 0.05 / 0.1 / 0.025)
     decay_duration: str = "1dur"          # when lr reaches decay_to (official: before the last step), e.g. 120000ba
     grad_clip: float = 1.0                # max global grad norm (all official recipes: 1.0)
@@ -80,15 +80,15 @@ class TrainConfig:
     save_folder: str = "runs/demo"        # checkpoints: local folder or object-store URL (s3://bucket/prefix)
     log_folder: str = ""                  # metrics.jsonl / logs; "" = save_folder if local, else runs/<run_name>
     run_name: str = ""                    # "" = glm-<preset>; autoresume finds checkpoints by it
-    max_duration: str = "240ba"           # Composer time string: 240ba, 2ep, 100000sp
+    max_duration: str = "600ba"           # Composer time string: 600ba, 2ep, 100000sp
     seed: int = 1234                      # model init, dropout and data order
     batch_size: int = 8                   # samples per device per step; global = batch_size x world size
     microbatch_size: int = 0              # device_train_microbatch_size; 0 = batch_size (no accumulation)
     eval_batch_size: int = 0              # 0 = batch_size
-    eval_interval: str = "25ba"           # how often to evaluate (and at the end)
+    eval_interval: str = "50ba"           # how often to evaluate (and at the end)
     eval_batches: int = 4                 # batches per evaluation (-1: the whole validation set)
     precision: str = "auto"               # auto (amp_bf16 on GPU, fp32 on CPU) | fp32 | amp_bf16
-    save_interval: str = "50ba"           # checkpoint interval
+    save_interval: str = "100ba"          # checkpoint interval
     keep_checkpoints: int = 2             # checkpoints kept (-1: all)
     autoresume: bool = True               # resume from the latest checkpoint of run_name in save_folder
     load_path: str = ""                   # start from this checkpoint instead (ignored when autoresume finds one)
@@ -96,7 +96,7 @@ class TrainConfig:
     logger: str = "file"                  # file | tensorboard (besides metrics.jsonl and the progress bar)
     progress_bar: bool = True             # Composer's tqdm bar (rank 0)
     log_interval: str = "10ba"            # console log interval when the progress bar is off
-    wall_clock_limit_s: float = 420.0     # stop (with a checkpoint) after this many seconds; 0 = none
+    wall_clock_limit_s: float = 480.0     # stop (with a checkpoint) after this many seconds; 0 = none
     record_samples: bool = False          # append each trained batch's sample_key to <log_folder>/samples-rank<r>.jsonl
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -295,6 +295,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> DecoupledAdamW:
+    """DecoupledAdamW with the official (torch/DeepSpeed AdamW) meaning of weight_decay: each step multiplies
+    a decayed weight by (1 - lr_t * weight_decay). Composer's DecoupledAdamW does NOT scale its weight_decay by
+    the lr (it multiplies by 1 - weight_decay * lr_t / lr), so the official 0.1 is passed as 0.1 * lr."""
+    wd = o.weight_decay * o.lr
+    return DecoupledAdamW(param_groups(model, wd), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=wd)
+
+
 def _rank0_print(*a) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, flush=True)
@@ -349,8 +357,7 @@ def main(cfg: TrainConfig) -> Trainer:
 
     # ---- optimisation ----
     o = cfg.optim
-    optimizer = DecoupledAdamW(param_groups(composer_model, o.weight_decay), lr=o.lr, betas=tuple(o.betas),
-                               eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = make_optimizer(composer_model, o)
     if o.schedule == "cosine":
         scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.decay_to, t_max=o.decay_duration)
     elif o.schedule == "linear":

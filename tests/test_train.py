@@ -145,6 +145,25 @@ def test_config_files_and_flags():
     assert train.parse_args([]).model.preset == "demo" and train.parse_args([]).data == "data/shards/train"
 
 
+def test_weight_decay_has_the_official_adamw_meaning():
+    """Official wd 0.1 at lr 1e-3 shrinks a decayed weight by 1e-4 per step, not by 10% (Composer's
+    DecoupledAdamW takes the decay unscaled by lr); biases and LayerNorms never decay (spec §6.5)."""
+    import train
+    from model.composer import GLMComposer
+    from model.config import PRESETS
+
+    model = GLMComposer(PRESETS["tiny"])
+    o = train.OptimConfig(lr=1e-3, weight_decay=0.1)
+    opt = train.make_optimizer(model, o)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)          # zero gradient: the step is decay only
+    opt.step()
+    for n, p in model.named_parameters():
+        shrink = 0.0 if n.endswith("bias") or "layernorm" in n else 1e-4
+        torch.testing.assert_close(p.detach(), before[n] * (1 - shrink), rtol=1e-6, atol=1e-9, msg=n)
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 
 @pytest.mark.slow
