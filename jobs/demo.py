@@ -115,7 +115,7 @@ def blanks_from_validation(rows: list[dict], tok: Tokenizer) -> list[tuple[str, 
     return out
 
 
-def plot(metrics_path: str, png: str) -> None:
+def plot(metrics_path: str, png: str, entropy: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +129,7 @@ def plot(metrics_path: str, png: str) -> None:
         ax.plot(*zip(*tr), label="train (Part-B loss)", alpha=0.7)
     if ev:
         ax.plot(*zip(*ev), "o-", label="validation")
+    ax.axhline(entropy, color="k", linestyle="--", linewidth=1, label="unigram entropy (baseline)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("GLM demo on the State of the Union corpus")
@@ -170,15 +171,16 @@ def main(argv: list[str] | None = None) -> int:
               "(train longer: --train-seconds, or check runs/demo/metrics.jsonl)")
 
     t0 = time.time()
-    print("\n=== fill: blanks in held-out validation text (greedy)", flush=True)
+    print("\n=== fill: blanks in held-out validation text (greedy, no repeated 3-grams)", flush=True)
     for kind, ids, truth in blanks_from_validation(val_rows, tok):
-        answer = fill_blanks(model, ids, tok.specials, strategy="greedy", max_new_tokens=40)[0]
+        answer = fill_blanks(model, ids, tok.specials, strategy="greedy", max_new_tokens=40,
+                             no_repeat_ngram_size=3)[0]
         said = tok.decode(answer) or "(nothing: it ended the blank at once)"
         print(f"\n{kind}: {tok.decode(ids)}\n  model:    {said}\n  original: {truth}")
     timings["fill"] = time.time() - t0
 
     png = os.path.join(RUN, "loss.png")
-    plot(os.path.join(RUN, "metrics.jsonl"), png)
+    plot(os.path.join(RUN, "metrics.jsonl"), png, entropy)
     print(f"\nloss curve: {png}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return 0

@@ -46,7 +46,8 @@ SPLIT_ID = {"train": 0, "validation": 1}
 RECEIPTS = "_receipts"
 BUILD_RECORD = "_build.json"
 GROWTH = {"bert": 1.1, "sentence": 1.02, "gpt": 1.0}  # ~output/input length of each objective (spec §3.6)
-MIN_CHUNK = 8       # chunks shorter than this (group tails) cannot hold a blank + context; counted as dropped
+MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter group tails are counted as dropped
+MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
 ENCODE_BATCH = 64   # documents (segments) per sentencepiece batch call
 
 
@@ -66,7 +67,7 @@ def demo_corpus() -> list[str]:
 def new_accounting() -> dict:
     return {"documents": 0, "documents_too_short": 0, "tokens_in": 0, "samples": 0, "real_tokens": 0,
             "capacity_tokens": 0, "part_a_tokens": 0, "loss_tokens": 0, "chunk_tokens": 0,
-            "tail_tokens_dropped": 0, "objective_fallbacks": 0,
+            "tail_tokens_dropped": 0, "objective_fallbacks": 0, "fit_trials": 0,
             "objectives": {}, "layouts": {}, "span_length_hist": {}}
 
 
@@ -107,6 +108,7 @@ class Packer:
         self.cfg, self.specials, self.split, self.group, self.variant = cfg, specials, split, group, variant
         self.queue = D.TokenQueue(specials.cls)
         self.chunk_index = 0
+        self.finishing = False
         self.writer, self.acc = writer, acc
         self.objectives = sorted(cfg.objectives)
         self.probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
@@ -118,6 +120,7 @@ class Packer:
             self._cut()
 
     def finish(self) -> None:
+        self.finishing = True   # no more tokens will come: never leave a remnant too short for a sample
         while self.queue.size > 0:
             if self.queue.size < MIN_CHUNK:
                 self.acc["tail_tokens_dropped"] += self.queue.size
@@ -137,23 +140,28 @@ class Packer:
             block_positions=cfg.block_position)
 
     def _fit(self, objective: str, seed: np.random.SeedSequence) -> tuple[np.ndarray, dict] | None:
-        """Largest chunk whose sample fits seq_len, found in a few deterministic trials (same seed each)."""
+        """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
+        trials, same seed each): the first guess n = seq_len / growth usually lands within the slack."""
         seq_len = self.cfg.seq_len
+        slack = max(1, seq_len // 128)   # <= 0.8% padding accepted without another trial
         avail = self.queue.size + (1 if self.queue.head > 0 else 0)
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
         best: tuple[np.ndarray, dict] | None = None
         tried: set[int] = set()
         for _ in range(12):
+            if self.finishing and 0 < avail - n < MIN_REMNANT and avail - MIN_REMNANT >= MIN_REMNANT:
+                n = avail - MIN_REMNANT
             if n in tried or n < MIN_CHUNK:
                 break
             tried.add(n)
+            self.acc["fit_trials"] += 1
             chunk = self.queue.peek(n)[0]
             sample = self._make(chunk, objective, seed)
             over = len(sample["input_ids"]) - seq_len
             if over <= 0:
                 if best is None or len(chunk) > len(best[0]):
                     best = (chunk, sample)
-                if over == 0 or n >= avail or (n + 1) in tried:
+                if over >= -slack or n >= avail or (n + 1) in tried:
                     break
                 n = min(avail, n + max(1, -over // 2))
             else:

@@ -173,23 +173,29 @@ def encode(samples: ShardSamples, fmt: str) -> bytes:
 
 # ------------------------------------------------------------------------------------------------ decode
 
-def decode_parquet(data: bytes, name: str = "<shard>") -> ShardSamples:
+TRAINING_COLUMNS = (*ARRAY_COLUMNS, "sep", "objective", "sample_key")  # what a training batch needs
+
+
+def decode_parquet(data: bytes, name: str = "<shard>", columns: tuple[str, ...] | None = None) -> ShardSamples:
+    """columns: read only these (input_ids always); None = all. Skipping the provenance strings is cheaper."""
+    if columns is not None:
+        columns = tuple(dict.fromkeys(("input_ids", *columns)))
     try:
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as e:
         raise ShardError(f"shard {name} is not a readable Parquet file ({e}); it is truncated or corrupt — "
                          "rebuild the shard set (jobs/build_shards.py, same command) or restore the file") from e
-    missing = [c for c in (*ARRAY_COLUMNS, *SCALAR_COLUMNS) if c not in table.column_names]
+    missing = [c for c in (columns or (*ARRAY_COLUMNS, *SCALAR_COLUMNS)) if c not in table.column_names]
     if missing:
         raise ShardError(f"shard {name} lacks columns {missing}; it was written by another schema version")
     first = table.column("input_ids").combine_chunks()
     offsets = first.offsets.to_numpy().astype(np.int64)
     offsets -= offsets[0]
     arrays = {c: table.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(t, copy=False)
-              for c, t in ARRAY_COLUMNS.items()}
+              for c, t in ARRAY_COLUMNS.items() if c in table.column_names}
     scalars = {c: (np.array(table.column(c).to_pylist(), dtype=object) if t is object
                    else table.column(c).to_numpy().astype(t, copy=False))
-               for c, t in SCALAR_COLUMNS.items()}
+               for c, t in SCALAR_COLUMNS.items() if c in table.column_names}
     return ShardSamples(arrays, offsets, scalars)
 
 
@@ -222,9 +228,15 @@ def decode_wds(data: bytes, name: str = "<shard>") -> ShardSamples:
     return ShardSamples.from_rows(lst)
 
 
-def decode(data: bytes, fmt: str, name: str = "<shard>") -> ShardSamples:
+def decode(data: bytes, fmt: str, name: str = "<shard>", columns: tuple[str, ...] | None = None) -> ShardSamples:
     check_format(fmt)
-    return decode_parquet(data, name) if fmt == "parquet" else decode_wds(data, name)
+    if fmt == "parquet":
+        return decode_parquet(data, name, columns)
+    samples = decode_wds(data, name)   # a tar has no column layout to skip; drop what was not asked for
+    if columns is not None:
+        samples.arrays = {c: v for c, v in samples.arrays.items() if c in columns or c == "input_ids"}
+        samples.scalars = {c: v for c, v in samples.scalars.items() if c in columns}
+    return samples
 
 
 def check_format(fmt: str) -> None:
@@ -322,18 +334,24 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_shard(fs: fsspec.AbstractFileSystem, path: str, info: ShardInfo, fmt: str,
-               verify: bool = True) -> ShardSamples:
+def read_shard(fs: fsspec.AbstractFileSystem, path: str, info: ShardInfo, fmt: str, verify: bool = True,
+               columns: tuple[str, ...] | None = None) -> ShardSamples:
     """Read one shard, check it against its manifest entry, decode it."""
     try:
         data = fs.cat_file(path)
     except FileNotFoundError as e:
         raise ShardError(f"shard {path} listed in the manifest is missing; restore it or rebuild the shard set "
                          "(jobs/build_shards.py with the same arguments rewrites only what is missing)") from e
+    return decode_checked(data, info, fmt, path, verify, columns)
+
+
+def decode_checked(data: bytes, info: ShardInfo, fmt: str, name: str, verify: bool = True,
+                   columns: tuple[str, ...] | None = None) -> ShardSamples:
+    """Decode shard bytes after checking size and checksum against the manifest, then the row count."""
     if len(data) != info.bytes or (verify and sha256(data) != info.sha256):
-        raise ShardError(f"shard {path} has {len(data)} bytes (manifest: {info.bytes}) or a wrong checksum: it "
+        raise ShardError(f"shard {name} has {len(data)} bytes (manifest: {info.bytes}) or a wrong checksum: it "
                          "is truncated or was overwritten; rebuild the shard set or restore the file")
-    samples = decode(data, fmt, name=path)
+    samples = decode(data, fmt, name=name, columns=columns)
     if len(samples) != info.rows:
-        raise ShardError(f"shard {path} holds {len(samples)} rows, the manifest says {info.rows}")
+        raise ShardError(f"shard {name} holds {len(samples)} rows, the manifest says {info.rows}")
     return samples

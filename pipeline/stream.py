@@ -46,15 +46,16 @@ from pipeline.shards import (
     ARRAY_COLUMNS,
     SCHEMA_VERSION,
     SUFFIX,
+    TRAINING_COLUMNS,
     Manifest,
     ShardError,
     ShardInfo,
     ShardSamples,
     decode,
+    decode_checked,
     manifest_url,
     read_manifest,
     read_shard,
-    sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -330,7 +331,8 @@ class ShardStream(IterableDataset):
         """One shard, through the cache for remote stores, with retries on transient errors."""
         fs, path, fmt = self._filesystem(), self._shard_path(info), self.manifest.format
         if self._is_local():
-            return self._retry(lambda: read_shard(fs, path, info, fmt, verify=self.config.verify_checksum), path)
+            return self._retry(lambda: read_shard(fs, path, info, fmt, verify=self.config.verify_checksum,
+                                                  columns=TRAINING_COLUMNS), path)
         if self._cache is None:
             self._cache = ShardCache(self.config.cache_dir or os.path.join(tempfile.gettempdir(),
                                                                            "glm-shard-cache"),
@@ -338,7 +340,7 @@ class ShardStream(IterableDataset):
         key = info.sha256 + SUFFIX[fmt]
         data = self._cache.get(key)
         if data is not None and len(data) == info.bytes:
-            return decode(data, fmt, name=f"{self.base}/{info.name}")
+            return decode(data, fmt, name=f"{self.base}/{info.name}", columns=TRAINING_COLUMNS)
 
         def fetch() -> bytes:
             try:
@@ -352,15 +354,9 @@ class ShardStream(IterableDataset):
                                  "or rebuild the shard set (jobs/build_shards.py with the same arguments)") from e
 
         data = self._retry(fetch, path)
-        if len(data) != info.bytes or (self.config.verify_checksum and sha256(data) != info.sha256):
-            raise ShardError(f"shard {self.base}/{info.name} has {len(data)} bytes (manifest: {info.bytes}) or a "
-                             "wrong checksum: it is truncated or was overwritten; rebuild the shard set or "
-                             "restore the file")
+        samples = decode_checked(data, info, fmt, f"{self.base}/{info.name}", self.config.verify_checksum,
+                                 TRAINING_COLUMNS)
         self._cache.put(key, data)
-        samples = decode(data, fmt, name=f"{self.base}/{info.name}")
-        if len(samples) != info.rows:
-            raise ShardError(f"shard {self.base}/{info.name} holds {len(samples)} rows, the manifest says "
-                             f"{info.rows}")
         return samples
 
     def _retry(self, fn, what: str):
