@@ -143,7 +143,7 @@ class Packer:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
         trials, same seed each): the first guess n = seq_len / growth usually lands within the slack."""
         seq_len = self.cfg.seq_len
-        slack = max(1, seq_len // 128)   # <= 0.8% padding accepted without another trial
+        slack = max(1, seq_len // 64)    # <= 1.6% padding accepted without another trial
         avail = self.queue.size + (1 if self.queue.head > 0 else 0)
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
         best: tuple[np.ndarray, dict] | None = None
