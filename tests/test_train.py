@@ -62,7 +62,7 @@ def tiny_args(shards: str, folder: str, *more: str) -> list[str]:
     return [TINY, f"--data={shards}/train", f"--save-folder={folder}", "--record-samples=true", *more]
 
 
-def run_train(args: list[str], *, world: int = 1, timeout: int = 240, env: dict | None = None):
+def run_train(args: list[str], *, world: int = 1, timeout: int = 240, env: dict | None = None, cwd: str = REPO):
     if world == 1:
         cmd = [PY, os.path.join(REPO, "train.py"), *args]
     else:
@@ -70,7 +70,7 @@ def run_train(args: list[str], *, world: int = 1, timeout: int = 240, env: dict 
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [COMPOSER, "-n", str(world), "--master_port", str(port), os.path.join(REPO, "train.py"), *args]
-    p = subprocess.run(cmd, env=env or _env(), cwd=REPO, timeout=timeout, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env or _env(), cwd=cwd, timeout=timeout, capture_output=True, text=True)
     return p
 
 
@@ -238,36 +238,28 @@ def test_deleted_shard_mid_run_is_named(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_train_from_s3_and_resume_from_s3(shards, tmp_path):
-    from moto.server import ThreadedMotoServer
+def test_train_from_s3_and_resume_from_s3(shards, tmp_path, s3_server):
+    """Shards streamed from the moto S3 server of tests/conftest.py; checkpoints saved there, resumed from there."""
+    endpoint = s3_server["endpoint_url"]
+    env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+               S3_ENDPOINT_URL=endpoint)
+    import s3fs
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                   S3_ENDPOINT_URL=endpoint)
-        import s3fs
-
-        fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
-        fs.mkdir("glm")
-        fs.put(shards + "/train", "glm/shards/train", recursive=True)
-        fs.put(shards + "/validation", "glm/shards/validation", recursive=True)
-        logs = str(tmp_path / "logs")
-        args = [TINY, "--data=s3://glm/shards/train", "--save-folder=s3://glm/ckpt", f"--log-folder={logs}",
-                "--record-samples=true", f"--storage-options={{endpoint_url: '{endpoint}'}}",
-                f"--stream.cache_dir={tmp_path / 'cache'}", "--save-interval=4ba", "--eval-interval=4ba"]
-        p = run_train([*args, "--max-duration=4ba"], env=env)
-        assert p.returncode == 0, p.stderr[-3000:]
-        assert fs.exists("glm/ckpt/ep0-ba4-rank0.pt")
-        assert os.listdir(tmp_path / "cache")  # remote shards went through the local cache
-        p = run_train([*args, "--max-duration=8ba"], env=env)  # resumes from the checkpoint on S3
-        assert p.returncode == 0, p.stderr[-3000:]
-        steps = [json.loads(x)["step"] for x in open(os.path.join(logs, "samples-rank0.jsonl"))]
-        assert steps == list(range(1, 9))  # 1-4 in the first run, 5-8 after resuming from S3
-        assert fs.exists("glm/ckpt/ep0-ba8-rank0.pt")
-    finally:
-        server.stop()
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
+    fs.mkdir("glm")
+    fs.put(shards + "/train", "glm/shards/train", recursive=True)
+    fs.put(shards + "/validation", "glm/shards/validation", recursive=True)
+    logs = str(tmp_path / "logs")
+    args = [TINY, "--data=s3://glm/shards/train", "--save-folder=s3://glm/ckpt", f"--log-folder={logs}",
+            "--record-samples=true", f"--storage-options={{endpoint_url: '{endpoint}'}}",
+            f"--stream.cache_dir={tmp_path / 'cache'}", "--save-interval=4ba", "--eval-interval=4ba"]
+    # (Composer keeps a local "s3:/glm/ckpt/..." copy in the working directory when it autoresumes)
+    p = run_train([*args, "--max-duration=4ba"], env=env, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert fs.exists("glm/ckpt/ep0-ba4-rank0.pt")
+    assert os.listdir(tmp_path / "cache")  # remote shards went through the local cache
+    p = run_train([*args, "--max-duration=8ba"], env=env, cwd=str(tmp_path))  # resumes from the S3 checkpoint
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in open(os.path.join(logs, "samples-rank0.jsonl"))]
+    assert steps == list(range(1, 9))  # 1-4 in the first run, 5-8 after resuming from S3
+    assert fs.exists("glm/ckpt/ep0-ba8-rank0.pt")
