@@ -3,7 +3,7 @@
     composer train.py                                   # demo preset on ./data/shards (train + validation)
     composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run
     composer -n 2 train.py configs/train/tiny.yaml --save-folder=runs/tiny2     # 2 processes, gloo + FSDP2 on CPU
-    python train.py configs/train/tiny.yaml --max-duration=10ba                # one process, no launcher
+    python train.py configs/train/tiny.yaml --max-duration=10ba                # one process, no launcher (runs/tiny)
     composer -n 8 train.py configs/train/glm-large.yaml --data=s3://bucket/shards/train --save-folder=s3://bucket/ckpt
 
 Overrides: `--key=value` for any field of TrainConfig, dotted for sections (`--model.preset=small`,
@@ -77,7 +77,7 @@ class TrainConfig:
     data: str = "data/shards/train"       # train shard set: folder or URL of its manifest (s3://..., gs://...)
     eval_data: str = ""                   # validation shard set; "" = the sibling 'validation' of data; "none" = skip
     storage_options: dict = field(default_factory=dict)  # fsspec options for data, e.g. {endpoint_url: ...}
-    save_folder: str = "runs/demo"        # checkpoints: local folder or object-store URL (s3://bucket/prefix)
+    save_folder: str = ""                 # checkpoints: folder or object-store URL (s3://b/prefix); "" = runs/<preset>
     log_folder: str = ""                  # metrics.jsonl / logs; "" = save_folder if local, else runs/<run_name>
     run_name: str = ""                    # "" = glm-<preset>; autoresume finds checkpoints by it
     max_duration: str = "600ba"           # Composer time string: 600ba, 2ep, 100000sp
@@ -316,8 +316,10 @@ def main(cfg: TrainConfig) -> Trainer:
     if precision != "fp32" and not on_gpu:
         raise ValueError(f"precision={precision!r} needs a GPU (Composer refuses it on CPU); use fp32 or auto")
     run_name = cfg.run_name or f"glm-{cfg.model.preset}"
-    remote_save = "://" in cfg.save_folder
-    log_folder = cfg.log_folder or (os.path.join("runs", run_name) if remote_save else cfg.save_folder)
+    # each preset gets its own default folder, so autoresume never picks up another model's checkpoint
+    save_folder = cfg.save_folder or os.path.join("runs", cfg.model.preset)
+    remote_save = "://" in save_folder
+    log_folder = cfg.log_folder or (os.path.join("runs", run_name) if remote_save else save_folder)
     reproducibility.seed_all(cfg.seed)
 
     # ---- data (first: the model's vocab and positions derive from it) ----
@@ -415,7 +417,7 @@ def main(cfg: TrainConfig) -> Trainer:
         device_train_microbatch_size=cfg.microbatch_size or cfg.batch_size,
         precision=precision,
         parallelism_config=parallelism,
-        save_folder=cfg.save_folder,
+        save_folder=save_folder,
         save_interval=cfg.save_interval,
         save_num_checkpoints_to_keep=cfg.keep_checkpoints,
         # A crash between writing a checkpoint and moving the `latest` link leaves a "future" checkpoint beside
