@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from model.composer import OBJECTIVES, GLMComposer
 from model.config import PRESETS, GLMConfig
+from pipeline.config import load_config
 from pipeline.stream import ShardStream, StreamConfig, StreamLoader
 
 # --------------------------------------------------------------------------------------------- config
@@ -103,80 +104,11 @@ class TrainConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
-PLAIN_FLAGS = {"data": "data", "eval-data": "eval_data", "save-folder": "save_folder",
-               "max-duration": "max_duration", "seed": "seed"}
-
-
-def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def _valid_keys(cls, prefix: str = "") -> list[str]:
-    out = []
-    for name, f in _fields(cls).items():
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            out += _valid_keys(f.default_factory, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key}={value!r}: expected true or false")
-    if isinstance(current, int) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if float(value) != int(value):
-            raise ValueError(f"{key}={value!r}: expected an integer")
-        return int(value)
-    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
-        return tuple(float(v) for v in value)
-    if isinstance(current, str):
-        return str(value)
-    if isinstance(current, dict) and isinstance(value, dict):
-        return value
-    raise ValueError(f"{key}={value!r}: expected a value like {current!r}")
-
-
-def apply_overrides(cfg: Any, updates: dict[str, Any], prefix: str = "") -> None:
-    """Set fields from a nested dict (YAML) with dotted-key support; unknown keys raise naming the valid ones."""
-    for key, value in updates.items():
-        if "." in key:
-            head, rest = key.split(".", 1)
-            apply_overrides(cfg, {head: {rest: value}}, prefix)
-            continue
-        fields = _fields(type(cfg))
-        if key not in fields:
-            raise ValueError(f"unknown config key {prefix + key!r}; valid keys: "
-                             f"{', '.join(_valid_keys(type(cfg), prefix))}")
-        current = getattr(cfg, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"{prefix + key} is a section; give its fields, e.g. --{prefix + key}.<field>=...")
-            apply_overrides(current, value, f"{prefix}{key}.")
-        else:
-            setattr(cfg, key, _coerce(value, current, prefix + key))
-
-
 def parse_args(argv: list[str]) -> TrainConfig:
-    cfg = TrainConfig()
-    for a in argv:
-        if not a.startswith("--"):
-            if not a.endswith((".yaml", ".yml")):
-                raise ValueError(f"argument {a!r}: expected a configs/train/<x>.yaml file or --key=value")
-            with open(a) as f:
-                apply_overrides(cfg, yaml.safe_load(f) or {})
-    for a in argv:
-        if a.startswith("--"):
-            key, eq, raw = a[2:].partition("=")
-            if not eq:
-                raise ValueError(f"argument {a!r}: write --key=value (e.g. --max-duration=200ba)")
-            key = PLAIN_FLAGS.get(key, key.replace("-", "_"))
-            apply_overrides(cfg, {key: yaml.safe_load(raw) if raw else ""})
-    return cfg
+    """`[configs/train/<x>.yaml ...] [--key=value ...]` -> TrainConfig. The plain flags (--data, --eval-data,
+    --save-folder, --max-duration, --seed) are fields like any other; sections nest with dots (--optim.lr=...).
+    The one loader of every config in the project: pipeline.config.load_config."""
+    return load_config(TrainConfig, argv)
 
 
 def to_yaml(cfg: TrainConfig) -> str:

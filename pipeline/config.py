@@ -67,65 +67,133 @@ def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def load_config(cls, argv: list[str], default_yaml: str | None = None):
-    """Build a config dataclass from an optional YAML preset plus command-line overrides.
+# ------------------------------------------------------------------------------------------------ loading
+# One loader for every config dataclass of the project (BuildConfig here, TrainConfig in train.py): YAML presets
+# are serialisations of the dataclass, command-line flags override single fields, sections nest with dots.
 
-    argv: `[preset.yaml] [--key=value | --key value | --key v1 v2 ... | --flag]`; dashes in keys become
-    underscores; values are parsed as YAML (so 512, true, [a, b] and {bert: 1.0} work). A bare `--flag` sets
-    a bool field to true. Unknown keys are refused with the list of valid ones.
+
+def valid_keys(cls, prefix: str = "") -> list[str]:
+    """Every settable key of a config dataclass; nested sections as dotted keys (optim.lr)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        factory = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if factory is not None and dataclasses.is_dataclass(factory):
+            out += valid_keys(factory, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _unknown(cfg, key: str, prefix: str) -> ValueError:
+    return ValueError(f"unknown setting {prefix + key!r} for {type(cfg).__name__}; valid settings: "
+                      f"{', '.join(valid_keys(type(cfg), prefix))}")
+
+
+def coerce(value, current, key: str):
+    """Check a new value against the field's current one and convert it (ints, floats, bools, lists, tuples)."""
+    if current is None:                      # optional fields (None = derive): take the value as given
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    if isinstance(current, int) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if float(value) != int(value):
+            raise ValueError(f"{key}={value!r}: expected an integer")
+        return int(value)
+    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    if isinstance(current, list) and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(current, str) and value is not None and not isinstance(value, (list, dict)):
+        return str(value)
+    if isinstance(current, dict) and isinstance(value, dict):
+        return value
+    raise ValueError(f"{key}={value!r}: expected a value like {current!r}")
+
+
+def apply_overrides(cfg, updates: dict, prefix: str = "") -> None:
+    """Set fields of cfg from a nested dict (a YAML preset) or dotted keys; unknown keys raise with the valid
+    list; a value of the wrong kind raises naming the key."""
+    for key, value in updates.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            apply_overrides(cfg, {head: {rest: value}}, prefix)
+            continue
+        if key not in field_names(type(cfg)):
+            raise _unknown(cfg, key, prefix)
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix + key} is a section; set its fields, e.g. --{prefix + key}.<field>=...")
+            apply_overrides(current, value, f"{prefix}{key}.")
+        else:
+            setattr(cfg, key, coerce(value, current, prefix + key))
+
+
+def _current(cfg, dotted: str) -> tuple:
+    """The present value of a (dotted) field and whether it holds text: how to read a command-line string."""
+    obj, prefix = cfg, ""
+    *sections, name = dotted.split(".")
+    for sec in sections:
+        if sec not in field_names(type(obj)) or not dataclasses.is_dataclass(getattr(obj, sec)):
+            raise _unknown(obj, sec, prefix)
+        obj, prefix = getattr(obj, sec), f"{prefix}{sec}."
+    if name not in field_names(type(obj)):
+        raise _unknown(obj, name, prefix)
+    ftype = next(str(f.type) for f in dataclasses.fields(obj) if f.name == name)
+    return getattr(obj, name), ftype.startswith("str")   # (value, is a text field: str or str | None)
+
+
+def load_config(cls, argv: list[str], default_yaml: str | None = None):
+    """Build a config dataclass from YAML presets plus command-line overrides.
+
+    argv: `[preset.yaml ...] [--config preset.yaml] [--key=value | --key value | --key v1 v2 ... | --flag]`.
+    Dashes in keys become underscores; sections nest with dots (`--optim.lr=3e-4`). A value is read as YAML
+    (512, true, [a, b], {bert: 1.0}) except for text fields, which take the string as written; a list field
+    takes every value up to the next flag; a bare `--flag` sets a bool to true. With no preset given,
+    `default_yaml` (if any) is loaded first. Unknown keys are refused with the list of valid ones.
     """
     import yaml
 
-    valid = field_names(cls)
+    cfg = cls()
     args = list(argv)
-    values: dict = {}
-    path = args.pop(0) if args and not args[0].startswith("--") else default_yaml
-    config_flag = None
-    if "--config" in args or any(a.startswith("--config=") for a in args):
-        i = next(i for i, a in enumerate(args) if a == "--config" or a.startswith("--config="))
-        config_flag = args[i].split("=", 1)[1] if "=" in args[i] else args[i + 1]
-        del args[i: i + (1 if "=" in args[i] else 2)]
-    path = config_flag or path
-    if path:
-        with open(path) as f:
-            values.update(yaml.safe_load(f) or {})
+    presets = []
+    while args and not args[0].startswith("--"):
+        presets.append(args.pop(0))
+    overrides: list[tuple[str, list[str]]] = []
     i = 0
     while i < len(args):
         a = args[i]
         if not a.startswith("--"):
-            raise ValueError(f"unexpected argument {a!r}; settings are given as --key=value")
-        key, eq, val = a[2:].partition("=")
-        key = key.replace("-", "_")
-        if eq:
-            vals = [val]
+            raise ValueError(f"unexpected argument {a!r}: presets come first, settings are --key=value")
+        key, eq, raw = a[2:].partition("=")
+        i += 1
+        vals = [raw] if eq else []
+        while not eq and i < len(args) and not args[i].startswith("--"):
+            vals.append(args[i])
             i += 1
+        if key == "config":
+            presets += vals
         else:
-            vals = []
-            i += 1
-            while i < len(args) and not args[i].startswith("--"):
-                vals.append(args[i])
-                i += 1
-        values[key] = _cli_value(cls, key, vals)
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown} for {cls.__name__}; valid settings: {', '.join(valid)}")
-    return cls(**values)
-
-
-def _cli_value(cls, key: str, vals: list[str]):
-    import yaml
-
-    f = next((f for f in dataclasses.fields(cls) if f.name == key), None)
-    is_list = f is not None and str(f.type).startswith("list")
-    if not vals:
-        return True
-    parsed = [yaml.safe_load(v) for v in vals]
-    if is_list:
-        out = []
-        for v, raw in zip(parsed, vals):
-            out.extend(v if isinstance(v, list) else [raw])
-        return out
-    if len(parsed) > 1:
-        raise ValueError(f"--{key} takes one value, got {vals}")
-    return parsed[0] if not (f is not None and "str" in str(f.type) and isinstance(parsed[0], (int, float))) \
-        else vals[0]
+            overrides.append((key.replace("-", "_"), vals))
+    for path in presets or ([default_yaml] if default_yaml else []):
+        if not path.endswith((".yaml", ".yml")):
+            raise ValueError(f"argument {path!r}: expected a YAML preset (configs/<kind>/<name>.yaml)")
+        with open(path) as f:
+            apply_overrides(cfg, yaml.safe_load(f) or {})
+    for key, vals in overrides:
+        current, text = _current(cfg, key)
+        read = (lambda v: v) if text else yaml.safe_load
+        if not vals:
+            value = True if isinstance(current, bool) else ""
+        elif isinstance(current, list):
+            value = [v for raw in vals for v in (read(raw) if isinstance(read(raw), list) else [raw])]
+        elif len(vals) > 1:
+            raise ValueError(f"--{key} takes one value, got {vals}")
+        else:
+            value = read(vals[0])
+        apply_overrides(cfg, {key: value})
+    return cfg

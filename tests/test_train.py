@@ -138,9 +138,10 @@ def test_config_files_and_flags():
                             "--save-folder=/tmp/x", "--optim.lr=0.5", "--stream.num_workers=2"])
     assert (cfg.data, cfg.eval_data, cfg.max_duration, cfg.seed, cfg.optim.lr, cfg.stream.num_workers) == (
         "s3://b/x", "none", "7ba", 9, 0.5, 2)
-    with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'; valid keys: .*optim.lr"):
+    with pytest.raises(ValueError, match="unknown setting 'optim.learning_rate' for OptimConfig; valid settings: "
+                                         ".*optim.lr"):
         train.parse_args(["--optim.learning_rate=1"])
-    with pytest.raises(ValueError, match="unknown config key 'batchsize'"):
+    with pytest.raises(ValueError, match="unknown setting 'batchsize' for TrainConfig; valid settings: .*batch_size"):
         train.parse_args(["--batchsize=3"])
     assert train.parse_args([]).model.preset == "demo" and train.parse_args([]).data == "data/shards/train"
 
