@@ -102,7 +102,7 @@ def blanks_from_validation(rows: list[dict], tok: Tokenizer) -> list[tuple[str, 
     out = []
     ends = sp.sentence_end_ids
     for r in rows[:50]:
-        chunk = reconstruct({**r, "variant": r["layout"]}, sp).tolist()
+        chunk = reconstruct(r, sp).tolist()
         sent = [i for i, t in enumerate(chunk) if t in ends]
         if len(sent) < 4:
             continue

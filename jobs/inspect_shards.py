@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths, shown = [], 0
     tok = None
     if a.num_samples > 0:
-        tok = Tokenizer(fsspec.open(tok_path, "rb", **(so if "://" in str(tok_path) else {})).open().read(),
-                        tok_path)
+        tok = Tokenizer.load(tok_path, so if "://" in str(tok_path) else None)
         if tok.fingerprint != m.tokenizer["fingerprint"]:
             print(f"error: tokenizer {tok_path} has fingerprint {tok.fingerprint[:16]}, the shards were built with "
                   f"{m.tokenizer['fingerprint'][:16]}; pass the right --tokenizer", file=sys.stderr)

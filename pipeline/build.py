@@ -111,7 +111,8 @@ class Packer:
         self.finishing = False
         self.writer, self.acc = writer, acc
         self.objectives = sorted(cfg.objectives)
-        self.probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
+        probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
+        self.cum_probs = np.cumsum(probs) / probs.sum()   # objective k is drawn when pick < cum_probs[k]
 
     def push(self, framed: np.ndarray, source: str, doc_index: int) -> None:
         self.queue.push(framed, source, doc_index)
@@ -124,7 +125,7 @@ class Packer:
         while self.queue.size > 0:
             if self.queue.size < MIN_CHUNK:
                 self.acc["tail_tokens_dropped"] += self.queue.size
-                self.queue.consume(self.queue.size + (1 if self.queue.head > 0 else 0))
+                self.queue.consume(self.queue.available)
                 break
             self._cut()
 
@@ -144,7 +145,7 @@ class Packer:
         trials, same seed each): the first guess n = seq_len / growth usually lands within the slack."""
         seq_len = self.cfg.seq_len
         slack = max(1, seq_len // 64)    # <= 1.6% padding accepted without another trial
-        avail = self.queue.size + (1 if self.queue.head > 0 else 0)
+        avail = self.queue.available
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
         best: tuple[np.ndarray, dict] | None = None
         tried: set[int] = set()
@@ -155,7 +156,7 @@ class Packer:
                 break
             tried.add(n)
             self.acc["fit_trials"] += 1
-            chunk = self.queue.peek(n)[0]
+            chunk = self.queue.peek(n)
             sample = self._make(chunk, objective, seed)
             over = len(sample["input_ids"]) - seq_len
             if over <= 0:
@@ -171,9 +172,8 @@ class Packer:
     def _cut(self) -> None:
         seed = self._seed()
         pick = float(seed.generate_state(1, np.uint64)[0]) / 2.0**64   # objective draw in [0, 1), ~1 us
-        objective = self.objectives[int(np.searchsorted(np.cumsum(self.probs), pick * self.probs.sum(),
-                                                        side="right"))] if len(self.objectives) > 1 \
-            else self.objectives[0]
+        objective = self.objectives[min(int(np.searchsorted(self.cum_probs, pick, side="right")),
+                                        len(self.objectives) - 1)]
         try:
             fitted = self._fit(objective, seed)
         except ValueError:  # e.g. infilling.SpanPlacementError: spans don't fit this chunk's documents
@@ -185,11 +185,11 @@ class Packer:
                 fitted = self._fit(objective, seed)
             except ValueError:
                 fitted = None
-        _, source, doc_index = self.queue.peek(1)
+        source, doc_index = self.queue.provenance
         if fitted is None:
             n = min(self.queue.size, self.cfg.seq_len)
             self.acc["tail_tokens_dropped"] += n
-            self.queue.consume(n + (1 if self.queue.head > 0 else 0))
+            self.queue.consume(n + self.queue.fresh_cls)
             self.chunk_index += 1
             return
         chunk, sample = fitted
@@ -207,7 +207,7 @@ class Packer:
         acc["part_a_tokens"] += int(sample["sep"])
         acc["loss_tokens"] += int(np.asarray(sample["loss_mask"]).sum())
         acc["objectives"][objective] = acc["objectives"].get(objective, 0) + 1
-        layout = sample["variant"]
+        layout = sample["layout"]
         acc["layouts"][layout] = acc["layouts"].get(layout, 0) + 1
         hist = acc["span_length_hist"].setdefault(objective, {})
         for s, e in sample["spans"]:
@@ -296,7 +296,7 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     batch: list[tuple[D.Document, list[str]]] = []
     pending = 0
     for f in files:
-        for doc in D.read_documents(f, cfg.text_field, "file", cfg.storage_options, skips):
+        for doc in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options, skips):
             segs = D.segments(doc.text)
             batch.append((doc, segs))
             pending += len(segs)
@@ -351,16 +351,14 @@ def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> None:
     path = f"{root}/{BUILD_RECORD}"
     if fs.exists(path):
         old = json.loads(fs.cat_file(path))
-        if old != record:
-            if not cfg.overwrite:
-                flat = lambda r: {**{k: v for k, v in r.items() if k != "config"}, **r.get("config", {})}
-                o, n = flat(old), flat(record)
-                diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" if k != "inputs" else "inputs (files or sizes)"
-                        for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
-                raise ValueError(
-                    f"output {cfg.output} holds a build with different settings ({'; '.join(diff)}). "
-                    "Use another --output, or pass --overwrite to delete it and rebuild.")
-            _clear(fs, root)
+        if old != record:   # (with --overwrite, build() has cleared the output already)
+            flat = lambda r: {**{k: v for k, v in r.items() if k != "config"}, **r.get("config", {})}
+            o, n = flat(old), flat(record)
+            diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" if k != "inputs" else "inputs (files or sizes)"
+                    for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+            raise ValueError(
+                f"output {cfg.output} holds a build with different settings ({'; '.join(diff)}). "
+                "Use another --output, or pass --overwrite to delete it and rebuild.")
     elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
         raise ValueError(f"output {cfg.output} holds shards without a build record; pass --overwrite")
     # Remove temp files of writes interrupted by a crash (they were never committed).
@@ -378,12 +376,12 @@ def _clear(fs, root: str) -> None:
 
 def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.InputFile]) -> T.Tokenizer:
     if cfg.tokenizer:
-        return T.Tokenizer.load(cfg.tokenizer) if not cfg.storage_options else \
-            T.Tokenizer(fsspec.open(cfg.tokenizer, "rb", **cfg.storage_options).open().read(), cfg.tokenizer)
+        return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
     path = f"{root}/tokenizer.model"
-    if fs.exists(path) and not cfg.overwrite:   # resuming a build that trained its tokenizer already
+    if fs.exists(path):   # resuming a build that trained its tokenizer already (--overwrite cleared it before)
         return T.Tokenizer(fs.cat_file(path), source=path)
-    # Input sampling: every k-th file, so ~max_sentences lines of text feed sentencepiece.
+    # Input sampling: every k-th file, so about 64 MB of text is read; sentencepiece then samples at most
+    # tokenizer_max_sentences lines of it.
     total = sum(f.size for f in files)
     budget = 64 << 20
     step = max(1, int(np.ceil(total / budget)))
@@ -391,14 +389,12 @@ def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.Inpu
     print(f"[build] training a {cfg.tokenizer_model_type} tokenizer (vocab {cfg.vocab_size}) on "
           f"{len(sample)}/{len(files)} files", flush=True)
     skips: list[D.Skip] = []
-    docs = (d.text for f in sample for d in D.read_documents(f, cfg.text_field, "file", cfg.storage_options,
+    docs = (d.text for f in sample for d in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options,
                                                               skips))
     tok = T.train(docs, cfg.vocab_size, model_type=cfg.tokenizer_model_type,
                   max_sentences=cfg.tokenizer_max_sentences, seed=cfg.seed)
     S.atomic_write(fs, path, tok.model_bytes)
-    with fs.open(f"{root}/tokenizer.json", "w") as f:
-        json.dump({"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint,
-                   "specials": tok.specials.to_json()}, f, indent=1, sort_keys=True)
+    tok.save_specials_json(f"{cfg.output.rstrip('/')}/tokenizer.json", cfg.storage_options)
     return tok
 
 

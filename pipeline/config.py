@@ -33,6 +33,8 @@ class BuildConfig:
     block_position: bool = True                     # 2D positions (paper ablation: False)
     validation_fraction: float = 0.02               # share of documents (by content hash) in the validation split
     text_field: str = "text"                        # JSONL key / Parquet column holding document text
+    text_split: str = "file"                        # text files: file = one document each | blank_lines = one per
+                                                    # blank-line-separated block
     min_doc_tokens: int = 8                         # shorter documents are skipped and counted as such
     samples_per_shard: int = 2048                   # rows per shard file (~4 MB of Parquet at seq_len 512)
     group_bytes: int = 16 << 20                     # packing group = contiguous input files of about this size
@@ -43,7 +45,7 @@ class BuildConfig:
     @staticmethod
     def byte_fields() -> tuple[str, ...]:
         return ("format", "seq_len", "variants", "seed", "objectives", "task_mask", "gpt_min_ratio",
-                "gpt_infill_prob", "shuffle_spans", "block_position", "validation_fraction", "text_field",
+                "gpt_infill_prob", "shuffle_spans", "block_position", "validation_fraction", "text_field", "text_split",
                 "min_doc_tokens", "samples_per_shard", "group_bytes")
 
     def validate(self) -> None:
@@ -59,6 +61,9 @@ class BuildConfig:
                              "non-negative probabilities, e.g. {bert: 0.5, sentence: 0.3, gpt: 0.2}")
         if abs(sum(self.objectives.values()) - 1.0) > 1e-6:
             raise ValueError(f"objectives={self.objectives} sum to {sum(self.objectives.values())}, not 1")
+        if self.text_split not in ("file", "blank_lines"):
+            raise ValueError(f"text_split={self.text_split!r}: choose file (one document per text file) or "
+                             "blank_lines (documents separated by blank lines)")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction}: must be in [0, 1)")
 

@@ -244,13 +244,26 @@ class TokenQueue:
         self.pieces.append(Piece(tokens, source, doc_index))
         self.size += len(tokens)
 
-    def peek(self, n: int) -> tuple[np.ndarray, str, int]:
-        """The next chunk of at most n tokens (without consuming): starts with [CLS] (a continuation gets a
-        fresh one, spec §2 step 3), and its provenance (source, doc_index of its first document)."""
-        first = self.pieces[0]
+    @property
+    def fresh_cls(self) -> int:
+        """1 when the head is mid-document, so the next chunk starts with an added [CLS] (spec §2 step 3)."""
+        return 1 if self.head > 0 else 0   # pieces always start with the document's own [CLS]
+
+    @property
+    def available(self) -> int:
+        """Length of a chunk holding everything queued (the added [CLS] included)."""
+        return self.size + self.fresh_cls
+
+    @property
+    def provenance(self) -> tuple[str, int]:
+        """(source, doc_index) of the document the next chunk starts in."""
+        return self.pieces[0].source, self.pieces[0].doc_index
+
+    def peek(self, n: int) -> np.ndarray:
+        """The next chunk of at most n tokens, without consuming it; it starts with [CLS]."""
         parts = []
         need = n
-        if self.head > 0:  # mid-document: pieces always start with the document's own [CLS]
+        if self.fresh_cls:
             parts.append(np.array([self.cls_id], dtype=np.int32))
             need -= 1
         off = self.head
@@ -261,11 +274,11 @@ class TokenQueue:
             parts.append(take)
             need -= len(take)
             off = 0
-        return np.concatenate(parts), first.source, first.doc_index
+        return np.concatenate(parts)
 
     def consume(self, chunk_len: int) -> None:
         """Drop the tokens of a chunk of chunk_len returned by peek (its added [CLS] is not queue content)."""
-        n = chunk_len - (1 if self.head > 0 else 0)
+        n = chunk_len - self.fresh_cls
         self.size -= n
         while n > 0:
             p = self.pieces[0]

@@ -32,12 +32,12 @@ Objectives (`make_sample(tokens, objective, rng, specials=..., **options)`):
 * "gpt" (§3.5): G ~ U{int(gpt_min_ratio n) .. n-2} per sample. With probability `gpt_infill_prob` (the
   official flag name; it is the probability of the SUFFIX variant), or always when the chunk holds more than
   one document (an eos before the last position), the suffix / prefix-LM layout without eop
-  (`variant="gpt_suffix"`; its span may contain eos and [CLS], as in the official code); otherwise one span of
+  (`layout="gpt_suffix"`; its span may contain eos and [CLS], as in the official code); otherwise one span of
   length G placed uniformly in the longest document with the standard layout incl. eop
-  (`variant="gpt_single_span"`). The official code crashes when G does not fit there (G = n-2); we shorten
+  (`layout="gpt_single_span"`). The official code crashes when G does not fit there (G = n-2); we shorten
   that span to the longest that fits (region length - 1).
 * masked_lm=True (§3.8, the BERT baseline): bert spans, every masked token replaced in place by [MASK], no
-  Part B, sep = n, loss = source loss mask x masked, block positions all 0 (`variant="masked_lm"`).
+  Part B, sep = n, loss = source loss mask x masked, block positions all 0 (`layout="masked_lm"`).
 
 Layout (§3.6): Part A = the chunk with each span replaced by ONE mask token; Part B = for each span in Part B
 order `sop + span`, targets `span + eop`; targets are already aligned (targets[i] is the label at input i, no
@@ -483,7 +483,7 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     specials: the tokenizer's `Specials` (ids and sentence-end ids). loss_mask: the source loss mask (only the
     gpt suffix and masked-LM layouts read it; default 0 at [CLS], 1 elsewhere).
     Returns input_ids, targets, loss_mask, position_ids, block_position_ids (arrays), sep (int), spans (list of
-    (start, end) in source coordinates, Part B order) and variant.
+    (start, end) in source coordinates, Part B order) and layout (the shard column of that name).
     Raises ChunkTooShortError, SpanPlacementError (both ValueError) and ValueError for bad options."""
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng={rng!r}: pass a numpy.random.Generator, e.g. np.random.default_rng(seed); "
@@ -511,9 +511,9 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
                 spans_drawn=len(lengths), spans_placed=len(s))
         if masked_lm:
             out = make_masked_lm_data(t, list(zip(s.tolist(), (s + ln).tolist())), specials, loss_mask=loss_mask)
-            out["variant"] = "masked_lm"
+            out["layout"] = "masked_lm"
             return out
-        variant = "bert"
+        layout = "bert"
     elif objective == "sentence":
         if masked_lm:
             raise ValueError("masked_lm=True is the bert-span baseline (§3.8); use objective='bert'")
@@ -527,7 +527,7 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         pick = np.sort(perm[:c])
         s = ss[pick]
         ln = se[pick] - s
-        variant = "sentence"
+        layout = "sentence"
     else:
         if masked_lm:
             raise ValueError("masked_lm=True is the bert-span baseline (§3.8); use objective='bert'")
@@ -540,18 +540,18 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         if multi_doc or rng.random() < gpt_infill_prob:
             out = make_gpt_suffix_data(t, g, specials, task_mask=task_mask, loss_mask=loss_mask,
                                        block_positions=block_positions)
-            out["variant"] = "gpt_suffix"
+            out["layout"] = "gpt_suffix"
             return out
         # one document (no eos before the last token): its region, the longest, is [1, n-1)
         g = min(g, n - 3)                                # the official code crashes at g = n-2; we shorten it
         start = 1 + int(rng.integers(0, n - 1 - g, size=1)[0])     # sample_spans([g], n-2, rng, offset=1)
         s = np.array([start])
         ln = np.array([g])
-        variant = "gpt_single_span"
+        layout = "gpt_single_span"
 
     order = rng.permutation(len(s)) if len(s) > 1 and shuffle_spans else None
     out = _layout(t, s, ln, order, specials, mask_token_id(objective, specials, task_mask), block_positions)
-    out["variant"] = variant
+    out["layout"] = layout
     return out
 
 
@@ -564,10 +564,10 @@ def reconstruct(sample: dict, specials: Specials) -> np.ndarray:
     """Recover the original chunk from a sample's arrays alone (the inverse of every layout; for tests and
     `inspect_shards`). Part B segments are cut at their eop targets and placed back at their mask index."""
     inp, tgt, sep = sample["input_ids"], sample["targets"], sample["sep"]
-    variant = sample["variant"]
-    if variant == "masked_lm":
+    layout = sample["layout"]
+    if layout == "masked_lm":
         return tgt.copy()
-    if variant == "gpt_suffix":
+    if layout == "gpt_suffix":
         return np.concatenate((tgt[: sep - 1], tgt[sep:]))
     part_a = inp[:sep]
     b_tgt = tgt[sep:]

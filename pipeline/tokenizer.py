@@ -34,7 +34,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import fsspec
-import numpy as np
 import sentencepiece as spm
 
 # Command tokens in id order (ids 0..8). Change this list and every shard set and checkpoint changes meaning.
@@ -119,10 +118,10 @@ class Tokenizer:
         self.specials = Specials.ours(ends)
 
     @classmethod
-    def load(cls, path: str) -> Tokenizer:
-        """Load a `.model` from a local path or any fsspec URL."""
+    def load(cls, path: str, storage_options: dict | None = None) -> Tokenizer:
+        """Load a `.model` from a local path or any fsspec URL (storage_options: e.g. {endpoint_url: ...})."""
         try:
-            with fsspec.open(path, "rb") as f:
+            with fsspec.open(path, "rb", **(storage_options or {})) as f:
                 data = f.read()
         except FileNotFoundError as e:
             raise ValueError(f"tokenizer model {path!r} does not exist; train one with "
@@ -171,12 +170,12 @@ class Tokenizer:
                 ids.extend(self.sp.encode(part.strip()))
         return ids
 
-    def save_specials_json(self, path: str) -> None:
+    def save_specials_json(self, path: str, storage_options: dict | None = None) -> None:
         """Write the small JSON of special ids, vocab size and fingerprint that sits beside a `.model`."""
         doc = {"vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
                "command_tokens": {p: i for i, p in enumerate(COMMAND_TOKENS)},
                "specials": self.specials.to_json()}
-        with fsspec.open(path, "w") as f:
+        with fsspec.open(path, "w", **(storage_options or {})) as f:
             json.dump(doc, f, indent=1, sort_keys=True)
 
 
@@ -194,8 +193,8 @@ def _iter_text_sources(inputs: Sequence[str]) -> Iterator[str]:
 def train(documents: Iterable[str] | Sequence[str], vocab_size: int, *, model_type: str = "unigram",
           max_sentences: int = 2_000_000, character_coverage: float = 0.9999, seed: int = 0,
           num_threads: int = 2) -> Tokenizer:
-    """Train a sentencepiece model on documents (an iterable of strings, or paths/globs/URLs as strings
-    when `documents` is a list whose items name existing files or patterns — use `train_from_files`).
+    """Train a sentencepiece model on documents (an iterable of document strings; for files, paths, globs or
+    URLs use `train_from_files`).
 
     Input sampling: at most `max_sentences` lines are fed, chosen by sentencepiece's seeded reservoir
     (`input_sentence_size` + `shuffle_input_sentence`), so large corpora train in bounded memory.
@@ -238,7 +237,3 @@ def save(tok: Tokenizer, path: str) -> None:
     with fsspec.open(path, "wb") as f:
         f.write(tok.model_bytes)
     tok.save_specials_json(re.sub(r"\.model$", "", path) + ".json")
-
-
-def token_array(ids: Sequence[int]) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int32)

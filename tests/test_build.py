@@ -106,7 +106,7 @@ def test_every_document_token_lands_in_exactly_one_chunk(reference, small_corpus
                         key=lambda r: tuple(int(x) for x in r["sample_key"].split("/")[1:]))
         stream = []
         for r in chunks:
-            chunk = infilling.reconstruct({**r, "variant": r["layout"]}, sp).tolist()
+            chunk = infilling.reconstruct(r, sp).tolist()
             if stream and stream[-1] != sp.eos:     # a continuation chunk starts with a fresh [CLS]
                 assert chunk[0] == sp.cls
                 chunk = chunk[1:]
@@ -167,6 +167,17 @@ def test_jsonl_and_parquet_inputs(tmp_path, small_corpus, tokenizer_path, ray_lo
     assert m.accounting["documents"] == 3
     reasons = [s["reason"] for s in m.accounting["skipped"]]
     assert m.accounting["skipped_count"] == 2 and all("bad JSONL record" in r for r in reasons)
+
+
+def test_text_split_blank_lines(tmp_path, small_corpus, tokenizer_path, ray_local):
+    paragraphs = [p for p in Path(small_corpus[0]).read_text().split("\n\n") if len(p.split()) > 20][:3]
+    (tmp_path / "paras.txt").write_text("\n\n".join(paragraphs))
+    one = build(cfg_for([str(tmp_path / "paras.txt")], tmp_path / "one", tokenizer_path, validation_fraction=0.0))
+    many = build(cfg_for([str(tmp_path / "paras.txt")], tmp_path / "many", tokenizer_path, validation_fraction=0.0,
+                         text_split="blank_lines"))
+    assert one["train"].accounting["documents"] == 1 and many["train"].accounting["documents"] == 3
+    with pytest.raises(ValueError, match="text_split='lines'"):
+        build(cfg_for([str(tmp_path / "paras.txt")], tmp_path / "x", tokenizer_path, text_split="lines"))
 
 
 def test_bad_inputs_are_counted_or_refused(tmp_path, small_corpus, tokenizer_path, ray_local):

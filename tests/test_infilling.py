@@ -82,7 +82,7 @@ def test_official_examples_reproduced_exactly(kwargs, row):
     assert out["sep"] == row["sep"]
     assert out["spans"] == order
     assert sorted(out["spans"]) == [tuple(s) for s in row["spans"]]
-    out["variant"] = row["variant"]
+    out["layout"] = row["variant"]
     np.testing.assert_array_equal(reconstruct(out, SP), tokens)
 
 
@@ -132,7 +132,7 @@ def check_sample(s: dict, t: np.ndarray, specials: Specials = SP, task_mask: boo
     """Every §3.6 / §3.5 invariant of one sample."""
     n = len(t)
     inp, tgt, lm = s["input_ids"], s["targets"], s["loss_mask"]
-    pos, blk, sep, spans, variant = s["position_ids"], s["block_position_ids"], s["sep"], s["spans"], s["variant"]
+    pos, blk, sep, spans, variant = s["position_ids"], s["block_position_ids"], s["sep"], s["spans"], s["layout"]
     assert inp.dtype == tgt.dtype == pos.dtype == blk.dtype == np.int32 and lm.dtype == np.uint8
     assert len(inp) == len(tgt) == len(lm) == len(pos) == len(blk) == output_length(s)
     np.testing.assert_array_equal(reconstruct(s, specials), t)
@@ -188,7 +188,7 @@ def test_properties_over_random_chunks():
                 assert objective == "bert" or (objective == "sentence" and not reference_sentences(t))
                 counts["dropped"] += 1
                 continue
-            counts[s["variant"]] += 1
+            counts[s["layout"]] += 1
             check_sample(s, t)
             n = len(t)
             masked = sum(e - a for a, e in s["spans"])
@@ -202,8 +202,8 @@ def test_properties_over_random_chunks():
                 g = masked
                 eos = np.flatnonzero(t == 0)
                 if len(eos) and eos[0] != n - 1:
-                    assert s["variant"] == "gpt_suffix"  # several documents force the suffix variant
-                if s["variant"] == "gpt_suffix":
+                    assert s["layout"] == "gpt_suffix"  # several documents force the suffix variant
+                if s["layout"] == "gpt_suffix":
                     assert int(0.5 * n) <= g <= n - 2
                 else:
                     assert 1 <= g <= n - 2
@@ -255,16 +255,16 @@ def test_gpt_variant_frequencies_and_length_range():
     variants, gs = [], []
     for seed in range(1500):
         s = make_sample(t, "gpt", np.random.default_rng(seed), specials=SP, task_mask=True)
-        variants.append(s["variant"])
+        variants.append(s["layout"])
         (a, e), = s["spans"]
         gs.append(e - a)
-        mask_id = s["input_ids"][s["sep"] - 1] if s["variant"] == "gpt_suffix" else s["input_ids"][a]
+        mask_id = s["input_ids"][s["sep"] - 1] if s["layout"] == "gpt_suffix" else s["input_ids"][a]
         assert mask_id == SP.gmask
     frac = variants.count("gpt_suffix") / len(variants)
     assert abs(frac - 0.5) < 0.05, frac
     assert min(gs) == int(0.5 * 202) and max(gs) >= 199
     two_docs = np.concatenate((t, [1, 20, 21, 22, 0]))
-    assert all(make_sample(two_docs, "gpt", np.random.default_rng(i), specials=SP)["variant"] == "gpt_suffix"
+    assert all(make_sample(two_docs, "gpt", np.random.default_rng(i), specials=SP)["layout"] == "gpt_suffix"
                for i in range(50))
 
 
@@ -273,7 +273,7 @@ def _digest(samples) -> str:
     for s in samples:
         for k in ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids"):
             h.update(s[k].tobytes())
-        h.update(repr((s["sep"], s["spans"], s["variant"])).encode())
+        h.update(repr((s["sep"], s["spans"], s["layout"])).encode())
     return h.hexdigest()
 
 
@@ -350,7 +350,7 @@ def test_ablation_no_block_positions():
 def test_masked_lm_baseline():
     t = np.concatenate(([1], np.random.default_rng(0).integers(11, 500, 200), [0, 1, 30, 31, 32]))
     s = make_sample(t, "bert", np.random.default_rng(2), specials=SP, masked_lm=True)
-    assert s["variant"] == "masked_lm" and s["sep"] == len(t) == output_length(s)
+    assert s["layout"] == "masked_lm" and s["sep"] == len(t) == output_length(s)
     masked = s["input_ids"] == SP.mask
     assert masked.sum() == sum(e - a for a, e in s["spans"]) >= int(0.15 * len(t))
     np.testing.assert_array_equal(s["targets"], t)
