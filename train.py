@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from composer import Callback, Logger, State, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
@@ -109,12 +108,6 @@ def parse_args(argv: list[str]) -> TrainConfig:
     --save-folder, --max-duration, --seed) are fields like any other; sections nest with dots (--optim.lr=...).
     The one loader of every config in the project: pipeline.config.load_config."""
     return load_config(TrainConfig, argv)
-
-
-def to_yaml(cfg: TrainConfig) -> str:
-    d = dataclasses.asdict(cfg)
-    d["optim"]["betas"] = list(d["optim"]["betas"])
-    return yaml.safe_dump(d, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------- callbacks

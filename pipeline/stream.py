@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import (
     ARRAY_COLUMNS,
-    SCHEMA_VERSION,
     SUFFIX,
     TRAINING_COLUMNS,
     Manifest,
@@ -257,10 +256,7 @@ class ShardStream(IterableDataset):
     def check(self, *, vocab_size: int | None = None, max_position_embeddings: int | None = None,
               tokenizer_fingerprint: str | None = None, seq_len: int | None = None) -> None:
         """Refuse a shard set that does not fit the model / the run (error names both values and the fix)."""
-        m, where = self.manifest, self.url
-        if m.schema_version != SCHEMA_VERSION:
-            raise ShardError(f"{where}: schema_version {m.schema_version}, this trainer reads {SCHEMA_VERSION}; "
-                             "rebuild the shard set with this version of jobs/build_shards.py")
+        m, where = self.manifest, self.url   # (the schema version was checked when the manifest was read)
         fp = (m.tokenizer or {}).get("fingerprint")
         if tokenizer_fingerprint is not None and fp != tokenizer_fingerprint:
             raise ValueError(f"{where}: tokenizer fingerprint {fp} but the run expects {tokenizer_fingerprint}; "

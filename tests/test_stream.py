@@ -65,6 +65,16 @@ def shard_set(tmp_path):
     return str(tmp_path / "set")
 
 
+def test_other_schema_version_is_refused(tmp_path):
+    url = str(tmp_path / "set")
+    write_set(url)
+    path = tmp_path / "set" / "manifest.json"
+    path.write_text(path.read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99'))
+    with pytest.raises(ShardError, match=f"schema_version 99 but this code reads version {SCHEMA_VERSION}; "
+                                         "rebuild the shard set"):
+        ShardStream(url, 2)
+
+
 def keys_of(loader) -> list[list[str]]:
     return [b["sample_key"] for b in loader]
 

