@@ -51,5 +51,9 @@ def test_nothing_imports_jobs_or_train():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pipeline").glob("*.yaml")), ids=lambda p: p.name)
 def test_pipeline_configs_load(path):
+    import yaml
+
     cfg = load_config(BuildConfig, [str(path)])
     cfg.validate()
+    for key, value in yaml.safe_load(path.read_text()).items():   # every preset field lands in the dataclass
+        assert getattr(cfg, key) == value, key
