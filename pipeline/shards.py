@@ -33,6 +33,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -246,6 +247,10 @@ def check_format(fmt: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ manifest
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")   # a shard file name: no folder, no '..'
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 @dataclass
 class ShardInfo:
     name: str          # file name inside the shard-set folder
@@ -290,7 +295,23 @@ class Manifest:
             raise ShardError(f"{where}: schema_version {v} but this code reads version {SCHEMA_VERSION}; "
                              "rebuild the shard set with this version of jobs/build_shards.py")
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        return cls(**d)
+        m = cls(**d)
+        m.check_entries(where)
+        return m
+
+    def check_entries(self, where: str = "manifest") -> None:
+        """Refuse a manifest whose entries could reach outside the shard folder or a cache keyed by sha256."""
+        if self.format not in FORMATS:
+            raise ShardError(f"{where}: format {self.format!r} is not one of {FORMATS}; the manifest is damaged or "
+                             "not ours — rebuild the shard set")
+        for s in self.shards:
+            if not _PLAIN_NAME.fullmatch(s.name):
+                raise ShardError(f"{where}: shard name {s.name!r} is not a plain file name (letters, digits, '.', "
+                                 "'_', '-'; no folders, no leading '.'); refusing a manifest that points outside "
+                                 "its folder — rebuild the shard set or restore the manifest")
+            if not _SHA256_HEX.fullmatch(s.sha256):
+                raise ShardError(f"{where}: shard {s.name} has sha256 {s.sha256!r}, not 64 lowercase hex digits; "
+                                 "the manifest is damaged or not ours — rebuild the shard set or restore it")
 
 
 def config_hash(config: dict) -> str:
@@ -307,9 +328,18 @@ def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     murl = manifest_url(url)
     fs, path = fsspec.core.url_to_fs(murl, **(storage_options or {}))
     if not fs.exists(path):
-        raise ShardError(f"no {MANIFEST_NAME} at {murl}: the shard set does not exist or its build did not "
-                         "finish (the manifest is written last). Run jobs/build_shards.py --output "
-                         f"{murl.rsplit('/', 1)[0]} (rerunning resumes an interrupted build)")
+        folder = murl.rsplit("/", 1)[0]
+        parent, _, leaf = folder.rpartition("/")
+        if fs.exists(f"{path.rsplit('/', 1)[0]}/train/{MANIFEST_NAME}"):   # pointed at a build's --output
+            hint = f"{folder} is the output folder of a build; point to its shard set {folder}/train (or /validation)"
+        elif leaf in ("train", "validation") and parent:
+            hint = (f"run jobs/build_shards.py --output {parent} (it writes {parent}/train and {parent}/validation; "
+                    "rerunning resumes an interrupted build)")
+        else:
+            hint = (f"point to a shard set (<build output>/train or /validation) or build one with "
+                    f"jobs/build_shards.py --output {folder} and use {folder}/train")
+        raise ShardError(f"no {MANIFEST_NAME} at {murl}: the shard set does not exist or its build did not finish "
+                         f"(the manifest is written last); {hint}")
     return Manifest.from_json(fs.cat_file(path).decode(), where=murl)
 
 

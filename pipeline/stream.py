@@ -22,17 +22,20 @@ which also advances the epoch at every `iter()`. The sample order is a pure func
 Resume follows Composer's dataset protocol: `state_dict(num_samples, from_beginning)` (Composer passes the GLOBAL
 sample count of the current epoch, summed over ranks) and `load_state_dict`, after which the next epoch iteration
 starts exactly after those samples without reading the shards it skips. Remote shards go through a local cache
-folder (content-addressed by sha256, atomic temp+rename writes, LRU eviction under a byte bound, no shared
-memory); transient read errors are retried with exponential backoff; a missing, truncated or corrupt shard raises
-`ShardError` naming it. `ShardStream.check(...)` refuses a shard set that does not fit the model.
+folder (per user, content-addressed by sha256 and verified against it on every hit, atomic temp+rename writes,
+LRU eviction under a byte bound, no shared memory; a full disk evicts, else serves from memory uncached);
+transient store errors (network, timeouts, unreachable endpoints, 5xx) are retried with capped exponential backoff,
+each retry logged; a missing, truncated or corrupt shard raises `ShardError` naming it.
+`ShardStream.check(...)` refuses a shard set that does not fit the model.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
-import tempfile
+import shutil
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -50,7 +53,6 @@ from pipeline.shards import (
     ShardError,
     ShardInfo,
     ShardSamples,
-    decode,
     decode_checked,
     manifest_url,
     read_manifest,
@@ -59,8 +61,30 @@ from pipeline.shards import (
 
 log = logging.getLogger(__name__)
 
-# errors worth retrying: network/IO hiccups. FileNotFoundError (and PermissionError) are permanent.
-_TRANSIENT = (ConnectionError, TimeoutError, OSError)
+
+def _store_errors() -> tuple[tuple, tuple]:
+    """(transient, credentials) error types. Object-store clients raise their own types, not OSError: botocore's
+    EndpointConnectionError / ConnectTimeoutError / ReadTimeoutError / ConnectionClosedError, aiohttp's
+    ClientError family (http, gcs, abfs); only after their own few retries (~12 s for s3fs), so an outage longer
+    than that must be retried here."""
+    transient: list[type] = [OSError]            # ConnectionError, TimeoutError (and asyncio's) included
+    credentials: list[type] = []
+    try:
+        import botocore.exceptions as B
+        transient += [B.ConnectionError, B.HTTPClientError]
+        credentials += [B.NoCredentialsError, B.PartialCredentialsError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+        transient.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(transient), tuple(credentials)
+
+
+_TRANSIENT, _CREDENTIALS = _store_errors()
+# never healed by waiting: a missing file, or a store that refuses us (s3fs maps AccessDenied to PermissionError)
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 # remote shards below this size are fetched with one ranged GET; larger ones by the filesystem's own (concurrent) read
 _SINGLE_GET_BYTES = 32 << 20
@@ -71,11 +95,12 @@ class StreamConfig:
     shuffle_window: int = 2048        # samples per in-memory shuffle window (the buffer); >= a few shards' rows
     num_workers: int = 0              # dataloader worker processes per rank (0: load in the training process)
     prefetch_factor: int = 2          # batches each worker prepares ahead (ignored with num_workers=0)
-    cache_dir: str = ""               # local cache of remote shards; "" = <tmp>/glm-shard-cache
+    cache_dir: str = ""               # local cache of remote shards; "" = $XDG_CACHE_HOME or ~/.cache /glm-stack/shards
     cache_bytes: int = 8 << 30        # byte bound of the cache folder; least recently used shards go first
-    retries: int = 4                  # re-reads of a shard after a transient error (backoff 0.5 s, 1 s, 2 s, ...)
-    retry_backoff_s: float = 0.5      # first backoff; doubles each retry
-    verify_checksum: bool = True      # sha256 of every shard read against the manifest (size is always checked)
+    retries: int = 8                  # re-reads after a transient store error; defaults ride out ~2 min of outage
+    retry_backoff_s: float = 1.0      # first wait before a retry; doubles each retry ...
+    retry_backoff_max_s: float = 30.0  # ... up to this (1+2+4+8+16+30+30+30 s = 121 s with the defaults)
+    verify_checksum: bool = True      # sha256 of every shard read (and cache hit) against the manifest; ~2 ms/4 MB
 
 
 def _dist_env() -> tuple[int, int]:
@@ -85,6 +110,15 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def default_cache_dir() -> str:
+    """Per user, never a shared temp folder: $XDG_CACHE_HOME/glm-stack/shards or ~/.cache/glm-stack/shards
+    (glm-stack created 0700)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.makedirs(base, exist_ok=True)
+    os.makedirs(os.path.join(base, "glm-stack"), mode=0o700, exist_ok=True)
+    return os.path.join(base, "glm-stack", "shards")
+
+
 # ------------------------------------------------------------------------------------------------ cache
 
 class ShardCache:
@@ -92,13 +126,16 @@ class ShardCache:
 
     Safe across processes: files appear atomically (temp + rename); a file evicted by another process while we
     look for it is simply a miss. Nothing lives in shared memory, so a crash leaves at most a temp file, which
-    the next cache start removes once it is an hour old.
+    the next cache start removes once it is an hour old. The folder is created private (0700); its contents are
+    still only trusted after the reader checks them against the manifest's sha256. A full disk never fails a
+    read: `put` evicts and retries once, else leaves the shard uncached (with a warning).
     """
 
     def __init__(self, folder: str, max_bytes: int):
         self.folder = folder
         self.max_bytes = max_bytes
-        os.makedirs(folder, exist_ok=True)
+        self.num_uncached = 0   # shards that did not fit on the disk (served from memory)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
         now = time.time()
         for n in os.listdir(folder):
             p = os.path.join(folder, n)
@@ -108,8 +145,12 @@ class ShardCache:
             except FileNotFoundError:
                 pass
 
+    def _path(self, key: str) -> str:
+        assert "/" not in key and os.sep not in key and not key.startswith("."), key  # manifest entries are checked
+        return os.path.join(self.folder, key)
+
     def get(self, key: str) -> bytes | None:
-        p = os.path.join(self.folder, key)
+        p = self._path(key)
         try:
             with open(p, "rb") as f:
                 data = f.read()
@@ -118,16 +159,55 @@ class ShardCache:
         except FileNotFoundError:
             return None
 
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.max_bytes:
-            return
-        tmp = os.path.join(self.folder, f"{key}.tmp-{os.getpid()}-{time.monotonic_ns()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, os.path.join(self.folder, key))
-        self._evict(keep=key)
+    def discard(self, key: str) -> None:
+        try:
+            os.remove(self._path(key))
+        except FileNotFoundError:
+            pass
 
-    def _evict(self, keep: str) -> None:
+    def put(self, key: str, data: bytes) -> bool:
+        """Store `data` under `key`; False when it was not cached (larger than the bound, or no disk space)."""
+        if len(data) > self.max_bytes:
+            return False
+        try:
+            self._write(key, data)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):   # disk full: make room from our own oldest shards, once
+                self._evict(keep="", need_free=len(data))
+                try:
+                    self._write(key, data)
+                except OSError as e2:
+                    return self._uncached(key, e2)
+            else:
+                return self._uncached(key, e)
+        self._evict(keep=key)
+        return True
+
+    def _write(self, key: str, data: bytes) -> None:
+        tmp = f"{self._path(key)}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._path(key))
+        except OSError:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def _uncached(self, key: str, e: OSError) -> bool:
+        self.num_uncached += 1
+        if self.num_uncached == 1:   # once per process: every later shard would say the same
+            log.warning("shard cache %s cannot store %s (%s) even after evicting its older shards; serving shards "
+                        "from memory without caching them (each epoch fetches them again). Free space there, or "
+                        "set --stream.cache_dir to a larger disk or lower --stream.cache_bytes (now %d)",
+                        self.folder, key, e, self.max_bytes)
+        return False
+
+    def _evict(self, keep: str, need_free: int = 0) -> None:
+        """Remove least recently used shards until the folder is within max_bytes and, when need_free > 0, the
+        disk has need_free bytes free (a little more: block rounding)."""
         entries = []
         for n in os.listdir(self.folder):
             if ".tmp-" in n:
@@ -139,7 +219,8 @@ class ShardCache:
             entries.append((st.st_mtime, st.st_size, n))
         total = sum(e[1] for e in entries)
         for _, size, n in sorted(entries):
-            if total <= self.max_bytes:
+            if total <= self.max_bytes and (need_free <= 0 or
+                                            shutil.disk_usage(self.folder).free >= need_free + (64 << 10)):
                 break
             if n == keep:
                 continue
@@ -209,8 +290,8 @@ class ShardStream(IterableDataset):
         self.url = manifest_url(url)
         self.base = self.url.rsplit("/", 1)[0]
         self.storage_options = dict(storage_options or {})
-        self.manifest = read_manifest(self.url, self.storage_options)
         self.config = config or StreamConfig()
+        self.manifest = self._retry(lambda: read_manifest(self.url, self.storage_options), self.url)
         self.batch_size = batch_size
         self.seed, self.shuffle = seed, shuffle
         env_rank, env_world = _dist_env()
@@ -221,11 +302,24 @@ class ShardStream(IterableDataset):
         self.global_batch_size = batch_size * self.world_size
         self.seq_len = self.manifest.seq_len
         self.max_seq_len = self.seq_len  # Composer reads this name for token counts
+        validation = self.manifest.split == "validation"
+        # an empty or tiny VALIDATION set (small corpus, low validation_fraction) is no reason to rebuild
+        skip_eval = ("; or train without evaluation: --eval-data=none (or --eval-data=<another validation set>)"
+                     if validation else "")
+        if not self.manifest.shards:
+            vf = self.manifest.config.get("validation_fraction", "?")
+            raise ValueError(
+                f"{self.url}: the validation set has no samples: the build's validation_fraction={vf} put none "
+                f"of its documents into it; rebuild with more documents or a larger --validation-fraction{skip_eval}"
+                if validation else f"{self.url}: the manifest lists no shards: the build found no usable samples; "
+                "rebuild from more (or longer) input documents")
         order = self.order(0)
         if order.num_used == 0:
-            raise ValueError(f"{self.url}: {order.num_total} samples per epoch is fewer than one global batch "
-                             f"({self.global_batch_size} = batch_size {batch_size} x world_size "
-                             f"{self.world_size}); lower batch_size or build more data")
+            what = "the validation set's" if validation else "its"
+            lower = "--eval-batch-size" if validation else "--batch-size"
+            raise ValueError(f"{self.url}: {what} {order.num_total} samples per epoch are fewer than one global "
+                             f"batch ({self.global_batch_size} = batch_size {batch_size} x world_size "
+                             f"{self.world_size}); lower {lower} or build more data{skip_eval}")
         # epoch bookkeeping (main process): see begin_epoch / state_dict
         self._epoch = 0          # epoch of the current (or next, if not started) iteration
         self._started = False    # has an iteration of self._epoch begun?
@@ -326,17 +420,27 @@ class ShardStream(IterableDataset):
     def read(self, info: ShardInfo) -> ShardSamples:
         """One shard, through the cache for remote stores, with retries on transient errors."""
         fs, path, fmt = self._filesystem(), self._shard_path(info), self.manifest.format
+        name, verify = f"{self.base}/{info.name}", self.config.verify_checksum
         if self._is_local():
-            return self._retry(lambda: read_shard(fs, path, info, fmt, verify=self.config.verify_checksum,
-                                                  columns=TRAINING_COLUMNS), path)
+            return self._retry(lambda: read_shard(fs, path, info, fmt, verify=verify, columns=TRAINING_COLUMNS),
+                               name)
         if self._cache is None:
-            self._cache = ShardCache(self.config.cache_dir or os.path.join(tempfile.gettempdir(),
-                                                                           "glm-shard-cache"),
-                                     self.config.cache_bytes)
+            try:
+                self._cache = ShardCache(self.config.cache_dir or default_cache_dir(), self.config.cache_bytes)
+            except OSError as e:
+                raise ValueError(f"cannot create the local shard cache ({e}); set --stream.cache_dir to a writable "
+                                 "local folder") from e
         key = info.sha256 + SUFFIX[fmt]
         data = self._cache.get(key)
-        if data is not None and len(data) == info.bytes:
-            return decode(data, fmt, name=f"{self.base}/{info.name}", columns=TRAINING_COLUMNS)
+        if data is not None:
+            # a hit is trusted only after the same checks as a fetch (sha256 when verify_checksum: ~2 ms per 4 MB
+            # shard, well below its decode), so a replaced or damaged cache file is never trained on
+            try:
+                return decode_checked(data, info, fmt, name, verify, TRAINING_COLUMNS)
+            except ShardError as e:
+                log.warning("cached copy %s does not match the manifest entry of %s (%s); fetching it again",
+                            self._cache._path(key), name, e)
+                self._cache.discard(key)
 
         def fetch() -> bytes:
             try:
@@ -345,32 +449,57 @@ class ShardStream(IterableDataset):
                     # byte more than the manifest says still reveals a file that grew
                     return fs.cat_file(path, start=0, end=info.bytes + 1)
                 return fs.cat_file(path)
-            except _PERMANENT as e:
-                raise ShardError(f"shard {self.base}/{info.name} listed in the manifest is missing; restore it "
+            except FileNotFoundError as e:
+                raise ShardError(f"shard {name} listed in the manifest is missing; restore it "
                                  "or rebuild the shard set (jobs/build_shards.py with the same arguments)") from e
 
-        data = self._retry(fetch, path)
-        samples = decode_checked(data, info, fmt, f"{self.base}/{info.name}", self.config.verify_checksum,
-                                 TRAINING_COLUMNS)
+        data = self._retry(fetch, name)
+        samples = decode_checked(data, info, fmt, name, verify, TRAINING_COLUMNS)
         self._cache.put(key, data)
         return samples
 
+    def _endpoint(self) -> str:
+        return (self.storage_options.get("endpoint_url")
+                or (self.storage_options.get("client_kwargs") or {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL") or "the store's default endpoint")
+
     def _retry(self, fn, what: str):
-        delay = self.config.retry_backoff_s
-        for attempt in range(self.config.retries + 1):
+        """fn() with retries on transient store errors: capped exponential backoff, each retry logged, then a
+        ShardError naming `what`, the endpoint and the settings that allow a longer outage."""
+        c = self.config
+        delay, t0 = c.retry_backoff_s, time.monotonic()
+        for attempt in range(c.retries + 1):
             try:
                 return fn()
             except ShardError:
                 raise
+            except _CREDENTIALS as e:
+                raise ShardError(f"{what}: no credentials for the store ({e}); export AWS_ACCESS_KEY_ID and "
+                                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) before starting — for `ray job submit` "
+                                 "pass them in --runtime-env-json — or give key/secret in --storage-options") from e
+            except PermissionError as e:
+                raise ShardError(f"{what}: permission denied ({e}); on an object store check the credentials "
+                                 "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --storage-options key/secret) "
+                                 "and that they may read this bucket, locally the file's permissions") from e
             except _PERMANENT:
                 raise
             except _TRANSIENT as e:
-                if attempt == self.config.retries:
-                    raise ShardError(f"reading shard {what} failed {attempt + 1} times ({e!r}); check the store "
-                                     "or network, then resume (autoresume restarts at the last checkpoint)") from e
-                log.warning("transient error reading %s (%r); retry %d in %.1fs", what, e, attempt + 1, delay)
+                status = getattr(e, "status", None)   # aiohttp's HTTP errors: a 4xx will not heal by waiting
+                if (isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+                        or getattr(e, "errno", None) == errno.EINVAL):   # s3fs: malformed request / bucket name
+                    raise
+                err = f"{type(e).__name__}: {e}"
+                if attempt == c.retries:
+                    raise ShardError(
+                        f"reading {what} failed ({attempt + 1} attempts in {time.monotonic() - t0:.0f} s; last: "
+                        f"{err}); is {self._endpoint()} up, reachable and right (--storage-options "
+                        "'{endpoint_url: https://host:port}' for S3-compatible stores)? To ride out longer outages "
+                        f"raise --stream.retries (now {c.retries}) or --stream.retry_backoff_max_s (now "
+                        f"{c.retry_backoff_max_s}); then resume (autoresume restarts at the last checkpoint)") from e
+                log.warning("store error reading %s (%s); retry %d of %d in %.1f s", what, err, attempt + 1,
+                            c.retries, delay)
                 time.sleep(delay)
-                delay *= 2
+                delay = min(delay * 2, c.retry_backoff_max_s)
 
     def make_batch(self, pairs: list[tuple[ShardSamples, int]]) -> dict:
         b, t = len(pairs), self.seq_len

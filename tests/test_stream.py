@@ -8,8 +8,16 @@ order properties can be checked sample by sample; tests/test_train.py trains on 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import errno
+import json
+import logging
 import os
+import re
+import subprocess
+import threading
+import time
 
 import fsspec
 import numpy as np
@@ -28,7 +36,7 @@ from pipeline.shards import (
     encode,
     sha256,
 )
-from pipeline.stream import ShardCache, ShardStream, StreamConfig, StreamLoader
+from pipeline.stream import ShardCache, ShardStream, StreamConfig, StreamLoader, default_cache_dir
 
 SEQ_LEN = 16
 
@@ -43,7 +51,8 @@ def _row(variant: int, shard: int, i: int) -> dict:
 
 
 def write_set(url: str, *, rows=(7, 5, 9, 6, 8), variants: int = 2, fmt: str = "parquet",
-              storage_options: dict | None = None, vocab_size: int = 100, fingerprint: str = "tok-a") -> Manifest:
+              storage_options: dict | None = None, vocab_size: int = 100, fingerprint: str = "tok-a",
+              split: str = "train") -> Manifest:
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     infos = []
     for v in range(variants):
@@ -52,8 +61,9 @@ def write_set(url: str, *, rows=(7, 5, 9, 6, 8), variants: int = 2, fmt: str = "
             name = f"s{s:03d}-v{v}{SUFFIX[fmt]}"
             atomic_write(fs, f"{root}/{name}", data)
             infos.append(ShardInfo(name=name, rows=n, bytes=len(data), sha256=sha256(data), variant=v, group=s))
-    m = Manifest(schema_version=SCHEMA_VERSION, format=fmt, split="train", seq_len=SEQ_LEN, vocab_size=vocab_size,
-                 tokenizer={"fingerprint": fingerprint}, specials={}, variants=variants, seed=0, config={},
+    m = Manifest(schema_version=SCHEMA_VERSION, format=fmt, split=split, seq_len=SEQ_LEN, vocab_size=vocab_size,
+                 tokenizer={"fingerprint": fingerprint}, specials={}, variants=variants, seed=0,
+                 config={"validation_fraction": 0.02},
                  config_hash="", shards=infos)
     atomic_write(fs, f"{root}/manifest.json", m.to_json().encode())
     return m
@@ -236,7 +246,7 @@ def test_remote_shards_cache_and_retries(tmp_path):
         # too many failures: a ShardError naming the shard
         cfg2 = dataclasses.replace(cfg, cache_dir=str(tmp_path / "cache2"), retries=1)
         ds3 = ShardStream("flaky://remote-set", 4, seed=3, rank=0, world_size=1, config=cfg2)
-        with pytest.raises(ShardError, match=r"s0\d\d-v0.parquet failed 2 times"):
+        with pytest.raises(ShardError, match=r"s0\d\d-v0.parquet failed \(2 attempts"):
             next(iter(StreamLoader(ds3)))
     finally:
         FlakyFS.budget = 2
@@ -251,3 +261,248 @@ def test_cache_is_bounded_lru(tmp_path):
     assert c.get("k0") is None and c.get("k3") == bytes(100)
     c.put("huge", bytes(1000))  # larger than the bound: not cached
     assert c.get("huge") is None
+
+
+# ------------------------------------------------------------------------------------------------ faults
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of the moto server. stop() closes the port (connections are refused, open
+    ones are cut: a real outage for botocore), start() opens the same port again."""
+
+    def __init__(self, target_port: int):
+        from conftest import free_port
+
+        self.target, self.port = target_port, free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.open = None, set()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    async def _pipe(self, r, w):
+        try:
+            while data := await r.read(1 << 16):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def _handle(self, cr, cw):
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            cw.close()
+            return
+        pair = {cw, uw}
+        self.open |= pair
+        await asyncio.gather(self._pipe(cr, uw), self._pipe(ur, cw))
+        self.open -= pair
+
+    async def _start(self):
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _stop(self):
+        self.server.close()
+        for w in list(self.open):
+            w.transport.abort()
+        await self.server.wait_closed()
+
+    def start(self):
+        self._call(self._start())
+
+    def stop(self):
+        self._call(self._stop())
+
+    def close(self):
+        if self.server is not None and self.server.is_serving():
+            self.stop()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def proxied_set(s3_bucket):
+    """A shard set on the moto server, and storage options that reach it through a Proxy with botocore's own
+    retries and timeouts lowered (so an outage reaches our retries in about a second, not ~12 s)."""
+    bucket, so = s3_bucket
+    url = f"s3://{bucket}/set"
+    write_set(url, storage_options=so)
+    proxy = Proxy(int(so["endpoint_url"].rsplit(":", 1)[1]))
+    proxy.start()
+    via = {"endpoint_url": f"http://127.0.0.1:{proxy.port}",
+           "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1, "read_timeout": 2}}
+    yield url, so, via, proxy
+    proxy.close()
+
+
+def test_store_outage_is_retried_then_named(proxied_set, tmp_path, caplog):
+    url, direct, via, proxy = proxied_set
+    ref = sum(keys_of(StreamLoader(ShardStream(url, 4, seed=3, rank=0, world_size=1, storage_options=direct,
+                                               config=StreamConfig(8, cache_dir=str(tmp_path / "c0"))))), [])
+    cfg = StreamConfig(8, cache_dir=str(tmp_path / "c1"), retries=8, retry_backoff_s=0.5, retry_backoff_max_s=1)
+    ds = ShardStream(url, 4, seed=3, rank=0, world_size=1, storage_options=via, config=cfg)
+    proxy.stop()                                  # the store goes away before the first shard is read ...
+    threading.Timer(3.0, proxy.start).start()     # ... and comes back 3 s later
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+        assert sum(keys_of(StreamLoader(ds)), []) == ref
+    assert time.monotonic() - t0 >= 3.0
+    retries = [r.getMessage() for r in caplog.records if "store error reading" in r.getMessage()]
+    assert retries and all(f"{url}/s0" in m and "EndpointConnectionError" in m for m in retries)
+    # an outage longer than the retries allow: one error naming the shard, the endpoint and the settings to raise
+    cfg2 = dataclasses.replace(cfg, cache_dir=str(tmp_path / "c2"), retries=1, retry_backoff_s=0.1)
+    ds2 = ShardStream(url, 4, seed=3, rank=0, world_size=1, storage_options=via, config=cfg2)
+    proxy.stop()
+    with pytest.raises(ShardError, match=rf"reading {url}/s0\d\d-v0.parquet failed \(2 attempts in \d+ s; last: "
+                                         rf"EndpointConnectionError.*{via['endpoint_url']} up.*--stream.retries "
+                                         r"\(now 1\).*--stream.retry_backoff_max_s"):
+        next(iter(StreamLoader(ds2)))
+    # an endpoint that does not answer at start-up: the manifest URL and the endpoint_url fix, no raw traceback
+    with pytest.raises(ShardError, match=rf"reading {url}/manifest.json failed \(1 attempts.*endpoint_url: https"):
+        ShardStream(url, 4, storage_options=via, config=dataclasses.replace(cfg2, retries=0))
+
+
+def test_missing_credentials_are_named(s3_bucket, monkeypatch, tmp_path):
+    bucket, so = s3_bucket
+    write_set(f"s3://{bucket}/set", storage_options=so)
+    for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ShardError, match=rf"s3://{bucket}/set/manifest.json: no credentials.*AWS_ACCESS_KEY_ID"):
+        ShardStream(f"s3://{bucket}/set", 4, storage_options={**so, "skip_instance_cache": True})
+
+
+def test_planted_cache_file_of_the_same_length_is_refetched(tmp_path, caplog):
+    url = "memory://planted-set"     # a remote store for the stream: reads go through the cache
+    write_set(url, fmt="wds")
+    cfg = StreamConfig(8, cache_dir=str(tmp_path / "cache"))
+    try:
+        first = list(StreamLoader(ShardStream(url, 4, seed=3, rank=0, world_size=1, config=cfg)))
+        victim = sorted((tmp_path / "cache").iterdir())[0]
+        good = victim.read_bytes()
+        real, evil = np.array([10, 11, 12], np.int32).tobytes(), np.array([99, 98, 97], np.int32).tobytes()
+        planted = good.replace(real, evil)
+        assert planted != good and len(planted) == len(good)
+        victim.write_bytes(planted)   # a valid tar of the same length with other tokens
+        with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+            again = list(StreamLoader(ShardStream(url, 4, seed=3, rank=0, world_size=1, config=cfg)))
+        assert [b["sample_key"] for b in again] == [b["sample_key"] for b in first]
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, again))
+        assert not any((b["input_ids"] == 99).any() for b in again)
+        assert any(f"cached copy {victim} does not match" in r.getMessage() for r in caplog.records)
+        assert victim.read_bytes() == good   # refetched and cached again
+    finally:
+        fsspec.filesystem("memory").rm("/planted-set", recursive=True)
+
+
+@pytest.mark.parametrize("field,value", [("name", "../escape.parquet"), ("name", "sub/s000-v0.parquet"),
+                                         ("name", ".."), ("name", "/etc/passwd"), ("sha256", "../../x"),
+                                         ("sha256", "AB" * 32)])
+def test_hostile_manifest_entries_are_refused(shard_set, field, value):
+    path = os.path.join(shard_set, "manifest.json")
+    d = json.load(open(path))
+    d["shards"][1][field] = value
+    open(path, "w").write(json.dumps(d))
+    what = "shard name" if field == "name" else "sha256"
+    with pytest.raises(ShardError, match=re.escape(f"{path}: ") + ".*" + re.escape(f"{what} {value!r}")):
+        ShardStream(shard_set, 4)
+
+
+def test_default_cache_is_per_user_and_private(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    url = "memory://private-set"
+    write_set(url)
+    try:
+        ds = ShardStream(url, 4, seed=3, rank=0, world_size=1)
+        next(iter(StreamLoader(ds)))
+    finally:
+        fsspec.filesystem("memory").rm("/private-set", recursive=True)
+    folder = tmp_path / "xdg" / "glm-stack" / "shards"
+    assert default_cache_dir() == str(folder) and any(folder.iterdir())
+    assert (folder.stat().st_mode & 0o777) == 0o700 and (folder.parent.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), so that writes fail with a real ENOSPC. Needs root (mount)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs for a real full disk needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def fill(path) -> int:
+    """Write to `path` until the disk is full (a real ENOSPC); returns the bytes written."""
+    n = 0
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while True:
+                n += f.write(bytes(4096))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return n
+
+
+def test_full_cache_disk_evicts_then_serves_from_memory(tiny_disk, caplog):
+    url = "memory://full-disk-set"
+    m = write_set(url)
+    cache = tiny_disk / "cache"
+    cfg = StreamConfig(8, cache_dir=str(cache), cache_bytes=10 ** 9)
+    ShardCache(str(cache), 10 ** 9)
+    old = cache / ("0" * 64 + ".parquet")        # a shard of another set, used long ago
+    old.write_bytes(bytes(300 << 10))
+    os.utime(old, (0, 0))
+    fill(tiny_disk / "ballast")                   # the disk is now full
+    try:
+        ref = sum(keys_of(StreamLoader(ShardStream(url, 4, seed=3, rank=0, world_size=1, config=cfg))), [])
+        assert len(ref) == 32 and not old.exists()   # ENOSPC: the oldest cached shard made room ...
+        assert sorted(p.name for p in cache.iterdir()) == sorted(s.sha256 + ".parquet"
+                                                                 for s in m.shards_of_variant(0))  # ... all cached
+        for p in cache.iterdir():
+            p.unlink()
+        fill(tiny_disk / "ballast")               # full again, and nothing of ours left to evict
+        ds = ShardStream(url, 4, seed=3, rank=0, world_size=1, config=cfg)
+        with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+            assert sum(keys_of(StreamLoader(ds)), []) == ref      # training goes on, from memory
+        assert not any(cache.iterdir()) and ds._cache.num_uncached == len(m.shards_of_variant(0))
+        warned = [r.getMessage() for r in caplog.records if "cannot store" in r.getMessage()]
+        assert len(warned) == 1 and "No space left on device" in warned[0] and "--stream.cache_dir" in warned[0]
+    finally:
+        fsspec.filesystem("memory").rm("/full-disk-set", recursive=True)
+
+
+def test_missing_manifest_names_the_build_output(tmp_path):
+    out = tmp_path / "data" / "shards"
+    with pytest.raises(ShardError, match=rf"run jobs/build_shards.py --output {out} \(it writes {out}/train"):
+        ShardStream(str(out / "train"), 4)
+    write_set(str(out / "train"))
+    with pytest.raises(ShardError, match=rf"{out} is the output folder of a build; point to .*{out}/train"):
+        ShardStream(str(out), 4)
+
+
+def test_empty_or_tiny_validation_set_names_eval_data_none(tmp_path):
+    write_set(str(tmp_path / "empty"), rows=(), split="validation")
+    with pytest.raises(ValueError, match=r"validation set has no samples.*validation_fraction=0.02.*"
+                                         r"--eval-data=none"):
+        ShardStream(str(tmp_path / "empty"), 4)
+    write_set(str(tmp_path / "tiny"), rows=(3,), variants=1, split="validation")
+    with pytest.raises(ValueError, match=r"validation set's 3 samples .* lower --eval-batch-size.*--eval-data=none"):
+        ShardStream(str(tmp_path / "tiny"), 4)
+    write_set(str(tmp_path / "train"), rows=())
+    with pytest.raises(ValueError, match=r"lists no shards.*rebuild from more") as e:
+        ShardStream(str(tmp_path / "train"), 4)
+    assert "eval-data" not in str(e.value)
