@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -483,6 +484,33 @@ def test_full_cache_disk_evicts_then_serves_from_memory(tiny_disk, caplog):
         assert len(warned) == 1 and "No space left on device" in warned[0] and "--stream.cache_dir" in warned[0]
     finally:
         fsspec.filesystem("memory").rm("/full-disk-set", recursive=True)
+
+
+_FSIZE_CHILD = """
+import logging, resource, signal, sys
+import fsspec
+sys.path.insert(0, sys.argv[2])
+from test_stream import write_set, keys_of
+from pipeline.stream import ShardStream, StreamConfig, StreamLoader
+logging.basicConfig(level=logging.WARNING)
+write_set("memory://fsize-set")
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)       # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+ds = ShardStream("memory://fsize-set", 4, seed=3, rank=0, world_size=1, config=StreamConfig(8, cache_dir=sys.argv[1]))
+print(len(sum(keys_of(StreamLoader(ds)), [])), ds._cache.num_uncached)
+"""
+
+
+def test_cache_write_failure_serves_from_memory(tmp_path):
+    """Without root (no tmpfs): a real file-size limit (RLIMIT_FSIZE, EFBIG) in a child process stands in for the
+    full disk; the shards are served from memory, with one warning."""
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-c", _FSIZE_CHILD, str(cache), os.path.dirname(__file__)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["32", "5"]     # the whole epoch; none of the 5 shards could be cached
+    assert r.stderr.count("cannot store") == 1 and "File too large" in r.stderr
+    assert not [p for p in cache.iterdir()]    # no partial temp files left behind
 
 
 def test_missing_manifest_names_the_build_output(tmp_path):
