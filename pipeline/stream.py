@@ -95,11 +95,12 @@ class StreamConfig:
     shuffle_window: int = 2048        # samples per in-memory shuffle window (the buffer); >= a few shards' rows
     num_workers: int = 0              # dataloader worker processes per rank (0: load in the training process)
     prefetch_factor: int = 2          # batches each worker prepares ahead (ignored with num_workers=0)
-    cache_dir: str = ""               # local cache of remote shards; "" = $XDG_CACHE_HOME or ~/.cache /glm-stack/shards
+    cache_dir: str = ""               # local cache of remote shards; "" = ~/.cache/glm-stack/shards (or XDG_CACHE_HOME)
     cache_bytes: int = 8 << 30        # byte bound of the cache folder; least recently used shards go first
     retries: int = 8                  # re-reads after a transient store error; defaults ride out ~2 min of outage
     retry_backoff_s: float = 1.0      # first wait before a retry; doubles each retry ...
-    retry_backoff_max_s: float = 30.0  # ... up to this (1+2+4+8+16+30+30+30 s = 121 s with the defaults)
+    retry_backoff_max_s: float = 30.0  # ... up to this: 1+2+4+...+30 = 121 s in all; keep the total under
+    #                                    Composer's dist_timeout (300 s) or the other ranks stop waiting
     verify_checksum: bool = True      # sha256 of every shard read and cache hit vs the manifest (~5% of a decode)
 
 

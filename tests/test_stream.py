@@ -348,11 +348,15 @@ def test_store_outage_is_retried_then_named(proxied_set, tmp_path, caplog):
     cfg = StreamConfig(8, cache_dir=str(tmp_path / "c1"), retries=8, retry_backoff_s=0.5, retry_backoff_max_s=1)
     ds = ShardStream(url, 4, seed=3, rank=0, world_size=1, storage_options=via, config=cfg)
     proxy.stop()                                  # the store goes away before the first shard is read ...
-    threading.Timer(3.0, proxy.start).start()     # ... and comes back 3 s later
+    back = threading.Timer(3.0, proxy.start)      # ... and comes back 3 s later
+    back.start()
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
-        assert sum(keys_of(StreamLoader(ds)), []) == ref
-    assert time.monotonic() - t0 >= 3.0
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+            keys = sum(keys_of(StreamLoader(ds)), [])
+    finally:
+        back.join()
+    assert keys == ref and time.monotonic() - t0 >= 3.0
     retries = [r.getMessage() for r in caplog.records if "store error reading" in r.getMessage()]
     assert retries and all(f"{url}/s0" in m and "EndpointConnectionError" in m for m in retries)
     # an outage longer than the retries allow: one error naming the shard, the endpoint and the settings to raise
