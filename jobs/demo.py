@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from model.checkpoint import load_official  # noqa: E402
 from model.generate import fill_blanks  # noqa: E402
-from model.glm import GLM  # noqa: E402
+from model.glm import GLM, glm_loss  # noqa: E402
 from pipeline import shards as S  # noqa: E402
 from pipeline.tokenizer import Tokenizer  # noqa: E402
 
@@ -83,9 +83,8 @@ def validation_loss(model: GLM, rows: list[dict], seq_len: int, batch_size: int 
         pads = [S.pad_row(r, seq_len) for r in chunk]
         t = {k: torch.from_numpy(np.stack([p[k] for p in pads]).astype(np.int64)) for k in pads[0]}
         sep = torch.tensor([r["sep"] for r in chunk])
-        logits = model(t["input_ids"], t["position_ids"], t["block_position_ids"], sep).float()
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t["targets"], reduction="none")
-        ce = ce * t["loss_mask"]
+        logits = model(t["input_ids"], t["position_ids"], t["block_position_ids"], sep)
+        ce = glm_loss(logits, t["targets"], t["loss_mask"], reduction="none")
         for j, r in enumerate(chunk):
             for key in ("all", r["objective"]):
                 total[key] += float(ce[j].sum())
