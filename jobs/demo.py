@@ -31,7 +31,7 @@ import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.checkpoint import load_official  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
 from model.generate import fill_blanks  # noqa: E402
 from model.glm import GLM, glm_loss  # noqa: E402
 from pipeline import shards as S  # noqa: E402
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.load(os.path.join(SHARDS, "tokenizer.model"))
     m, val_rows = load_rows("validation")
     _, train_rows = load_rows("train")
-    model = load_official(os.path.join(RUN, "latest-rank0.pt"), "demo").eval()
+    model = load_checkpoint(os.path.join(RUN, "latest-rank0.pt"), "demo").eval()
     losses = validation_loss(model, val_rows, m.seq_len)
     entropy = unigram_entropy(train_rows)
     timings["eval"] = time.time() - t0

@@ -94,13 +94,6 @@ class GLM(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)      # embeddings, position tables, QKV, h->4h
 
-    @classmethod
-    def from_official(cls, path_or_state_dict, config=None, **kw) -> GLM:
-        """Load an official release folder, a hub folder, a weights file or a state dict (see model/checkpoint.py)."""
-        from model.checkpoint import load_official  # checkpoint.py imports this module
-
-        return load_official(path_or_state_dict, config, **kw)
-
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

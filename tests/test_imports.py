@@ -43,6 +43,31 @@ def test_model_is_plain_torch():
             assert "composer" not in mods, f"{f.name} imports composer; only model/composer.py may"
 
 
+def project_imports(path: Path) -> set[str]:
+    """The pipeline.* / model.* modules a file imports anywhere, function-level (lazy) imports included."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        out |= {n for n in names if n.split(".")[0] in ("pipeline", "model")
+                and (ROOT / (n.replace(".", "/") + ".py")).is_file()}
+    return out
+
+
+def test_no_import_cycles():
+    """No circle between project modules, not even through a lazy import inside a function."""
+    graph = {f"{d}.{f.stem}": project_imports(f) for d in ("pipeline", "model") for f in py(d)}
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        for dep in sorted(graph.get(module, ())):
+            assert dep not in path, "import cycle: " + " -> ".join((*path[path.index(dep):], dep))
+            visit(dep, (*path, dep))
+
+    for module in graph:
+        visit(module, (module,))
+
+
 def test_nothing_imports_jobs_or_train():
     for folder in ("pipeline", "model", "jobs", "benchmarks"):
         for f in py(folder):

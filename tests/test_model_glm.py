@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.checkpoint import load_checkpoint
 from model.config import PRESETS, GLMConfig
 from model.glm import GLM, glm_loss
 
@@ -22,7 +23,7 @@ ATOL = 1e-5  # fp32 official vs fp64 official differ by 1.5e-6 (testvectors/READ
 
 def official_model(tv) -> GLM:
     sd = {k: v.clone() for k, v in tv["state_dict"].items()}
-    return GLM.from_official(sd, tv["config"]).eval()
+    return load_checkpoint(sd, tv["config"]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,7 @@ def test_flex_matches_sdpa_on_cpu():
 def test_flex_on_cuda_matches_official(tv):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    model = GLM.from_official(tv["state_dict"], GLMConfig.from_hub(tv["config"], attn_impl="flex"), device="cuda")
+    model = load_checkpoint(tv["state_dict"], GLMConfig.from_hub(tv["config"], attn_impl="flex"), device="cuda")
     ids, pos, sep = tv["input_ids"].cuda(), tv["position_ids"].cuda(), tv["sep"].cuda()
     logits = model(ids, pos, sep=sep)
     torch.testing.assert_close(logits.cpu(), tv["logits"], atol=1e-4, rtol=0)
