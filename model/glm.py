@@ -16,6 +16,7 @@ With neither, the mask is causal, as in the hub GLMModel (spec §14.16).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -215,7 +216,7 @@ class Attention(nn.Module):
                 self._warned_dropout = True
                 warnings.warn(f"attention_dropout={p_drop} is ignored by attn_impl='flex' (FlexAttention has no "
                               "dropout); set attention_dropout=0 or attn_impl='sdpa'", stacklevel=2)
-            y = _flex_attention(q.device)(q, k, v, block_mask=mask.block_mask)
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask.block_mask)
         else:
             dense = mask.dense
             if dense is not None and dense.is_floating_point() and dense.dtype != q.dtype:
@@ -254,16 +255,12 @@ def glm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, reduction: str 
 
 
 # ---- FlexAttention (attn_impl "flex"): the sep mask as a block-sparse mask_mod, no [B,1,T,S] tensor -------------
-_FLEX_FN: dict[str, object] = {}
-
-
-def _flex_attention(device: torch.device):
+@functools.cache
+def _flex_attention(device_type: str):
     """flex_attention, compiled on CUDA (fused kernel); eager elsewhere (correct but unfused: tests only)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type not in _FLEX_FN:
-        _FLEX_FN[device.type] = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
-    return _FLEX_FN[device.type]
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 def _flex_block_mask(sep: Tensor, B: int, T: int, M: int, device):

@@ -138,7 +138,7 @@ class Packer:
         return infilling.make_sample(
             chunk, objective, np.random.default_rng(seed), specials=self.specials, task_mask=cfg.task_mask,
             gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
-            block_positions=cfg.block_position)
+            block_position_encoding=cfg.block_position_encoding)
 
     def _fit(self, objective: str, seed: np.random.SeedSequence) -> tuple[np.ndarray, dict] | None:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic

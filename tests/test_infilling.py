@@ -340,7 +340,8 @@ def test_ablation_no_block_positions():
     t = np.concatenate(([1], np.random.default_rng(0).integers(11, 500, 300), [0]))
     for obj, prob in (("bert", 0.5), ("gpt", 1.0), ("gpt", 0.0)):
         a = make_sample(t, obj, np.random.default_rng(9), specials=SP, gpt_infill_prob=prob)
-        b = make_sample(t, obj, np.random.default_rng(9), specials=SP, gpt_infill_prob=prob, block_positions=False)
+        b = make_sample(t, obj, np.random.default_rng(9), specials=SP, gpt_infill_prob=prob,
+                        block_position_encoding=False)
         assert len(b["block_position_ids"]) == len(a["block_position_ids"])
         assert not b["block_position_ids"][: b["sep"]].any() and (b["block_position_ids"][b["sep"]:] == 1).all()
         for k in ("input_ids", "targets", "loss_mask", "position_ids"):
