@@ -29,8 +29,7 @@ def describe(row: dict, tok: Tokenizer) -> str:
     ids, sep = np.asarray(row["input_ids"]), int(row["sep"])
     tgt, pos = np.asarray(row["targets"]), np.asarray(row["position_ids"])
     sp = tok.specials
-    lines = [f"[{row['sample_key']}] objective={row['objective']} layout={row['layout']} variant={row['variant']} "
-             f"sep={sep} length={len(ids)} source={row['source']}#{row['doc_index']}",
+    lines = [" ".join(f"{c}={row[c]}" for c in S.SCALAR_COLUMNS) + f" length={len(ids)}",
              "  Part A: " + tok.decode(ids[:sep])]
     starts = [i for i in range(sep, len(ids)) if ids[i] == sp.sop]
     for k, s in enumerate(starts):

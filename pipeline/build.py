@@ -212,13 +212,9 @@ class Packer:
         hist = acc["span_length_hist"].setdefault(objective, {})
         for s, e in sample["spans"]:
             hist[int(e - s)] = hist.get(int(e - s), 0) + 1
-        self.writer.add({
-            "input_ids": sample["input_ids"], "targets": sample["targets"], "loss_mask": sample["loss_mask"],
-            "position_ids": sample["position_ids"], "block_position_ids": sample["block_position_ids"],
-            "sep": int(sample["sep"]), "objective": objective, "layout": layout, "variant": self.variant,
-            "source": source, "doc_index": doc_index, "chunk_index": self.chunk_index,
-            "sample_key": f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}",
-        })
+        self.writer.add(S.sample_row(
+            sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
+            chunk_index=self.chunk_index, sample_key=f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}"))
 
 
 class ShardWriter:
