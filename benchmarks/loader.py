@@ -1,8 +1,8 @@
 """Loader throughput as ratios from one run: ShardStream vs a raw pyarrow read, S3 loopback vs local, and the
 loader's rate vs the demo training step's consumption.
 
-    python benchmarks/loader.py            # full (builds a small shard set from the bundled corpus first)
-    python benchmarks/loader.py --quick    # tiny CPU variant (~1 min)
+    python -m benchmarks.loader            # full (builds a small shard set from the bundled corpus first)
+    python -m benchmarks.loader --quick    # tiny CPU variant (~1 min)
 
 Baseline "raw pyarrow": read every Parquet shard of one variant with pyarrow and fill padded [rows, seq_len]
 arrays plus sep and the objective / sample_key strings (the same outputs as the loader, the least work any loader
@@ -22,11 +22,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from pipeline.shards import ARRAY_COLUMNS, SCALAR_COLUMNS, TRAINING_COLUMNS, read_manifest
+from pipeline.stream import ShardStream, StreamConfig, StreamLoader
 
-from pipeline.shards import ARRAY_COLUMNS, SCALAR_COLUMNS, TRAINING_COLUMNS, read_manifest  # noqa: E402
-from pipeline.stream import ShardStream, StreamConfig, StreamLoader  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUILD = """
 import glob, sys

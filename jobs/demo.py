@@ -25,17 +25,15 @@ import sys
 import time
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fsspec
+import numpy as np
+import torch
 
-import fsspec  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.generate import fill_blanks  # noqa: E402
-from model.glm import GLM, glm_loss  # noqa: E402
-from pipeline import shards as S  # noqa: E402
-from pipeline.tokenizer import Tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint
+from model.generate import fill_blanks
+from model.glm import GLM, glm_loss
+from pipeline import shards as S
+from pipeline.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = os.path.join(ROOT, "data", "shards")

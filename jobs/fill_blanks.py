@@ -18,17 +18,14 @@ appended, as in the original generate_samples.py.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.checkpoint import load_checkpoint  # noqa: E402
-from model.generate import STRATEGIES, fill_blanks  # noqa: E402
-from pipeline.tokenizer import MASK_STRINGS, Tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint
+from model.generate import STRATEGIES, fill_blanks
+from pipeline.tokenizer import MASK_STRINGS, Tokenizer
 
 
 def main(argv: list[str] | None = None) -> str:

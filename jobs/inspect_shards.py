@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fsspec
+import numpy as np
+import yaml
 
-import fsspec  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from pipeline import shards as S  # noqa: E402
-from pipeline.tokenizer import Tokenizer  # noqa: E402
+from pipeline import shards as S
+from pipeline.tokenizer import Tokenizer
 
 
 def describe(row: dict, tok: Tokenizer) -> str:

@@ -4,7 +4,7 @@
 from pipeline.tokenizer import Specials; print(make_sample(np.r_[2, 9:60, 0], 'bert', np.random.default_rng(0), \
 specials=Specials.ours())['input_ids'])"
     PYTHONPATH=. .venv/bin/python -m pytest tests/test_infilling.py -q      # tests
-    PYTHONPATH=. .venv/bin/python benchmarks/infilling.py --quick             # speed vs sentencepiece
+    .venv/bin/python -m benchmarks.infilling --quick                          # speed vs sentencepiece
 
 Pure numpy, no torch, no global RNG: a sample is a pure function of (chunk tokens, objective, the state of the
 `numpy.random.Generator` passed in, options). With `rng = np.random.default_rng(seed)` (PCG64, defined

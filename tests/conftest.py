@@ -7,13 +7,11 @@ import glob
 import importlib.util
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]   # on sys.path through pyproject's pytest `pythonpath`
 # Before anything starts Ray or s3fs: no auth token left behind by ray.init, dummy S3 credentials for moto,
 # one thread per process on a 2-core machine.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -21,6 +19,7 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Subprocesses (jobs/*.py, the composer launcher, Ray workers) import this checkout's code, whatever else is installed.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
     os.pathsep) if p and p != str(ROOT)])
 
