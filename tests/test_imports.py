@@ -68,6 +68,20 @@ def test_no_import_cycles():
         visit(module, (module,))
 
 
+def test_entry_scripts_leave_sys_path_alone(tmp_path):
+    """The packages come from `make setup`'s editable install (or PYTHONPATH), not from sys.path edits."""
+    import subprocess
+    import sys
+
+    for f in [ROOT / "train.py", *py("jobs"), *py("benchmarks")]:
+        touched = [n.lineno for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.Attribute)
+                   and n.attr == "path" and isinstance(n.value, ast.Name) and n.value.id == "sys"]
+        assert not touched, f"{f.name} uses sys.path (lines {touched}); the packages are installed by make setup"
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "inspect_shards.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True)   # from elsewhere, with conftest's PYTHONPATH only
+    assert r.returncode == 0 and "manifest" in r.stdout, r.stderr
+
+
 def test_nothing_imports_jobs_or_train():
     for folder in ("pipeline", "model", "jobs", "benchmarks"):
         for f in py(folder):
