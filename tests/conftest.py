@@ -95,12 +95,22 @@ def s3_bucket(s3_server, request):
     fs.rm(name, recursive=True)
 
 
+def official_vectors(name: str) -> Path:
+    """A file of the official GLM test vectors (../shared/testvectors). Missing: a skip on a developer machine, a
+    failure under CI=true, so that a clean clone never passes by quietly skipping the official checks."""
+    path = SHARED / name
+    if not path.is_file():
+        msg = (f"official GLM test vectors not found: expected {path} (../shared/testvectors beside the "
+               "repository; see glm-spec.md)")
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(msg + "; CI=true requires them instead of skipping", pytrace=False)
+        pytest.skip(msg)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tv() -> dict:
     """The official model's test vectors (glm-official-public.pt; see ../shared/testvectors/README.md)."""
     import torch
 
-    if not SHARED.is_dir():
-        pytest.skip(f"official GLM test vectors not found: expected the folder {SHARED} "
-                    "(../shared/testvectors relative to the repository root)")
-    return torch.load(SHARED / "glm-official-public.pt", weights_only=True)
+    return torch.load(official_vectors("glm-official-public.pt"), weights_only=True)
