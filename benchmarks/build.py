@@ -1,8 +1,8 @@
 """End-to-end shard build throughput against raw sentencepiece encoding of the same text on the same cores,
 and peak RSS per Ray worker for a small and a 10x larger corpus (goal: flat).
 
-    python benchmarks/build.py            # ~10 MB and ~100 MB corpora (a few minutes on 2 cores)
-    python benchmarks/build.py --quick    # ~2 MB and ~20 MB
+    python -m benchmarks.build            # ~10 MB and ~100 MB corpora (a few minutes on 2 cores)
+    python -m benchmarks.build --quick    # ~2 MB and ~20 MB
 
 The corpus is the bundled State of the Union speeches, repeated under new file names to reach the size. The
 baseline encodes exactly the documents the build reads (cleaned, in memory) with sentencepiece's threaded
@@ -18,13 +18,12 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline import documents as D  # noqa: E402
-from pipeline import tokenizer as T  # noqa: E402
-from pipeline.build import build, demo_corpus  # noqa: E402
-from pipeline.config import BuildConfig  # noqa: E402
+from pipeline import documents as D
+from pipeline import tokenizer as T
+from pipeline.build import build, demo_corpus
+from pipeline.config import BuildConfig
 
 CPUS = 2
 

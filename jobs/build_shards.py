@@ -19,10 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline.build import build  # noqa: E402
-from pipeline.config import BuildConfig, load_config  # noqa: E402
+from pipeline.build import build
+from pipeline.config import BuildConfig, load_config
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipeline",
                     "demo.yaml")

@@ -25,17 +25,15 @@ import sys
 import time
 from collections import Counter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fsspec
+import numpy as np
+import torch
 
-import fsspec  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from model.checkpoint import load_official  # noqa: E402
-from model.generate import fill_blanks  # noqa: E402
-from model.glm import GLM  # noqa: E402
-from pipeline import shards as S  # noqa: E402
-from pipeline.tokenizer import Tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint
+from model.generate import fill_blanks
+from model.glm import GLM, glm_loss
+from pipeline import shards as S
+from pipeline.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = os.path.join(ROOT, "data", "shards")
@@ -83,9 +81,8 @@ def validation_loss(model: GLM, rows: list[dict], seq_len: int, batch_size: int 
         pads = [S.pad_row(r, seq_len) for r in chunk]
         t = {k: torch.from_numpy(np.stack([p[k] for p in pads]).astype(np.int64)) for k in pads[0]}
         sep = torch.tensor([r["sep"] for r in chunk])
-        logits = model(t["input_ids"], t["position_ids"], t["block_position_ids"], sep).float()
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t["targets"], reduction="none")
-        ce = ce * t["loss_mask"]
+        logits = model(t["input_ids"], t["position_ids"], t["block_position_ids"], sep)
+        ce = glm_loss(logits, t["targets"], t["loss_mask"], reduction="none")
         for j, r in enumerate(chunk):
             for key in ("all", r["objective"]):
                 total[key] += float(ce[j].sum())
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = Tokenizer.load(os.path.join(SHARDS, "tokenizer.model"))
     m, val_rows = load_rows("validation")
     _, train_rows = load_rows("train")
-    model = load_official(os.path.join(RUN, "latest-rank0.pt"), "demo").eval()
+    model = load_checkpoint(os.path.join(RUN, "latest-rank0.pt"), "demo").eval()
     losses = validation_loss(model, val_rows, m.seq_len)
     entropy = unigram_entropy(train_rows)
     timings["eval"] = time.time() - t0

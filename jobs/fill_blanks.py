@@ -6,7 +6,7 @@
         --strategy sample --temperature 0.8 --top-p 0.9 --seed 1 "We hold these truths [gMASK]"
     python jobs/fill_blanks.py ... --strategy beam --num-beams 4 --length-penalty 1.0 --no-repeat-ngram-size 3 "…"
 
---checkpoint accepts anything model.checkpoint.load_official accepts: a hub folder (config.json +
+--checkpoint accepts anything model.checkpoint.load_checkpoint accepts: a hub folder (config.json +
 pytorch_model.bin / model.safetensors), an official release folder (latest_checkpointed_iteration.txt or
 `latest` + <iter>/mp_rank_00_model_states.pt), a weights file (.bin / .pt / .safetensors state dict), or a
 Composer checkpoint file of our trainer (.pt whose state['model'] holds the wrapper's `model.`-prefixed keys).
@@ -18,17 +18,14 @@ appended, as in the original generate_samples.py.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.checkpoint import load_official  # noqa: E402
-from model.generate import STRATEGIES, fill_blanks  # noqa: E402
-from pipeline.tokenizer import MASK_STRINGS, Tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint
+from model.generate import STRATEGIES, fill_blanks
+from pipeline.tokenizer import MASK_STRINGS, Tokenizer
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -51,7 +48,7 @@ def main(argv: list[str] | None = None) -> str:
     args = ap.parse_args(argv)
 
     tok = Tokenizer.load(args.tokenizer)
-    model = load_official(args.checkpoint, args.config, device=args.device).eval()
+    model = load_checkpoint(args.checkpoint, args.config, device=args.device).eval()
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size={tok.vocab_size}: "
                          "this checkpoint was not trained with this tokenizer")

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fsspec
+import numpy as np
+import yaml
 
-import fsspec  # noqa: E402
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from pipeline import shards as S  # noqa: E402
-from pipeline.tokenizer import Tokenizer  # noqa: E402
+from pipeline import shards as S
+from pipeline.tokenizer import Tokenizer
 
 
 def describe(row: dict, tok: Tokenizer) -> str:
@@ -29,8 +26,7 @@ def describe(row: dict, tok: Tokenizer) -> str:
     ids, sep = np.asarray(row["input_ids"]), int(row["sep"])
     tgt, pos = np.asarray(row["targets"]), np.asarray(row["position_ids"])
     sp = tok.specials
-    lines = [f"[{row['sample_key']}] objective={row['objective']} layout={row['layout']} variant={row['variant']} "
-             f"sep={sep} length={len(ids)} source={row['source']}#{row['doc_index']}",
+    lines = [" ".join(f"{c}={row[c]}" for c in S.SCALAR_COLUMNS) + f" length={len(ids)}",
              "  Part A: " + tok.decode(ids[:sep])]
     starts = [i for i in range(sep, len(ids)) if ids[i] == sp.sop]
     for k, s in enumerate(starts):

@@ -15,14 +15,11 @@ Large corpora: --max-sentences caps the lines fed to sentencepiece (a seeded ran
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pipeline import documents as D  # noqa: E402
-from pipeline import tokenizer as T  # noqa: E402
-from pipeline.build import demo_corpus  # noqa: E402
+from pipeline import documents as D
+from pipeline import tokenizer as T
+from pipeline.build import demo_corpus
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ STRIP_PREFIXES = ("glm.", "model.", "_orig_mod.")
 _CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
 
 
-def load_official(source: str | os.PathLike | Mapping[str, Any], config: GLMConfig | dict | str | None = None, *,
+def load_checkpoint(source: str | os.PathLike | Mapping[str, Any], config: GLMConfig | dict | str | None = None, *,
                   device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> GLM:
     """Build a GLM and load `source` into it with strict key and shape checks (ValueError listing problems).
 
@@ -239,5 +239,5 @@ if __name__ == "__main__":
     ap.add_argument("--config", default=None, help="config.json path or preset name, when SOURCE has none")
     ap.add_argument("--safetensors", action="store_true")
     args = ap.parse_args()
-    m = load_official(args.source, args.config)
+    m = load_checkpoint(args.source, args.config)
     print(f"wrote {save_hub(m, args.out_dir, safetensors=args.safetensors)} ({m.num_params / 1e6:.1f}M params)")

@@ -13,16 +13,13 @@ Batches are the dicts of `pipeline/stream.py`: input_ids, targets, loss_mask, po
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from composer.models import ComposerModel
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
 
 from model.config import GLMConfig
-from model.glm import GLM, Block
+from model.glm import GLM, Block, glm_loss
 
 OBJECTIVES = ("bert", "sentence", "gpt")
 
@@ -47,11 +44,10 @@ class MaskedTokenMetric(Metric):
             mask = mask & keep[:, None]
         if not mask.any():
             return
-        sel_logits, sel_targets = logits[mask].float(), batch["targets"][mask]
         if self.kind == "loss":
-            value = F.cross_entropy(sel_logits, sel_targets, reduction="sum")
+            value = glm_loss(logits, batch["targets"], mask, reduction="none").sum()
         else:
-            value = (sel_logits.argmax(-1) == sel_targets).sum()
+            value = (logits[mask].argmax(-1) == batch["targets"][mask]).sum()
         self.total += value.to(torch.float64)
         self.count += mask.sum().to(torch.float64)
 
@@ -75,9 +71,8 @@ class GLMComposer(ComposerModel):
         # FSDP2 units and the activation-checkpointing choice (read by Composer's FSDP2 path; see module doc)
         self.model.fsdp_wrap_fn = lambda m: isinstance(m, Block)
         self.model.activation_checkpointing_fn = lambda m: isinstance(m, Block)
-        self.model.param_init_fn = self._init_module
+        self.model.param_init_fn = self.model.init_weights  # Composer's meta init: per module, after sharding
         self.activation_checkpointing = activation_checkpointing
-        self._module_names = {m: n for n, m in self.model.named_modules()}
         self.train_metrics: dict[str, Metric] = {}
         self.objectives = tuple(objectives)
         evals = {"loss": MaskedTokenMetric("loss"), "accuracy": MaskedTokenMetric("accuracy")}
@@ -87,24 +82,6 @@ class GLMComposer(ComposerModel):
         self.eval_metrics: dict[str, Metric] = evals  # a plain dict: Composer moves metrics, FSDP never wraps them
 
     # ---- initialisation ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _init_module(self, module: nn.Module) -> None:
-        """Official init (spec §6.4) of ONE module's own parameters; Composer's meta_init calls it per module
-        after FSDP2 sharding (same rules as GLM.init_weights, applied by full parameter name)."""
-        prefix = self._module_names.get(module, "")
-        c = self.config
-        std, out_std = c.init_std, c.init_std / math.sqrt(2.0 * c.n_layer)
-        for local, p in module.named_parameters(recurse=False):
-            name = f"{prefix}.{local}" if prefix else local
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "layernorm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-                nn.init.normal_(p, 0.0, out_std)
-            else:
-                nn.init.normal_(p, 0.0, std)
-
     def materialize(self, device: str | torch.device) -> None:
         """Single-process meta init: allocate on `device` and apply the official init (FSDP2 does its own)."""
         if any(p.is_meta for p in self.model.parameters()):
@@ -123,10 +100,7 @@ class GLMComposer(ComposerModel):
         return self.model(batch["input_ids"], batch["position_ids"], batch["block_position_ids"], batch["sep"])
 
     def loss(self, outputs: Tensor, batch: dict, *args, **kwargs) -> Tensor:
-        # spec §6.6: Σ CE·mask / Σ mask over Part B, fp32 logits, targets already aligned (no shift)
-        ce = F.cross_entropy(outputs.float().flatten(0, 1), batch["targets"].flatten(), reduction="none")
-        m = batch["loss_mask"].flatten().to(ce.dtype)
-        return (ce * m).sum() / m.sum().clamp(min=1.0)
+        return glm_loss(outputs, batch["targets"], batch["loss_mask"])
 
     def eval_forward(self, batch: dict, outputs: Tensor | None = None) -> Tensor:
         return outputs if outputs is not None else self.forward(batch)

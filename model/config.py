@@ -9,7 +9,6 @@ never configured.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,9 +104,6 @@ class GLMConfig:
         hub.update({theirs: getattr(self, ours) for ours, theirs in _HUB_OPTIONAL.items()})
         return hub
 
-    def replace(self, **changes: Any) -> GLMConfig:
-        return dataclasses.replace(self, **changes)
-
 
 # our field -> hub config.json field (the hub names of spec §8.4; attn_impl is ours)
 _HUB_OPTIONAL = {
@@ -142,8 +138,3 @@ PRESETS: dict[str, GLMConfig] = {
 PRESETS["glm-doc"] = PRESETS["glm-large"]
 PRESETS["glm-sent"] = PRESETS["glm-large"]
 
-
-def get_preset(name: str, **overrides: Any) -> GLMConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown GLM preset {name!r}; choose one of {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)

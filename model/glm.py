@@ -16,6 +16,7 @@ With neither, the mask is causal, as in the hub GLMModel (spec §14.16).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -72,10 +73,19 @@ class GLM(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """The official initialisation (spec §6.4); call after meta-device construction + `to_empty`."""
+    def init_weights(self, module: nn.Module | None = None) -> None:
+        """The official initialisation (spec §6.4) of every parameter, or of `module`'s own parameters only
+        (one submodule: Composer's meta init calls this per module after FSDP2 sharding). Call it after
+        meta-device construction + `to_empty`; the rule depends only on each parameter's full name."""
         std, out_std = self.config.init_std, self.config.init_std / math.sqrt(2.0 * self.config.n_layer)
-        for name, p in self.named_parameters():
+        if module is None:
+            params = self.named_parameters()
+        else:
+            prefix = next((n for n, m in self.named_modules() if m is module), None)
+            if prefix is None:
+                raise ValueError(f"init_weights: {type(module).__name__} is not a submodule of this GLM")
+            params = ((f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False))
+        for name, p in params:
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif "layernorm" in name:
@@ -84,13 +94,6 @@ class GLM(nn.Module):
                 nn.init.normal_(p, 0.0, out_std)  # residual-branch outputs: always scaled by 1/sqrt(2L)
             else:
                 nn.init.normal_(p, 0.0, std)      # embeddings, position tables, QKV, h->4h
-
-    @classmethod
-    def from_official(cls, path_or_state_dict, config=None, **kw) -> GLM:
-        """Load an official release folder, a hub folder, a weights file or a state dict (see model/checkpoint.py)."""
-        from model.checkpoint import load_official  # checkpoint.py imports this module
-
-        return load_official(path_or_state_dict, config, **kw)
 
     @property
     def num_params(self) -> int:
@@ -213,7 +216,7 @@ class Attention(nn.Module):
                 self._warned_dropout = True
                 warnings.warn(f"attention_dropout={p_drop} is ignored by attn_impl='flex' (FlexAttention has no "
                               "dropout); set attention_dropout=0 or attn_impl='sdpa'", stacklevel=2)
-            y = _flex_attention(q.device)(q, k, v, block_mask=mask.block_mask)
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask.block_mask)
         else:
             dense = mask.dense
             if dense is not None and dense.is_floating_point() and dense.dtype != q.dtype:
@@ -236,24 +239,28 @@ class MLP(nn.Module):
         return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh")))
 
 
-def glm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor) -> Tensor:
-    """Pretraining loss (spec §6.6): Σ CE(logits_i, targets_i)·mask_i / Σ mask_i; targets are already aligned."""
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    m = loss_mask.flatten().to(ce.dtype)
+def glm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, reduction: str = "mean") -> Tensor:
+    """THE pretraining loss (spec §6.6), used by training, evaluation and the demo: cross-entropy in fp32 of
+    logits [B,T,V] against targets [B,T] (already aligned: no shift), weighted by loss_mask [B,T] (1 on Part B).
+
+    reduction "mean": Σ CE·mask / Σ mask (a scalar); "none": the masked per-token losses CE·mask [B,T], for
+    per-sample or per-objective sums."""
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: choose mean or none")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    m = loss_mask.to(ce.dtype)
+    if reduction == "none":
+        return ce * m
     return (ce * m).sum() / m.sum().clamp(min=1.0)
 
 
 # ---- FlexAttention (attn_impl "flex"): the sep mask as a block-sparse mask_mod, no [B,1,T,S] tensor -------------
-_FLEX_FN: dict[str, object] = {}
-
-
-def _flex_attention(device: torch.device):
+@functools.cache
+def _flex_attention(device_type: str):
     """flex_attention, compiled on CUDA (fused kernel); eager elsewhere (correct but unfused: tests only)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type not in _FLEX_FN:
-        _FLEX_FN[device.type] = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
-    return _FLEX_FN[device.type]
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 def _flex_block_mask(sep: Tensor, B: int, T: int, M: int, device):

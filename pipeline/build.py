@@ -138,7 +138,7 @@ class Packer:
         return infilling.make_sample(
             chunk, objective, np.random.default_rng(seed), specials=self.specials, task_mask=cfg.task_mask,
             gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
-            block_positions=cfg.block_position)
+            block_position_encoding=cfg.block_position_encoding)
 
     def _fit(self, objective: str, seed: np.random.SeedSequence) -> tuple[np.ndarray, dict] | None:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
@@ -212,13 +212,9 @@ class Packer:
         hist = acc["span_length_hist"].setdefault(objective, {})
         for s, e in sample["spans"]:
             hist[int(e - s)] = hist.get(int(e - s), 0) + 1
-        self.writer.add({
-            "input_ids": sample["input_ids"], "targets": sample["targets"], "loss_mask": sample["loss_mask"],
-            "position_ids": sample["position_ids"], "block_position_ids": sample["block_position_ids"],
-            "sep": int(sample["sep"]), "objective": objective, "layout": layout, "variant": self.variant,
-            "source": source, "doc_index": doc_index, "chunk_index": self.chunk_index,
-            "sample_key": f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}",
-        })
+        self.writer.add(S.sample_row(
+            sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
+            chunk_index=self.chunk_index, sample_key=f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}"))
 
 
 class ShardWriter:

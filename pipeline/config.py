@@ -30,7 +30,7 @@ class BuildConfig:
     gpt_min_ratio: float = 0.5                      # doc-level span covers >= this fraction of the chunk (§3.5)
     gpt_infill_prob: float = 0.5                    # P(suffix layout) for single-document chunks (§3.5)
     shuffle_spans: bool = True                      # shuffle Part B span order (paper ablation: False)
-    block_position: bool = True                     # 2D positions (paper ablation: False)
+    block_position_encoding: bool = True            # 2D positions (paper ablation: False)
     validation_fraction: float = 0.02               # share of documents (by content hash) in the validation split
     text_field: str = "text"                        # JSONL key / Parquet column holding document text
     text_split: str = "file"                        # text files: file = one document each | blank_lines = one per
@@ -45,8 +45,8 @@ class BuildConfig:
     @staticmethod
     def byte_fields() -> tuple[str, ...]:
         return ("format", "seq_len", "variants", "seed", "objectives", "task_mask", "gpt_min_ratio",
-                "gpt_infill_prob", "shuffle_spans", "block_position", "validation_fraction", "text_field", "text_split",
-                "min_doc_tokens", "samples_per_shard", "group_bytes")
+                "gpt_infill_prob", "shuffle_spans", "block_position_encoding", "validation_fraction", "text_field",
+                "text_split", "min_doc_tokens", "samples_per_shard", "group_bytes")
 
     def validate(self) -> None:
         if self.format not in ("parquet", "wds"):

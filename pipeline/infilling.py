@@ -4,7 +4,7 @@
 from pipeline.tokenizer import Specials; print(make_sample(np.r_[2, 9:60, 0], 'bert', np.random.default_rng(0), \
 specials=Specials.ours())['input_ids'])"
     PYTHONPATH=. .venv/bin/python -m pytest tests/test_infilling.py -q      # tests
-    PYTHONPATH=. .venv/bin/python benchmarks/infilling.py --quick             # speed vs sentencepiece
+    .venv/bin/python -m benchmarks.infilling --quick                          # speed vs sentencepiece
 
 Pure numpy, no torch, no global RNG: a sample is a pure function of (chunk tokens, objective, the state of the
 `numpy.random.Generator` passed in, options). With `rng = np.random.default_rng(seed)` (PCG64, defined
@@ -49,34 +49,35 @@ Output length: n + 2 * len(spans) for bert, sentence and gpt_single_span; n + 1 
 masked_lm. `sep` = n - sum(span lengths) + len(spans) for the block layouts, n - G + 1 for gpt_suffix.
 
 Ablations (paper Table 6): `shuffle_spans=False` keeps Part B in text order (--no-shuffle-block);
-`block_positions=False` (--no-block-position) sets every Part B block position to 1 and Part A to 0, in both
-gpt layouts too (spec §14.11: the official suffix path builds that row one element too long — a bug we do
-not copy; our row always has the sample's length); `masked_lm=True` as above.
+`block_position_encoding=False` (--no-block-position) sets every Part B block position to 1 and Part A to 0,
+in both gpt layouts too (spec §14.11: the official suffix path builds that row one element too long — a bug
+we do not copy; our row always has the sample's length); `masked_lm=True` as above.
 
-Dtypes: input_ids, targets, position_ids, block_position_ids int32; loss_mask uint8; sep a python int.
+Dtypes: those of the shard columns (`pipeline.shards.ARRAY_COLUMNS`); sep a python int.
 
-Speed (benchmarks/infilling.py, n=512, one core): ~20-50 us per sample (gpt ~20, sentence ~45, bert ~50),
-no per-token python, outputs written into preallocated arrays; that is ~0.25-0.55x the time sentencepiece needs
-to encode the same 512 tokens (goal 0.1x, NOT met). What is left is ~25 numpy calls of ~1 us each plus 3-4
-Generator calls per sample; 0.1x (~9 us) needs a layout vectorised across many samples at once, not written.
+Speed: no per-token python; outputs are written into preallocated arrays. What is left per sample is a few
+dozen numpy calls and a few Generator calls; much faster needs a layout vectorised across many samples at
+once (not written). `benchmarks/infilling.py` prints the time per sample next to sentencepiece's encoding time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline.shards import ARRAY_COLUMNS
 from pipeline.tokenizer import Specials
 
 OBJECTIVES = ("bert", "sentence", "gpt")
-VARIANTS = ("bert", "sentence", "gpt_suffix", "gpt_single_span", "masked_lm")
+LAYOUTS = ("bert", "sentence", "gpt_suffix", "gpt_single_span", "masked_lm")  # a sample's "layout" (shard column)
 # Shortest chunk each objective accepts: bert needs int(0.15 n) >= 1 masked token (n >= 7, at the default
 # ratio); the others need [CLS] + a few tokens so that G in [int(n/2), n-2] and a sentence exist.
 MIN_CHUNK_LEN = {"bert": 7, "sentence": 4, "gpt": 4}
-ID_DTYPE = np.int32
-LOSS_DTYPE = np.uint8
+ID_DTYPE = ARRAY_COLUMNS["input_ids"]      # the token columns' dtype (the shard schema's)
+LOSS_DTYPE = ARRAY_COLUMNS["loss_mask"]
 
 
 class SpanPlacementError(ValueError):
@@ -100,28 +101,23 @@ class ChunkTooShortError(ValueError):
 # span-length distribution (§3.3): Poisson(lam) restricted to 1..max_block_length-1 and renormalised
 
 
-_PMF_CACHE: dict[tuple[float, int], tuple[np.ndarray, np.ndarray]] = {}
-
-
 def span_length_pmf(avg_block_length: float = 3.0, max_block_length: int = 40) -> np.ndarray:
     """pmf[k-1] = P(length = k), k = 1..max_block_length-1: Poisson(avg_block_length) truncated and renormalised
     (the official `block_length_distribution`, which `random.choices` renormalises)."""
     return _pmf_and_cdf(avg_block_length, max_block_length)[0]
 
 
+@functools.cache
 def _pmf_and_cdf(lam: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    key = (float(lam), int(max_len))
-    if key not in _PMF_CACHE:
-        if lam <= 0 or max_len < 2:
-            raise ValueError(f"avg_block_length={lam}, max_block_length={max_len}: need lam > 0 and max >= 2")
-        k = np.arange(1, max_len)
-        logp = k * math.log(lam) - lam - np.array([math.lgamma(x + 1) for x in k])
-        pmf = np.exp(logp - logp.max())
-        pmf /= pmf.sum()
-        cdf = np.cumsum(pmf)
-        cdf[-1] = 1.0
-        _PMF_CACHE[key] = (pmf, cdf)
-    return _PMF_CACHE[key]
+    if lam <= 0 or max_len < 2:
+        raise ValueError(f"avg_block_length={lam}, max_block_length={max_len}: need lam > 0 and max >= 2")
+    k = np.arange(1, max_len)
+    logp = k * math.log(lam) - lam - np.array([math.lgamma(x + 1) for x in k])
+    pmf = np.exp(logp - logp.max())
+    pmf /= pmf.sum()
+    cdf = np.cumsum(pmf)
+    cdf[-1] = 1.0
+    return pmf, cdf
 
 
 def draw_span_lengths(rng: np.random.Generator, target: int, avg_block_length: float = 3.0,
@@ -186,22 +182,16 @@ def document_regions(tokens: np.ndarray, specials: Specials) -> list[tuple[int, 
     return regions
 
 
-def sample_span_in_document(tokens: np.ndarray, lengths: np.ndarray, rng: np.random.Generator,
-                            specials: Specials, bert_ratio: float = 0.15) -> list[tuple[int, int]]:
-    """The official placement: shuffle the lengths; sort documents by region length (stable, as python's
-    sort); every document but the longest takes lengths in order while their sum <= int(len * bert_ratio); the
-    longest takes the rest while sum + count <= len. Returns the placed spans sorted by start; fewer spans
-    than lengths means the sample could not be placed (the caller raises)."""
-    s, ln = _place_in_documents(np.asarray(tokens), lengths, rng, specials, bert_ratio)
-    return list(zip(s.tolist(), (s + ln).tolist()))
-
-
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def _place_in_documents(t: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, specials: Specials,
                         bert_ratio: float) -> tuple[np.ndarray, np.ndarray]:
-    """sample_span_in_document on arrays: (starts, lengths) of the placed spans, sorted by start."""
+    """The official placement (`sample_span_in_document`): shuffle the lengths; sort documents by region length
+    (stable, as python's sort); every document but the longest takes lengths in order while their sum <=
+    int(len * bert_ratio); the longest takes the rest while sum + count <= len. Returns (starts, lengths) of the
+    placed spans sorted by start; fewer spans than lengths means the sample could not be placed (the caller
+    raises)."""
     k_all = len(lengths)
     if k_all > 1:
         lengths = lengths[rng.permutation(k_all)]
@@ -244,18 +234,12 @@ def _place_in_documents(t: np.ndarray, lengths: np.ndarray, rng: np.random.Gener
     return s[order], np.concatenate(used)[order]
 
 
-# sentence boundary classes per (eos, sentence-end ids): 1 = ends a sentence, 2 = eos (that is not a sentence end)
-_BOUNDARY_LUT: dict[tuple[int, frozenset], np.ndarray] = {}
-
-
-def _boundary_lut(specials: Specials) -> np.ndarray:
-    key = (specials.eos, specials.sentence_end_ids)
-    lut = _BOUNDARY_LUT.get(key)
-    if lut is None:
-        lut = np.zeros(max([specials.eos, *specials.sentence_end_ids]) + 2, dtype=np.int8)  # last entry: "other"
-        lut[specials.eos] = 2
-        lut[list(specials.sentence_end_ids)] = 1
-        _BOUNDARY_LUT[key] = lut
+@functools.cache
+def _boundary_lut(eos: int, sentence_end_ids: frozenset) -> np.ndarray:
+    """Token id -> boundary class: 1 ends a sentence, 2 eos (that is not a sentence end), 0 anything else."""
+    lut = np.zeros(max([eos, *sentence_end_ids]) + 2, dtype=np.int8)  # last entry: "other"
+    lut[eos] = 2
+    lut[list(sentence_end_ids)] = 1
     return lut
 
 
@@ -271,7 +255,8 @@ def sentence_spans(tokens: np.ndarray, specials: Specials, mask_cls: bool = True
 def _sentence_bounds(t: np.ndarray, specials: Specials, mask_cls: bool) -> tuple[np.ndarray, np.ndarray]:
     """sentence_spans as (starts, ends) arrays, vectorised over the boundary tokens (ids are >= 0)."""
     n = len(t)
-    kind = _boundary_lut(specials).take(t, mode="clip")   # ids above the table map to its last entry, 0
+    lut = _boundary_lut(specials.eos, specials.sentence_end_ids)
+    kind = lut.take(t, mode="clip")                       # ids above the table map to its last entry, 0
     b = kind.nonzero()[0]
     starts = np.empty(len(b) + 1, dtype=np.int64)         # sentence j would run [starts[j], b[j] + 1)
     starts[0] = 1 if n and t[0] == specials.cls else 0
@@ -321,7 +306,7 @@ def source_loss_mask(tokens: np.ndarray, specials: Specials) -> np.ndarray:
 
 
 def make_block_data(tokens, spans: Sequence[tuple[int, int]], specials: Specials, task: str = "bert", *,
-                    task_mask: bool = False, block_positions: bool = True) -> dict:
+                    task_mask: bool = False, block_position_encoding: bool = True) -> dict:
     """The §3.6 layout from spans given in Part B order (source coordinates [start, end)).
 
     Returns input_ids, targets, loss_mask, position_ids, block_position_ids, sep, spans (as given, Part B
@@ -345,18 +330,19 @@ def make_block_data(tokens, spans: Sequence[tuple[int, int]], specials: Specials
                              "spans never cross documents")
     order = np.empty(k, dtype=np.int64)                   # Part B order as indices into the sorted spans
     order[idx] = np.arange(k)
-    return _layout(t, s, e - s, order, specials, mask_token_id(task, specials, task_mask), block_positions)
+    mask_id = mask_token_id(task, specials, task_mask)
+    return _layout(t, s, e - s, order, specials, mask_id, block_position_encoding)
 
 
 def _layout(t: np.ndarray, s: np.ndarray, ln: np.ndarray, order: np.ndarray | None, specials: Specials,
-            mask_id: int, block_positions: bool) -> dict:
+            mask_id: int, block_position_encoding: bool) -> dict:
     """The §3.6 layout, the hot path: spans as starts `s` (sorted) and lengths `ln`, Part B order `order`
     (indices into s; None = text order). ~25 numpy calls on preallocated outputs, no per-token python; spans
     are trusted (make_sample builds them inside document regions or sentences; make_block_data validates)."""
     n = len(t)
     k = len(s)
     if k == 0:
-        return _pack(t, t, np.zeros(n, LOSS_DTYPE), np.arange(n), np.zeros(n, ID_DTYPE), n, [])
+        return _sample_dict(t, t, np.zeros(n, LOSS_DTYPE), np.arange(n), np.zeros(n, ID_DTYPE), n, [])
     lm1 = ln - 1
     removed = lm1.cumsum()                                # tokens removed from Part A up to each span's end
     sep = n - int(removed[-1])
@@ -393,7 +379,7 @@ def _layout(t: np.ndarray, s: np.ndarray, ln: np.ndarray, order: np.ndarray | No
     position[:sep] = np.arange(sep)
     position[sep:] = mb.repeat(seg)
     block = np.zeros(total, dtype=ID_DTYPE)
-    if block_positions:
+    if block_position_encoding:
         within += 1
         block[sep:] = within
     else:
@@ -403,7 +389,7 @@ def _layout(t: np.ndarray, s: np.ndarray, ln: np.ndarray, order: np.ndarray | No
 
 
 def make_gpt_suffix_data(tokens, generation_length: int, specials: Specials, *, task_mask: bool = False,
-                         loss_mask=None, block_positions: bool = True) -> dict:
+                         loss_mask=None, block_position_encoding: bool = True) -> dict:
     """The §3.5 suffix / prefix-LM layout: the last `generation_length` tokens become one span, no eop.
 
     input  = src + [gMASK|MASK] + [sop] + tgt[:-1];  targets = src + [gMASK|MASK] + tgt
@@ -436,7 +422,7 @@ def make_gpt_suffix_data(tokens, generation_length: int, specials: Specials, *, 
     pos = np.arange(n + 1, dtype=ID_DTYPE)
     pos[div + 1:] = div
     blk = np.zeros(n + 1, dtype=ID_DTYPE)
-    blk[div + 1:] = np.arange(1, g + 1) if block_positions else 1
+    blk[div + 1:] = np.arange(1, g + 1) if block_position_encoding else 1
     return {"input_ids": inp, "targets": tgt, "loss_mask": loss, "position_ids": pos,
             "block_position_ids": blk, "sep": div + 1, "spans": [(div, n)]}
 
@@ -454,16 +440,14 @@ def make_masked_lm_data(tokens, spans: Sequence[tuple[int, int]], specials: Spec
         np.add.at(dd, sp[:, 1], -1)
     masked = np.cumsum(dd[:n]) > 0
     inp = np.where(masked, specials.mask, t)
-    return _pack(inp, t.copy(), (lm.astype(LOSS_DTYPE) * masked), np.arange(n), np.zeros(n, np.int64), n,
+    return _sample_dict(inp, t.copy(), (lm.astype(LOSS_DTYPE) * masked), np.arange(n), np.zeros(n, np.int64), n,
                  [tuple(x) for x in sorted(map(tuple, spans))])
 
 
-def _pack(inp, tgt, loss, pos, blk, sep, spans) -> dict:
-    return {"input_ids": np.ascontiguousarray(inp, dtype=ID_DTYPE),
-            "targets": np.ascontiguousarray(tgt, dtype=ID_DTYPE),
-            "loss_mask": np.ascontiguousarray(loss, dtype=LOSS_DTYPE),
-            "position_ids": np.ascontiguousarray(pos, dtype=ID_DTYPE),
-            "block_position_ids": np.ascontiguousarray(blk, dtype=ID_DTYPE),
+def _sample_dict(inp, tgt, loss, pos, blk, sep, spans) -> dict:
+    """A sample: the five token arrays in the shard columns' dtypes, sep and spans."""
+    arrays = {"input_ids": inp, "targets": tgt, "loss_mask": loss, "position_ids": pos, "block_position_ids": blk}
+    return {**{c: np.ascontiguousarray(a, dtype=ARRAY_COLUMNS[c]) for c, a in arrays.items()},
             "sep": int(sep), "spans": spans}
 
 
@@ -473,7 +457,7 @@ def _pack(inp, tgt, loss, pos, blk, sep, spans) -> dict:
 
 def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: Specials,
                 task_mask: bool = False, loss_mask=None, masked_lm: bool = False, shuffle_spans: bool = True,
-                block_positions: bool = True, bert_ratio: float = 0.15, sentence_ratio: float = 0.15,
+                block_position_encoding: bool = True, bert_ratio: float = 0.15, sentence_ratio: float = 0.15,
                 avg_block_length: float = 3.0, max_block_length: int = 40, gpt_infill_prob: float = 0.5,
                 gpt_min_ratio: float = 0.5, sentence_mask_cls: bool = True) -> dict:
     """One GLM training sample from one chunk (module docstring has the rules).
@@ -539,7 +523,7 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         multi_doc = len(eos_idx) > 0 and eos_idx[0] != n - 1
         if multi_doc or rng.random() < gpt_infill_prob:
             out = make_gpt_suffix_data(t, g, specials, task_mask=task_mask, loss_mask=loss_mask,
-                                       block_positions=block_positions)
+                                       block_position_encoding=block_position_encoding)
             out["layout"] = "gpt_suffix"
             return out
         # one document (no eos before the last token): its region, the longest, is [1, n-1)
@@ -550,7 +534,8 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         layout = "gpt_single_span"
 
     order = rng.permutation(len(s)) if len(s) > 1 and shuffle_spans else None
-    out = _layout(t, s, ln, order, specials, mask_token_id(objective, specials, task_mask), block_positions)
+    mask_id = mask_token_id(objective, specials, task_mask)
+    out = _layout(t, s, ln, order, specials, mask_id, block_position_encoding)
     out["layout"] = layout
     return out
 

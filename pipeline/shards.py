@@ -45,7 +45,9 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-ROW_GROUP_SIZE = 256  # rows per Parquet row group: ~0.5-1 MB at seq_len 512, the unit of a partial read
+# Rows per Parquet row group. Our readers fetch and decode whole shard files (only the columns they need), never
+# one row group, so this only sets the unit of compression for us and of row-group reads for other Parquet tools.
+ROW_GROUP_SIZE = 256
 FORMATS = ("parquet", "wds")
 SUFFIX = {"parquet": ".parquet", "wds": ".tar"}
 
@@ -66,12 +68,22 @@ SCALAR_COLUMNS = {  # name -> numpy dtype (object = str)
     "chunk_index": np.int64,
     "sample_key": object,
 }
+COLUMNS = {**ARRAY_COLUMNS, **SCALAR_COLUMNS}  # every column, in file order
 _ARROW = {np.int32: pa.int32(), np.int64: pa.int64(), np.uint8: pa.uint8(), object: pa.string()}
 SCHEMA = pa.schema(
     [pa.field(n, pa.list_(_ARROW[t])) for n, t in ARRAY_COLUMNS.items()]
     + [pa.field(n, _ARROW[t]) for n, t in SCALAR_COLUMNS.items()],
     metadata={"glm_shard_schema_version": str(SCHEMA_VERSION)},
 )
+
+
+def canonical_schema(schema: pa.Schema = SCHEMA) -> str:
+    """A column schema as canonical text (names, order, types; no version): the hash of ours is snapshotted in
+    tests/test_shards.py, so a changed schema fails there until SCHEMA_VERSION is bumped."""
+    def kind(t: pa.DataType) -> str:  # list<int32>, whatever the list's child field is named
+        return f"list<{t.value_type}>" if pa.types.is_list(t) else str(t)
+
+    return json.dumps([[f.name, kind(f.type)] for f in schema])
 
 
 class ShardError(RuntimeError):
@@ -112,6 +124,18 @@ class ShardSamples:
                 raise ValueError(f"column {c!r} has a different length than input_ids in some row")
         scalars = {c: np.array([r[c] for r in rows], dtype=t) for c, t in SCALAR_COLUMNS.items()}
         return cls(arrays, offsets, scalars)
+
+
+def sample_row(sample: dict, **provenance) -> dict:
+    """One shard row: an infilling sample's token arrays, sep and layout, plus the provenance columns (objective,
+    variant, source, doc_index, chunk_index, sample_key) as keywords; a missing or unknown column raises."""
+    row = {c: sample[c] for c in (*ARRAY_COLUMNS, "sep", "layout")}
+    need = set(SCALAR_COLUMNS) - set(row)
+    if set(provenance) != need:
+        raise ValueError(f"sample_row: provenance columns {sorted(provenance)} do not match the schema's "
+                         f"{sorted(need)}; pass exactly those (pipeline/shards.py SCALAR_COLUMNS)")
+    row.update(provenance)
+    return {c: row[c] for c in COLUMNS}
 
 
 def pad_row(row: dict, seq_len: int) -> dict[str, np.ndarray]:
@@ -186,7 +210,7 @@ def decode_parquet(data: bytes, name: str = "<shard>", columns: tuple[str, ...] 
     except (pa.ArrowInvalid, OSError) as e:
         raise ShardError(f"shard {name} is not a readable Parquet file ({e}); it is truncated or corrupt — "
                          "rebuild the shard set (jobs/build_shards.py, same command) or restore the file") from e
-    missing = [c for c in (columns or (*ARRAY_COLUMNS, *SCALAR_COLUMNS)) if c not in table.column_names]
+    missing = [c for c in (columns or COLUMNS) if c not in table.column_names]
     if missing:
         raise ShardError(f"shard {name} lacks columns {missing}; it was written by another schema version")
     first = table.column("input_ids").combine_chunks()
@@ -222,7 +246,7 @@ def decode_wds(data: bytes, name: str = "<shard>") -> ShardSamples:
         raise ShardError(f"shard {name} is not a readable tar file ({e}); it is truncated or corrupt — "
                          "rebuild the shard set (jobs/build_shards.py, same command) or restore the file") from e
     lst = [rows[k] for k in order]
-    need = set(ARRAY_COLUMNS) | set(SCALAR_COLUMNS)
+    need = set(COLUMNS)
     for r in lst:
         if not need <= set(r):
             raise ShardError(f"shard {name} has a sample missing {sorted(need - set(r))}; it is truncated")

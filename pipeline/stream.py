@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shards import (
     ARRAY_COLUMNS,
+    SCALAR_COLUMNS,
     SUFFIX,
     TRAINING_COLUMNS,
     Manifest,
@@ -505,21 +506,18 @@ class ShardStream(IterableDataset):
     def make_batch(self, pairs: list[tuple[ShardSamples, int]]) -> dict:
         b, t = len(pairs), self.seq_len
         out = {c: np.zeros((b, t), dtype=np.int64) for c in ARRAY_COLUMNS}
-        sep = np.zeros(b, dtype=np.int64)
-        objective, keys = [], []
+        scalars = {c: [] for c in TRAINING_COLUMNS if c in SCALAR_COLUMNS}   # sep, objective, sample_key
         for i, (s, r) in enumerate(pairs):
             a, z = int(s.offsets[r]), int(s.offsets[r + 1])
             if z - a > t:
                 raise ShardError(f"sample {s.scalars['sample_key'][r]!r} has {z - a} tokens > seq_len {t}")
             for c in ARRAY_COLUMNS:
                 out[c][i, :z - a] = s.arrays[c][a:z]
-            sep[i] = s.scalars["sep"][r]
-            objective.append(str(s.scalars["objective"][r]))
-            keys.append(str(s.scalars["sample_key"][r]))
+            for c, v in scalars.items():
+                v.append(s.scalars[c][r])
         batch = {c: torch.from_numpy(v) for c, v in out.items()}
-        batch["sep"] = torch.from_numpy(sep)
-        batch["objective"] = objective
-        batch["sample_key"] = keys
+        for c, v in scalars.items():   # strings -> a list [B], numbers -> an int64 tensor [B]
+            batch[c] = [str(x) for x in v] if SCALAR_COLUMNS[c] is object else torch.tensor(np.array(v, np.int64))
         return batch
 
     def __iter__(self):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED, official_vectors
 
 from pipeline.infilling import (
     ChunkTooShortError,
@@ -34,8 +35,7 @@ from pipeline.infilling import (
 from pipeline.tokenizer import Specials
 
 ROOT = Path(__file__).resolve().parents[1]
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "testvectors"
-EXAMPLES = VECTORS / "official-blocks-examples.json"
+EXAMPLES = SHARED / "official-blocks-examples.json"
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "washington_1790_state_of_the_union.txt"
 
 # the synthetic vocabulary of the official examples (testvectors/README.md)
@@ -48,8 +48,8 @@ FIELDS = (("tokens", "input_ids"), ("targets", "targets"), ("loss_mask", "loss_m
 # ------------------------------------------------------------------------------------------------ official rows
 
 def _official_rows():
-    if not EXAMPLES.exists():
-        return []
+    if not EXAMPLES.exists():   # one placeholder case that skips, or fails under CI=true (official_vectors)
+        return [pytest.param(None, None, id="vectors-missing")]
     data = json.loads(EXAMPLES.read_text())
     rows = []
     for key, block in data.items():
@@ -60,9 +60,9 @@ def _official_rows():
     return rows
 
 
-@pytest.mark.skipif(not EXAMPLES.exists(), reason=f"official test vectors not found at {EXAMPLES}")
 @pytest.mark.parametrize("kwargs,row", _official_rows())
 def test_official_examples_reproduced_exactly(kwargs, row):
+    official_vectors(EXAMPLES.name)
     if row.get("dropped"):
         pytest.skip("the official code dropped this sample")
     tokens = np.array(row["source_text"])
@@ -340,7 +340,8 @@ def test_ablation_no_block_positions():
     t = np.concatenate(([1], np.random.default_rng(0).integers(11, 500, 300), [0]))
     for obj, prob in (("bert", 0.5), ("gpt", 1.0), ("gpt", 0.0)):
         a = make_sample(t, obj, np.random.default_rng(9), specials=SP, gpt_infill_prob=prob)
-        b = make_sample(t, obj, np.random.default_rng(9), specials=SP, gpt_infill_prob=prob, block_positions=False)
+        b = make_sample(t, obj, np.random.default_rng(9), specials=SP, gpt_infill_prob=prob,
+                        block_position_encoding=False)
         assert len(b["block_position_ids"]) == len(a["block_position_ids"])
         assert not b["block_position_ids"][: b["sep"]].any() and (b["block_position_ids"][b["sep"]:] == 1).all()
         for k in ("input_ids", "targets", "loss_mask", "position_ids"):

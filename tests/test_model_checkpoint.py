@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import read_state_dict, save_hub
+from model.checkpoint import load_checkpoint, read_state_dict, save_hub
 from model.config import GLMConfig
 from model.glm import GLM
 
@@ -30,9 +30,9 @@ def test_official_release_layout(tv, tmp_path, tracker, iteration):
     (tmp_path / iteration).mkdir()
     torch.save({"module": tv["state_dict"], "iteration": 2000}, tmp_path / iteration / "mp_rank_00_model_states.pt")
     with pytest.raises(ValueError, match="config"):
-        GLM.from_official(tmp_path)  # the release has no config.json
-    assert_official_logits(GLM.from_official(tmp_path, tv["config"]), tv)
-    assert_official_logits(GLM.from_official(str(tmp_path), GLMConfig.from_hub(tv["config"])), tv)
+        load_checkpoint(tmp_path)  # the release has no config.json
+    assert_official_logits(load_checkpoint(tmp_path, tv["config"]), tv)
+    assert_official_logits(load_checkpoint(str(tmp_path), GLMConfig.from_hub(tv["config"])), tv)
 
 
 def test_release_layout_errors(tmp_path):
@@ -50,7 +50,7 @@ def test_release_layout_errors(tmp_path):
 
 
 def test_hub_export_then_load_round_trips(tv, tmp_path):
-    model = GLM.from_official(tv["state_dict"], tv["config"])
+    model = load_checkpoint(tv["state_dict"], tv["config"])
     save_hub(model, tmp_path / "hub")
     assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["config.json", "pytorch_model.bin"]
     hub = json.loads((tmp_path / "hub" / "config.json").read_text())
@@ -58,10 +58,10 @@ def test_hub_export_then_load_round_trips(tv, tmp_path):
                                 "max_sequence_length", "block_position_encoding")} == \
         {k: tv["config"][k] for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
                                       "max_sequence_length", "block_position_encoding")}
-    loaded = GLM.from_official(tmp_path / "hub")
+    loaded = load_checkpoint(tmp_path / "hub")
     assert loaded.config == model.config
     assert_official_logits(loaded, tv)
-    assert_official_logits(GLM.from_official(tmp_path / "hub" / "pytorch_model.bin"), tv)  # config.json beside it
+    assert_official_logits(load_checkpoint(tmp_path / "hub" / "pytorch_model.bin"), tv)  # config.json beside it
     saved = torch.load(tmp_path / "hub" / "pytorch_model.bin", weights_only=True)
     assert sorted(saved) == sorted(tv["state_dict"])
 
@@ -69,9 +69,9 @@ def test_hub_export_then_load_round_trips(tv, tmp_path):
 def test_hub_layout_with_glm_prefix_and_fp16(tv, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tv["config"]))
     torch.save({"glm." + k: v.half() for k, v in tv["state_dict"].items()}, tmp_path / "pytorch_model.bin")
-    model = GLM.from_official(tmp_path)
+    model = load_checkpoint(tmp_path)
     assert model.word_embeddings.weight.dtype == torch.float32
-    half = GLM.from_official(tmp_path, dtype=None)
+    half = load_checkpoint(tmp_path, dtype=None)
     assert half.word_embeddings.weight.dtype == torch.float16
 
 
@@ -82,7 +82,7 @@ def test_composer_checkpoint_with_preset_config(tv, tmp_path):
              "rng": [{"numpy": np.random.RandomState(0).get_state(), "torch": torch.get_rng_state()}]}
     torch.save(state, tmp_path / "ep0-ba10-rank0.pt")
     # preset "tiny" gives head_dim 16 and the dropouts; every shape comes from the weights
-    model = GLM.from_official(tmp_path / "ep0-ba10-rank0.pt", "tiny")
+    model = load_checkpoint(tmp_path / "ep0-ba10-rank0.pt", "tiny")
     assert (model.config.n_layer, model.config.d_model, model.config.n_head) == (2, 64, 4)
     assert (model.config.vocab_size, model.config.max_position_embeddings) == (211, 32)
     assert_official_logits(model, tv)
@@ -93,7 +93,7 @@ def test_missing_and_unexpected_keys_are_listed(tv):
     del sd["transformer.layers.1.mlp.dense_4h_to_h.bias"]
     sd["transformer.layers.2.attention.dense.weight"] = torch.zeros(64, 64)
     with pytest.raises(ValueError) as err:
-        GLM.from_official(sd, tv["config"])
+        load_checkpoint(sd, tv["config"])
     msg = str(err.value)
     assert "missing keys (1): transformer.layers.1.mlp.dense_4h_to_h.bias" in msg
     assert "unexpected keys (1): transformer.layers.2.attention.dense.weight" in msg
@@ -102,28 +102,28 @@ def test_missing_and_unexpected_keys_are_listed(tv):
 def test_shape_mismatch_is_named(tv):
     wrong = dict(tv["config"], vocab_size=300)
     with pytest.raises(ValueError, match=r"word_embeddings.weight: checkpoint \(211, 64\) vs model \(300, 64\)"):
-        GLM.from_official(tv["state_dict"], wrong)
+        load_checkpoint(tv["state_dict"], wrong)
     no_block = dict(tv["config"], block_position_encoding=False)
     with pytest.raises(ValueError, match="unexpected keys.*block_position_embeddings"):
-        GLM.from_official(tv["state_dict"], no_block)
+        load_checkpoint(tv["state_dict"], no_block)
 
 
 def test_non_tensor_entries_and_bad_config(tv, tmp_path):
     with pytest.raises(ValueError, match="not a tensor"):
-        GLM.from_official({"word_embeddings.weight": [1, 2]}, tv["config"])
+        load_checkpoint({"word_embeddings.weight": [1, 2]}, tv["config"])
     with pytest.raises(ValueError, match="neither a preset"):
-        GLM.from_official(tv["state_dict"], str(tmp_path / "missing.json"))
+        load_checkpoint(tv["state_dict"], str(tmp_path / "missing.json"))
 
 
 def test_safetensors(tv, tmp_path):
-    model = GLM.from_official(tv["state_dict"], tv["config"])
+    model = load_checkpoint(tv["state_dict"], tv["config"])
     if importlib.util.find_spec("safetensors") is None:
         (tmp_path / "config.json").write_text(json.dumps(tv["config"]))
         (tmp_path / "model.safetensors").write_bytes(b"\0" * 8)
         with pytest.raises(ValueError, match="safetensors"):
-            GLM.from_official(tmp_path)
+            load_checkpoint(tmp_path)
         with pytest.raises(ValueError, match="pip install safetensors"):
             save_hub(model, tmp_path / "out", safetensors=True)
     else:
         save_hub(model, tmp_path / "out", safetensors=True)
-        assert_official_logits(GLM.from_official(tmp_path / "out"), tv)
+        assert_official_logits(load_checkpoint(tmp_path / "out"), tv)

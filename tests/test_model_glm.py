@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.checkpoint import load_checkpoint
 from model.config import PRESETS, GLMConfig
 from model.glm import GLM, glm_loss
 
@@ -22,7 +23,7 @@ ATOL = 1e-5  # fp32 official vs fp64 official differ by 1.5e-6 (testvectors/READ
 
 def official_model(tv) -> GLM:
     sd = {k: v.clone() for k, v in tv["state_dict"].items()}
-    return GLM.from_official(sd, tv["config"]).eval()
+    return load_checkpoint(sd, tv["config"]).eval()
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +82,30 @@ def test_loss_and_gradients(tv):
     assert set(grads) == set(tv["grads"])
     for name, expected in tv["grads"].items():
         torch.testing.assert_close(grads[name].grad, expected, atol=ATOL, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_training_loss_and_eval_metric_are_glm_loss(tv):
+    """The trainer's loss (GLMComposer.loss) and its eval loss metric give the official loss: one function."""
+    from model.composer import GLMComposer
+
+    composer = GLMComposer(GLMConfig.from_hub(tv["config"]))
+    composer.model.load_state_dict(tv["state_dict"])
+    pos = tv["position_ids"]
+    batch = {"input_ids": tv["input_ids"], "position_ids": pos[:, 0], "block_position_ids": pos[:, 1],
+             "sep": tv["sep"], "targets": tv["targets"], "loss_mask": tv["loss_mask"],
+             "objective": ["bert"] * len(tv["sep"])}
+    composer.eval()
+    with torch.no_grad():
+        logits = composer(batch)
+        torch.testing.assert_close(composer.loss(logits, batch), tv["loss"], atol=ATOL, rtol=0)
+        metric = composer.get_metrics()["loss"]
+        composer.update_metric(batch, logits, metric)
+        torch.testing.assert_close(metric.compute(), tv["loss"], atol=ATOL, rtol=0)
+    per_token = glm_loss(logits, tv["targets"], tv["loss_mask"], reduction="none")
+    assert per_token.shape == tv["targets"].shape
+    torch.testing.assert_close(per_token.sum() / tv["loss_mask"].sum(), tv["loss"], atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        glm_loss(logits, tv["targets"], tv["loss_mask"], reduction="sum")
 
 
 def test_incremental_decoding_matches_official(tv, official):
@@ -196,7 +221,7 @@ def test_flex_matches_sdpa_on_cpu():
 def test_flex_on_cuda_matches_official(tv):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    model = GLM.from_official(tv["state_dict"], GLMConfig.from_hub(tv["config"], attn_impl="flex"), device="cuda")
+    model = load_checkpoint(tv["state_dict"], GLMConfig.from_hub(tv["config"], attn_impl="flex"), device="cuda")
     ids, pos, sep = tv["input_ids"].cuda(), tv["position_ids"].cuda(), tv["sep"].cuda()
     logits = model(ids, pos, sep=sep)
     torch.testing.assert_close(logits.cpu(), tv["logits"], atol=1e-4, rtol=0)
@@ -280,6 +305,36 @@ def test_init_weights_after_meta_construction():
     assert abs(sd["transformer.layers.1.attention.dense.weight"].std().item() - out_std) < 1e-3
     assert torch.all(sd["transformer.layers.0.mlp.dense_h_to_4h.bias"] == 0)
     assert torch.all(sd["transformer.final_layernorm.weight"] == 1)
+
+
+def test_meta_init_per_module_gives_the_eager_bytes():
+    """Composer's FSDP2 meta init (to_empty, then param_init_fn per module, children first) and the eager
+    GLM.init_weights draw the same numbers for a seed: one init rule, one parameter order."""
+    from model.composer import GLMComposer
+
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=96)
+    eager = GLM(cfg)
+    torch.manual_seed(7)
+    eager.init_weights()
+
+    meta = GLMComposer(cfg, init_device="meta").model
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+
+    def children_first(m):
+        for c in m.children():
+            yield from children_first(c)
+        yield m
+
+    torch.manual_seed(7)
+    for m in children_first(meta):
+        meta.param_init_fn(m)
+    got, want = meta.state_dict(), eager.state_dict()
+    assert list(got) == list(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    with pytest.raises(ValueError, match="not a submodule"):
+        meta.init_weights(torch.nn.Linear(2, 2))
 
 
 def test_model_files_import_no_training_stack():

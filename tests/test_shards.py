@@ -1,0 +1,95 @@
+"""pipeline/shards.py: the column schema is versioned (snapshot), and rows made from real samples keep their
+columns and dtypes through both formats.
+
+    .venv/bin/python -m pytest -q tests/test_shards.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards as S
+from pipeline.infilling import LAYOUTS, SpanPlacementError, make_sample
+from pipeline.tokenizer import Tokenizer
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "washington_1790_state_of_the_union.txt"
+
+# (SCHEMA_VERSION, sha256 of shards.canonical_schema()) as of the last deliberate schema change.
+SNAPSHOT = (1, "66ff96f58afb3c5fc427092dbb7255434222597559c4f7ba51a8f742bb92efd0")
+
+
+def snapshot_problem(version: int, schema_text: str) -> str | None:
+    """What is wrong with (SCHEMA_VERSION, canonical schema) against SNAPSHOT, or None."""
+    now = hashlib.sha256(schema_text.encode()).hexdigest()
+    if (version, now) == SNAPSHOT:
+        return None
+    if now != SNAPSHOT[1] and version == SNAPSHOT[0]:
+        return (f"the shard column schema changed but SCHEMA_VERSION is still {version}: readers would take old "
+                "shard sets for new ones. Bump SCHEMA_VERSION in pipeline/shards.py, then set SNAPSHOT in "
+                f"tests/test_shards.py to ({version + 1}, {now!r})")
+    return (f"SCHEMA_VERSION {version} with schema hash {now}, the snapshot says {SNAPSHOT}: after a deliberate "
+            f"schema change set SNAPSHOT in tests/test_shards.py to ({version}, {now!r})")
+
+
+def test_schema_changes_only_with_a_version_bump():
+    problem = snapshot_problem(S.SCHEMA_VERSION, S.canonical_schema())
+    assert problem is None, problem
+    assert S.SCHEMA.metadata[b"glm_shard_schema_version"] == str(S.SCHEMA_VERSION).encode()
+    # the check itself: a column changed (doc_index int64 -> int32) is refused until the version moves on
+    changed = S.SCHEMA.set(S.SCHEMA.get_field_index("doc_index"), pa.field("doc_index", pa.int32()))
+    assert "Bump SCHEMA_VERSION" in snapshot_problem(S.SCHEMA_VERSION, S.canonical_schema(changed))
+    assert "set SNAPSHOT" in snapshot_problem(S.SCHEMA_VERSION + 1, S.canonical_schema(changed))
+
+
+@pytest.fixture(scope="module")
+def real_samples(tokenizer_path) -> list[dict]:
+    """Samples of every objective from one real chunk: the fixture speech through a real sentencepiece model."""
+    tok = Tokenizer.load(tokenizer_path)
+    sp = tok.specials
+    chunk = np.array([sp.cls, *tok.encode(FIXTURE.read_text())[:300], sp.eos])
+    out = []
+    for seed in range(12):
+        for objective in ("bert", "sentence", "gpt"):
+            try:
+                out.append((objective, make_sample(chunk, objective, np.random.default_rng(seed), specials=sp)))
+            except SpanPlacementError:
+                pass
+    return out
+
+
+def test_rows_of_real_samples_keep_columns_and_dtypes(real_samples):
+    rows = [S.sample_row(s, objective=o, variant=0, source=str(FIXTURE), doc_index=0, chunk_index=i,
+                         sample_key=f"train/0/0/{i}") for i, (o, s) in enumerate(real_samples)]
+    assert {r["layout"] for r in rows} <= set(LAYOUTS) and len({r["layout"] for r in rows}) >= 3
+    for r in rows:
+        assert list(r) == list(S.COLUMNS)
+        for c, dtype in S.ARRAY_COLUMNS.items():
+            assert r[c].dtype == dtype, c   # infilling writes the schema's dtypes: no cast on the way to disk
+    samples = S.ShardSamples.from_rows(rows)
+    data = S.encode(samples, "parquet")
+    written = pq.read_schema(io.BytesIO(data))
+    assert S.canonical_schema(written) == S.canonical_schema() and written.metadata == S.SCHEMA.metadata
+    for fmt in S.FORMATS:
+        back = S.decode(S.encode(samples, fmt), fmt)
+        for i, want in enumerate(rows):
+            got = back.row(i)
+            for c in S.ARRAY_COLUMNS:
+                np.testing.assert_array_equal(got[c], want[c], err_msg=f"{fmt} {c}")
+                assert got[c].dtype == S.ARRAY_COLUMNS[c], f"{fmt} {c}"
+            assert {c: got[c] for c in S.SCALAR_COLUMNS} == {c: want[c] for c in S.SCALAR_COLUMNS}, fmt
+
+
+def test_sample_row_names_a_wrong_provenance_column(real_samples):
+    _, sample = real_samples[0]
+    good = dict(objective="bert", variant=0, source="x", doc_index=0, chunk_index=0, sample_key="k")
+    with pytest.raises(ValueError, match=r"doc_idx.*pass exactly those"):
+        S.sample_row(sample, **{k if k != "doc_index" else "doc_idx": v for k, v in good.items()})
+    with pytest.raises(ValueError, match="sample_key"):
+        S.sample_row(sample, **{k: v for k, v in good.items() if k != "sample_key"})
