@@ -23,14 +23,19 @@ worker processes across tasks), not once per task.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import glob
 import importlib.util
 import json
 import os
+import re
 import resource
+import socket
 import sys
+import threading
 import time
+import uuid
 
 import fsspec
 import numpy as np
@@ -45,6 +50,13 @@ SPLITS = ("train", "validation")
 SPLIT_ID = {"train": 0, "validation": 1}
 RECEIPTS = "_receipts"
 BUILD_RECORD = "_build.json"
+BUILD_FORMAT = 2    # shape of _build.json and the receipts (2: input stamps, tokenizer settings, build_format key)
+LOCK = "_lock.json"
+LOCK_HEARTBEAT_S = 30     # the lock owner rewrites its heartbeat this often
+LOCK_TIMEOUT_S = 300      # a lock whose heartbeat is older than this is stale (its owner died elsewhere)
+SHARD_NAME = re.compile(r"g\d{5}-v\d{2}-\d{4}\.(parquet|tar)")   # ShardWriter's names: the only ones we write
+RECEIPT_NAME = re.compile(r"g\d{5}\.json")
+TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")                 # shards.atomic_write's temp files
 GROWTH = {"bert": 1.1, "sentence": 1.02, "gpt": 1.0}  # ~output/input length of each objective (spec §3.6)
 MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter group tails are counted as dropped
 MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
@@ -174,16 +186,18 @@ class Packer:
         pick = float(seed.generate_state(1, np.uint64)[0]) / 2.0**64   # objective draw in [0, 1), ~1 us
         objective = self.objectives[min(int(np.searchsorted(self.cum_probs, pick, side="right")),
                                         len(self.objectives) - 1)]
+        # Only "this chunk cannot take this objective" is expected; any other ValueError (a bad option) must
+        # stop the build, not turn into silently dropped tokens.
         try:
             fitted = self._fit(objective, seed)
-        except ValueError:  # e.g. infilling.SpanPlacementError: spans don't fit this chunk's documents
+        except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
             fitted = None
         if fitted is None and objective != "gpt":
             self.acc["objective_fallbacks"] += 1   # counted, never silent: the chunk becomes a doc-level sample
             objective = "gpt"
             try:
                 fitted = self._fit(objective, seed)
-            except ValueError:
+            except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
                 fitted = None
         source, doc_index = self.queue.provenance
         if fitted is None:
@@ -311,7 +325,7 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
             w.flush()
 
     receipt = {
-        "group": group, "files": [f.url for f in files],
+        "build_format": BUILD_FORMAT, "group": group, "files": [f.url for f in files],
         "skips": [k.to_json() for k in skips],
         "splits": {s: {"accounting": accs[s],
                        "shards": [dataclasses.asdict(i) for w in writers[s] for i in w.shards]} for s in SPLITS},
@@ -324,61 +338,317 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
             "documents": accs["train"]["documents"] + accs["validation"]["documents"]}
 
 
-# ------------------------------------------------------------------------------------------- driver
+# ------------------------------------------------------------------------------------------- output lock
 
-def _init_ray(num_cpus: int | None) -> None:
-    import ray
+LOCK_SETTLE_S = 1.0   # object stores: wait this long after writing the lock, then read it back to confirm
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):          # inside `ray job submit`, or pointed at a cluster
-        ray.init(log_to_driver=True)
-        return
-    # In-process Ray: workers must import this repo's `pipeline` package.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1"}})
 
+def _is_local(fs) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
+
+
+def _who(lock: dict) -> str:
+    if not lock:
+        return "an unknown build (the lock file is unreadable)"
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(lock.get("started", 0))))
+    return (f"build {lock.get('build_id')} (pid {lock.get('pid')} on host {lock.get('host')}, started {started}, "
+            f"last heartbeat {time.time() - float(lock.get('heartbeat', 0)):.0f} s ago)")
+
+
+class OutputLock:
+    """One build at a time per output. `_lock.json` names the owner (host, pid, build id) and carries a heartbeat
+    that a daemon thread rewrites every LOCK_HEARTBEAT_S. Another build refuses while the lock is live. A lock is
+    stale — and taken over, with a message — when its owner ran on this host and its process is gone (a killed
+    build), or when its heartbeat is older than LOCK_TIMEOUT_S (an owner that died on another machine).
+
+    Local disks: the lock is created with link(2), which fails when it exists. Object stores offer no such
+    primitive through fsspec, so the writer reads the lock back after LOCK_SETTLE_S and backs off if another
+    build's id is there; each heartbeat re-reads it too, and a build that finds its lock taken stops."""
+
+    def __init__(self, fs, root: str, url: str):
+        self.fs, self.path, self.url = fs, f"{root}/{LOCK}", f"{url.rstrip('/')}/{LOCK}"
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "build_id": uuid.uuid4().hex,
+                      "started": time.time()}
+        self.lost: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _payload(self) -> bytes:
+        return json.dumps({**self.owner, "heartbeat": time.time()}, sort_keys=True).encode()
+
+    def _read(self) -> dict | None:
+        try:
+            lock = json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError):
+            return {}
+        return lock if isinstance(lock, dict) else {}
+
+    def _stale(self, lock: dict) -> str | None:
+        """Why a lock no longer protects a running build; None while its owner may still be at work."""
+        if not lock:
+            return "the lock file is unreadable"
+        if lock.get("host") == self.owner["host"] and not _pid_alive(int(lock.get("pid", -1))):
+            return f"its process {lock.get('pid')} on this host is gone"
+        age = time.time() - float(lock.get("heartbeat", 0))
+        if age > LOCK_TIMEOUT_S:
+            return f"its last heartbeat is {age:.0f} s old (timeout {LOCK_TIMEOUT_S} s)"
+        return None
+
+    def _busy(self, lock: dict) -> ValueError:
+        return ValueError(
+            f"output {self.url.rsplit('/', 1)[0]} is being built by {_who(lock)}; two builds into one output would "
+            f"mix their files. Wait for it to finish, or use another --output. If that build is dead (its machine "
+            f"is gone), delete {self.url} — or wait: a lock without a heartbeat for {LOCK_TIMEOUT_S} s is taken "
+            "over automatically (a dead build on this same host is detected at once).")
+
+    def acquire(self) -> None:
+        old = self._read()
+        if old is not None:
+            why = self._stale(old)
+            if why is None:
+                raise self._busy(old)
+            print(f"[build] taking over the stale lock {self.url} of {_who(old)}: {why}", flush=True)
+        if _is_local(self.fs) and old is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{os.path.dirname(self.path)}/.{LOCK}.tmp-{uuid.uuid4().hex}"
+            with open(tmp, "wb") as f:
+                f.write(self._payload())
+            try:
+                os.link(tmp, self.path)   # atomic create-if-absent, with the full content at once
+            except FileExistsError:
+                raise self._busy(self._read() or {}) from None
+            finally:
+                os.unlink(tmp)
+        else:
+            S.atomic_write(self.fs, self.path, self._payload())
+            time.sleep(LOCK_SETTLE_S)
+            now = self._read()
+            if not now or now.get("build_id") != self.owner["build_id"]:
+                raise self._busy(now or {})
+        self._thread = threading.Thread(target=self._beat, name="build-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                now = self._read()
+                if not now or now.get("build_id") != self.owner["build_id"]:
+                    self.lost = now or {}
+                    return
+                S.atomic_write(self.fs, self.path, self._payload())
+            except OSError as e:   # a passing store error: the next beat tries again
+                print(f"[build] warning: could not refresh the lock {self.url}: {e}", flush=True)
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise ValueError(f"this build lost its lock {self.url} to {_who(self.lost)} (its heartbeat was taken "
+                             f"as stale); it stops so the two do not mix. Rerun when the other build has finished.")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            now = self._read()
+            if now and now.get("build_id") == self.owner["build_id"]:
+                self.fs.rm(self.path)
+        except OSError as e:
+            print(f"[build] warning: could not remove the lock {self.url} ({e}); the next build takes it over "
+                  "once it is stale", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- what is ours
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
+    """Split every file under the output into (written by a build of ours, anything else). Ours: the build
+    record, the lock, receipts, each split's manifest and shards (by ShardWriter's names, so a crashed group's
+    uncommitted shards count too), a tokenizer trained here, and atomic_write's temp files of any of these —
+    and only in a folder that holds a build record or a manifest."""
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return [], []
+    files = sorted(fs.find(root))
+    record = _read_json(fs, f"{root}/{BUILD_RECORD}")
+    manifests = [_read_json(fs, f"{root}/{s}/{S.MANIFEST_NAME}") for s in SPLITS]
+    ours_build = record is not None or any(m is not None for m in manifests)
+    trained_here = bool((record or {}).get("tokenizer", {}).get("trained")) or any(
+        (m or {}).get("tokenizer", {}).get("path") == f"{url.rstrip('/')}/tokenizer.model" for m in manifests)
+
+    def mine(path: str) -> bool:
+        parts = path[len(root) + 1:].split("/")
+        temp = TEMP_NAME.fullmatch(parts[-1])
+        name = temp.group(1) if temp else parts[-1]
+        if len(parts) == 1:
+            return name == LOCK or (ours_build and (
+                name == BUILD_RECORD or (trained_here and name in ("tokenizer.model", "tokenizer.json"))))
+        if len(parts) == 2 and ours_build:
+            if parts[0] == RECEIPTS:
+                return bool(RECEIPT_NAME.fullmatch(name))
+            if parts[0] in SPLITS:
+                return name == S.MANIFEST_NAME or bool(SHARD_NAME.fullmatch(name))
+        return False
+
+    ours = [p for p in files if mine(p)]
+    return ours, [p for p in files if not mine(p)]
+
+
+def _names(paths: list[str], limit: int = 8) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+def _clear(fs, root: str, url: str) -> None:
+    """--overwrite: delete the previous build's own files, after refusing if anything else is in the folder."""
+    ours, foreign = _our_files(fs, root, url)
+    if foreign:
+        raise ValueError(
+            f"--overwrite refused: output {url} holds {len(foreign)} file(s) that no build wrote: "
+            f"{_names(foreign)}. --overwrite deletes only a previous build's own files (its _build.json, "
+            "_receipts, manifests, shards and trained tokenizer); move the other files away or choose an --output "
+            "folder of its own. Nothing was deleted.")
+    lock = f"{root}/{LOCK}"
+    first = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]   # no longer 'complete' first
+    ordered = [p for p in first if p in ours] + [p for p in ours if p not in first and p != lock]
+    if ordered:
+        print(f"[build] --overwrite: deleting {len(ordered)} files of the previous build in {url}", flush=True)
+        fs.rm(ordered)
+    if _is_local(fs):   # object stores have no folders to leave behind
+        for d in (RECEIPTS, *SPLITS):
+            if os.path.isdir(f"{root}/{d}") and not os.listdir(f"{root}/{d}"):
+                os.rmdir(f"{root}/{d}")
+    fs.invalidate_cache()
+
+
+# ------------------------------------------------------------------------------------------- build record
 
 def _byte_config(cfg: BuildConfig) -> dict:
     return {k: getattr(cfg, k) for k in cfg.byte_fields()}
 
 
-def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> None:
-    """Refuse to mix builds: an output made with other settings needs --overwrite (which clears it)."""
+def _tokenizer_spec(cfg: BuildConfig) -> dict:
+    """With --tokenizer only its fingerprint matters; a tokenizer trained here is also fixed by its settings,
+    so a rerun with another vocab_size is refused before anything is trained."""
+    if cfg.tokenizer:
+        return {"given": cfg.tokenizer, "fingerprint": None}
+    return {"trained": {"vocab_size": cfg.vocab_size, "tokenizer_model_type": cfg.tokenizer_model_type,
+                        "tokenizer_max_sentences": cfg.tokenizer_max_sentences}, "fingerprint": None}
+
+
+def _stamp(info: dict) -> str | None:
+    """What tells a changed input from an unchanged one without reading it: an object store's ETag (the MD5 of
+    the content for single-part uploads) or else the modification time."""
+    for key in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
+
+
+def _input_record(files: list[D.InputFile], storage_options: dict) -> list[list]:
+    out = []
+    for f in files:
+        fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
+        out.append([f.url, f.size, _stamp(fs.info(path))])
+    return out
+
+
+def _input_changes(old: list[list], new: list[list]) -> list[str]:
+    o = {u: tuple(rest) for u, *rest in old}
+    n = {u: tuple(rest) for u, *rest in new}
+    out = []
+    for label, urls in (("changed in place (size or modification time)", [u for u in n if u in o and o[u] != n[u]]),
+                        ("added", [u for u in n if u not in o]), ("removed", [u for u in o if u not in n])):
+        if urls:
+            out.append(f"inputs {label}: {_names(sorted(urls), 5)}")
+    return out
+
+
+def _check_record(url: str, old: dict, new: dict) -> None:
+    """Refuse to mix builds: an output made with other settings or inputs needs --overwrite."""
+    if old.get("build_format") != BUILD_FORMAT:
+        raise ValueError(
+            f"output {url} was made by an older version of this builder (build record format "
+            f"{old.get('build_format', 1)}, this version writes {BUILD_FORMAT}) and cannot be resumed; pass "
+            "--overwrite to delete that build and rebuild, or use another --output")
+    o, n = old["config"], new["config"]
+    diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+    ot, nt = old["tokenizer"], new["tokenizer"]
+    if "trained" in nt:
+        if "trained" not in ot:
+            diff.append(f"tokenizer: {ot.get('given')!r} -> train one here")
+        else:
+            diff += [f"{k}: {ot['trained'].get(k)!r} -> {v!r}" for k, v in nt["trained"].items()
+                     if ot["trained"].get(k) != v]
+    diff += _input_changes(old["inputs"], new["inputs"])
+    if diff:
+        raise ValueError(f"output {url} holds a build with different settings ({'; '.join(diff)}). "
+                         "Use another --output, or pass --overwrite to delete it and rebuild.")
+
+
+def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> dict | None:
+    """Check the output against this build's record before anything is trained or written; returns the old
+    record (None for a new output) and commits the new one."""
     path = f"{root}/{BUILD_RECORD}"
-    if fs.exists(path):
-        old = json.loads(fs.cat_file(path))
-        if old != record:   # (with --overwrite, build() has cleared the output already)
-            flat = lambda r: {**{k: v for k, v in r.items() if k != "config"}, **r.get("config", {})}
-            o, n = flat(old), flat(record)
-            diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" if k != "inputs" else "inputs (files or sizes)"
-                    for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
-            raise ValueError(
-                f"output {cfg.output} holds a build with different settings ({'; '.join(diff)}). "
-                "Use another --output, or pass --overwrite to delete it and rebuild.")
+    old = _read_json(fs, path)
+    if old is not None:
+        _check_record(cfg.output, old, record)
+        record["tokenizer"]["fingerprint"] = old["tokenizer"]["fingerprint"]
+        if "trained" in old["tokenizer"]:   # the tokenizer.model here stays the build's own for --overwrite
+            record["tokenizer"]["trained"] = old["tokenizer"]["trained"]
+    elif fs.exists(path):
+        raise ValueError(f"output {cfg.output} has an unreadable {BUILD_RECORD}; pass --overwrite to rebuild")
     elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
         raise ValueError(f"output {cfg.output} holds shards without a build record; pass --overwrite")
+    elif not cfg.tokenizer and fs.exists(f"{root}/tokenizer.model"):
+        raise ValueError(f"output {cfg.output} holds a tokenizer.model that no build of this output trained; pass "
+                         f"--tokenizer {cfg.output.rstrip('/')}/tokenizer.model to use it, or choose another --output")
     # Remove temp files of writes interrupted by a crash (they were never committed).
-    if fs.exists(root):
-        for p in fs.find(root):
-            if ".tmp-" in p.rsplit("/", 1)[-1]:
-                fs.rm(p)
+    ours, _ = _our_files(fs, root, cfg.output)
+    stale = [p for p in ours if TEMP_NAME.fullmatch(p.rsplit("/", 1)[-1])]
+    if stale:
+        fs.rm(stale)
     S.atomic_write(fs, path, json.dumps(record, sort_keys=True, indent=1).encode())
+    return old
 
 
-def _clear(fs, root: str) -> None:
-    for p in fs.ls(root, detail=False):
-        fs.rm(p, recursive=True)
+# ------------------------------------------------------------------------------------------- tokenizer
+
+def _skip_summary(skips: list[dict], limit: int = 6) -> str:
+    """Skip reasons grouped by kind (numbers folded), most frequent first, each with one example."""
+    kinds: dict[str, list[dict]] = {}
+    for s in skips:
+        kinds.setdefault(re.sub(r"\d+", "N", s["reason"]), []).append(s)
+    parts = [f"{len(v)} x {v[0]['reason']} (e.g. {v[0]['source']})"
+             for _, v in sorted(kinds.items(), key=lambda kv: -len(kv[1]))[:limit]]
+    return "; ".join(parts) if parts else "no input was skipped"
 
 
 def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.InputFile]) -> T.Tokenizer:
     if cfg.tokenizer:
         return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
     path = f"{root}/tokenizer.model"
-    if fs.exists(path):   # resuming a build that trained its tokenizer already (--overwrite cleared it before)
+    if fs.exists(path):   # resuming a build that trained its tokenizer already (the record matched its settings)
         return T.Tokenizer(fs.cat_file(path), source=path)
     # Input sampling: every k-th file, so about 64 MB of text is read; sentencepiece then samples at most
     # tokenizer_max_sentences lines of it.
@@ -389,18 +659,99 @@ def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.Inpu
     print(f"[build] training a {cfg.tokenizer_model_type} tokenizer (vocab {cfg.vocab_size}) on "
           f"{len(sample)}/{len(files)} files", flush=True)
     skips: list[D.Skip] = []
-    docs = (d.text for f in sample for d in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options,
-                                                              skips))
-    tok = T.train(docs, cfg.vocab_size, model_type=cfg.tokenizer_model_type,
-                  max_sentences=cfg.tokenizer_max_sentences, seed=cfg.seed)
+    read = [0]
+
+    def docs():
+        for f in sample:
+            for d in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options, skips):
+                read[0] += 1
+                yield d.text
+
+    try:
+        tok = T.train(docs(), cfg.vocab_size, model_type=cfg.tokenizer_model_type,
+                      max_sentences=cfg.tokenizer_max_sentences, seed=cfg.seed)
+    except (RuntimeError, ValueError) as e:
+        if read[0]:
+            raise
+        raise ValueError(f"no text to train a tokenizer on: the {len(sample)} sampled input files gave no document "
+                         f"({_skip_summary([k.to_json() for k in skips])}). Check --input and --text-field, or pass "
+                         "--tokenizer") from e
     S.atomic_write(fs, path, tok.model_bytes)
     tok.save_specials_json(f"{cfg.output.rstrip('/')}/tokenizer.json", cfg.storage_options)
     return tok
 
 
-def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, tokenizer_path: str) -> dict:
+# ------------------------------------------------------------------------------------------- rerun checks
+
+def _verified_groups(fs, root: str, n_groups: int) -> set[int]:
+    """Groups whose receipt and every shard it lists are intact: size and sha256 against the receipt. A damaged
+    group loses its receipt (so even a crash during its rebuild rebuilds it) and is built again. Cost: every
+    finished shard is read once per rerun — about a second per GB and thread on a local disk, a full download
+    on an object store (8 threads)."""
+    fs.invalidate_cache()
+    folder = f"{root}/{RECEIPTS}"
+    receipts = {}
+    for p in (fs.ls(folder, detail=False) if fs.exists(folder) else []):
+        name = p.rsplit("/", 1)[-1]
+        if RECEIPT_NAME.fullmatch(name) and int(name[1:6]) < n_groups:
+            receipts[int(name[1:6])] = p
+
+    def damage(item: tuple[int, str]) -> str | None:
+        g, p = item
+        r = _read_json(fs, p)
+        if r is None or r.get("build_format") != BUILD_FORMAT:
+            return f"its receipt {p.rsplit('/', 1)[-1]} is unreadable"
+        for split in SPLITS:
+            for i in r["splits"][split]["shards"]:
+                name = f"{split}/{i['name']}"
+                if not SHARD_NAME.fullmatch(i["name"]):
+                    return f"its receipt lists a shard named {i['name']!r}, not one this builder writes"
+                try:
+                    data = fs.cat_file(f"{root}/{name}")
+                except FileNotFoundError:
+                    return f"shard {name} is missing"
+                if len(data) != i["bytes"]:
+                    return f"shard {name} has {len(data)} bytes, its receipt says {i['bytes']} (truncated?)"
+                if S.sha256(data) != i["sha256"]:
+                    return f"shard {name} has the right size but not the sha256 of its receipt (altered)"
+        return None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        found = dict(zip(receipts, ex.map(damage, receipts.items())))
+    for g, why in sorted(found.items()):
+        if why is not None:
+            print(f"[build] group {g} will be rebuilt: {why}", flush=True)
+            fs.rm(receipts[g])
+    return {g for g, why in found.items() if why is None}
+
+
+# ------------------------------------------------------------------------------------------- assembly
+
+def _no_samples(files: list[D.InputFile], receipts: list[dict], skips: list[dict], min_doc_tokens: int) -> str:
+    acc = new_accounting()
+    for r in receipts:
+        for split in SPLITS:
+            acc = merge_accounting(acc, r["splits"][split]["accounting"])
+    return (f"the build yielded 0 training samples from {len(files)} input files: {acc['documents']} documents "
+            f"were used ({acc['tokens_in']} tokens, {acc['tail_tokens_dropped']} dropped as too short for a "
+            f"sample), {acc['documents_too_short']} were shorter than min_doc_tokens={min_doc_tokens}; skipped: "
+            f"{_skip_summary(skips)}. Check --input and --text-field, lower --min-doc-tokens, or add text.")
+
+
+def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, files: list[D.InputFile], groups: int,
+              tokenizer_path: str) -> dict:
     receipts = [json.loads(fs.cat_file(f"{root}/{RECEIPTS}/g{g:05d}.json")) for g in range(groups)]
     skips = sorted((s for r in receipts for s in r["skips"]), key=lambda s: (s["source"], s["reason"]))
+    if not sum(r["splits"]["train"]["accounting"]["samples"] for r in receipts):
+        raise ValueError(_no_samples(files, receipts, skips, cfg.min_doc_tokens))
+    warnings = []
+    if cfg.validation_fraction > 0 and not sum(r["splits"]["validation"]["accounting"]["samples"] for r in receipts):
+        docs = sum(r["splits"][s]["accounting"]["documents"] for r in receipts for s in SPLITS)
+        warnings.append(
+            f"the validation split is empty: validation_fraction={cfg.validation_fraction} of {docs} documents "
+            "(chosen by content hash) selected none. Raise validation_fraction or add documents, or train with "
+            "--eval-data=none")
+        print(f"[build] warning: {warnings[-1]}", flush=True)
     manifests = {}
     for split in SPLITS:
         acc = new_accounting()
@@ -411,6 +762,7 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, to
         acc = finish_accounting(acc)
         acc["skipped"] = skips
         acc["skipped_count"] = len(skips)
+        acc["warnings"] = warnings
         config = _byte_config(cfg)
         m = S.Manifest(
             schema_version=S.SCHEMA_VERSION, format=cfg.format, split=split, seq_len=cfg.seq_len,
@@ -426,55 +778,174 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, to
     return manifests
 
 
+# ------------------------------------------------------------------------------------------- Ray and jobs
+
+def _in_ray_job() -> bool:
+    """True in the driver of `ray job submit`: Ray's job supervisor hands it its job config in this variable."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _is_relative_local(url: str) -> bool:
+    return "://" not in url and not os.path.isabs(os.path.expanduser(url))
+
+
+def _check_job_paths(cfg: BuildConfig) -> None:
+    """Under `ray job submit` the working directory is Ray's temporary copy of --working-dir: a relative output
+    would be written there and lost, a relative input read from the copy."""
+    if not _in_ray_job():
+        return
+    bad = [f"--output {cfg.output}"] if _is_relative_local(cfg.output) else []
+    bad += [f"--input {u}" for u in cfg.input if _is_relative_local(u)]
+    bad += [f"--tokenizer {cfg.tokenizer}"] if cfg.tokenizer and _is_relative_local(cfg.tokenizer) else []
+    if bad:
+        raise ValueError(
+            f"running as a submitted Ray job, relative paths resolve inside Ray's temporary copy of --working-dir "
+            f"({os.getcwd()}), where output is lost when the job ends: {', '.join(bad)}. Use absolute paths on a "
+            "filesystem every node shares (e.g. /mnt/data/shards) or an object store URL (s3://bucket/shards)")
+
+
+def _existing_cluster() -> str | None:
+    """The Ray cluster a plain ray.init() would join: RAY_ADDRESS, else the last `ray start` on this machine."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return None if env == "local" else env
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None)
+    except Exception:   # a stale address file or a private API that moved: behave as if there were none
+        return None
+
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        if num_cpus is not None:
+            print(f"[build] warning: num_cpus={num_cpus} is ignored: Ray is already initialised in this process",
+                  flush=True)
+        return
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo]
+    env_vars = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    if _in_ray_job():   # the job's runtime env (--working-dir) already carries the code
+        ray.init(log_to_driver=True)
+        return
+    address = _existing_cluster()
+    if address:
+        # Ray refuses num_cpus when joining a cluster; the cluster's own CPUs are used.
+        if num_cpus is not None:
+            print(f"[build] warning: num_cpus={num_cpus} is ignored: joining the running Ray cluster at {address} "
+                  "(from RAY_ADDRESS or a `ray start` on this machine), which uses its own CPUs. For a private "
+                  f"Ray with {num_cpus} CPUs instead, run with RAY_ADDRESS=local (or stop that cluster).",
+                  flush=True)
+        else:
+            print(f"[build] joining the running Ray cluster at {address} (RAY_ADDRESS=local starts a private one)",
+                  flush=True)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        return
+    # In-process Ray: workers must import this repo's `pipeline` package.
+    os.environ["PYTHONPATH"] = env_vars["PYTHONPATH"]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": env_vars})
+
+
+_STORAGE_FIXES = {
+    "NoCredentialsError": "no credentials were found",
+    "PartialCredentialsError": "the credentials are incomplete",
+    "EndpointConnectionError": "the endpoint cannot be reached",
+    "ConnectTimeoutError": "the endpoint does not answer",
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key is wrong",
+}
+
+
+def storage_error(e: BaseException) -> str | None:
+    """A message naming the fix for a missing-credentials or bad-endpoint error anywhere in e's chain (also inside
+    a Ray task error), or None."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        code = x.response.get("Error", {}).get("Code") if isinstance(getattr(x, "response", None), dict) else None
+        names = {c.__name__ for c in type(x).__mro__} | {str(code)}
+        hit = next((k for k in _STORAGE_FIXES if k in names or k in str(x)[:300]), None)
+        if hit:
+            return (f"object store access failed: {_STORAGE_FIXES[hit]} ({hit}: {str(x)[:200]}). Set the "
+                    "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the endpoint "
+                    "(--storage-options '{endpoint_url: http://host:port}' or AWS_ENDPOINT_URL) in the environment "
+                    "of the process that builds. Under `ray job submit` the job does not see variables exported "
+                    "after `ray start`: pass them with --runtime-env-json '{\"env_vars\": {\"AWS_ACCESS_KEY_ID\": "
+                    "\"...\", \"AWS_SECRET_ACCESS_KEY\": \"...\"}}', or export them before `ray start`.")
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    return None
+
+
+# ------------------------------------------------------------------------------------------- driver
+
 def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
     """Build (or resume) the shard sets of cfg; returns {split: Manifest}. `stats`, when given, receives this
-    run's figures: tokens, seconds (excluding Ray start-up), peak RSS (MB) of each worker process."""
+    run's figures: tokens, seconds (excluding Ray start-up), peak RSS (MB) of each worker process.
+
+    Object-store errors that mean missing credentials or a wrong endpoint are raised as ValueError naming the
+    fix."""
+    try:
+        return _build(cfg, stats)
+    except ValueError:
+        raise
+    except Exception as e:
+        hint = storage_error(e)
+        if hint:
+            raise ValueError(hint) from e
+        raise
+
+
+def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
     cfg.validate()
+    _check_job_paths(cfg)
     inputs = cfg.input or demo_corpus()
     files = D.list_inputs(inputs, cfg.storage_options)
     groups = D.group_files(files, cfg.group_bytes)
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     root = root.rstrip("/")
     t0 = time.time()
-    if cfg.overwrite and fs.exists(root):
-        _clear(fs, root)
-    tok = _load_or_train_tokenizer(cfg, fs, root, files)
-    tokenizer_path = cfg.tokenizer or f"{cfg.output.rstrip('/')}/tokenizer.model"
-    record = {"config": _byte_config(cfg), "tokenizer_fingerprint": tok.fingerprint,
-              "inputs": [[f.url, f.size] for f in files]}
-    _prepare_output(cfg, fs, root, record)
+    lock = OutputLock(fs, root, cfg.output)
+    lock.acquire()
+    try:
+        if cfg.overwrite:
+            _clear(fs, root, cfg.output)
+        record = {"build_format": BUILD_FORMAT, "config": _byte_config(cfg), "tokenizer": _tokenizer_spec(cfg),
+                  "inputs": _input_record(files, cfg.storage_options)}
+        old = _prepare_output(cfg, fs, root, record)
+        tok = _load_or_train_tokenizer(cfg, fs, root, files)
+        known = record["tokenizer"]["fingerprint"]
+        if known is not None and known != tok.fingerprint:
+            raise ValueError(
+                f"output {cfg.output} was built with the tokenizer of fingerprint {known[:16]}…, but "
+                f"{cfg.tokenizer or 'its tokenizer.model'} has fingerprint {tok.fingerprint[:16]}…; use the same "
+                "tokenizer, another --output, or --overwrite to rebuild")
+        if known is None:
+            record["tokenizer"]["fingerprint"] = tok.fingerprint
+            S.atomic_write(fs, f"{root}/{BUILD_RECORD}", json.dumps(record, sort_keys=True, indent=1).encode())
+        tokenizer_path = cfg.tokenizer or f"{cfg.output.rstrip('/')}/tokenizer.model"
 
-    done = {int(p.rsplit("/g", 1)[-1][:5]) for p in (fs.ls(f"{root}/{RECEIPTS}", detail=False)
-                                                       if fs.exists(f"{root}/{RECEIPTS}") else [])
-            if p.endswith(".json")}
-    todo = [g for g in range(len(groups)) if g not in done]
-    print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
-          f"{len(todo)} to build -> {cfg.output}", flush=True)
-    tokens = 0
-    if todo:
-        import ray
-        from tqdm import tqdm
-
-        _init_ray(cfg.num_cpus)
-        t_work = time.time()
-        remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
-        model_ref = ray.put(tok.model_bytes)
-        cfg_ref = ray.put(cfg)
-        pending = [remote.remote(cfg_ref, g, groups[g], model_ref) for g in todo]
-        bar = tqdm(total=len(todo), desc="packing groups", unit="group", file=sys.stdout, mininterval=1.0)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            res = ray.get(ready[0])
-            tokens += res["tokens"]
-            if stats is not None:
-                rss = stats.setdefault("worker_peak_rss_mb", {})
-                rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
-            bar.update(1)
-            bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")
-        bar.close()
-        if stats is not None:
-            stats.update(tokens=tokens, seconds=time.time() - t_work)
-    manifests = _assemble(cfg, fs, root, tok, len(groups), tokenizer_path)
+        done = _verified_groups(fs, root, len(groups)) if old is not None else set()
+        todo = [g for g in range(len(groups)) if g not in done]
+        print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
+              f"{len(todo)} to build -> {cfg.output}", flush=True)
+        if todo:   # the output is incomplete until _assemble: drop a manifest left by an earlier, finished run
+            manifests = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]
+            present = [p for p in manifests if fs.exists(p)]
+            if present:
+                fs.rm(present)
+        tokens = _run_groups(cfg, groups, todo, tok, lock, stats, t0)
+        lock.check()
+        manifests = _assemble(cfg, fs, root, tok, files, len(groups), tokenizer_path)
+    finally:
+        lock.release()
     dt = time.time() - t0
     tr, va = manifests["train"].accounting, manifests["validation"].accounting
     print(f"[build] done in {dt:.1f}s: documents {tr['documents']} train / {va['documents']} validation, "
@@ -483,3 +954,38 @@ def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
           f"in {len(manifests['train'].shards)} + {len(manifests['validation'].shards)} shards, "
           f"pad fraction {tr['pad_fraction']:.2%}, skipped inputs {tr['skipped_count']}", flush=True)
     return manifests
+
+
+def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenizer, lock: OutputLock,
+                stats: dict | None, t0: float) -> int:
+    tokens = 0
+    if not todo:
+        return tokens
+    import ray
+    from tqdm import tqdm
+
+    _init_ray(cfg.num_cpus)
+    t_work = time.time()
+    remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
+    model_ref = ray.put(tok.model_bytes)
+    cfg_ref = ray.put(cfg)
+    pending = [remote.remote(cfg_ref, g, groups[g], model_ref) for g in todo]
+    bar = tqdm(total=len(todo), desc="packing groups", unit="group", file=sys.stdout, mininterval=1.0)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            res = ray.get(ready[0])
+            lock.check()
+            tokens += res["tokens"]
+            if stats is not None:
+                rss = stats.setdefault("worker_peak_rss_mb", {})
+                rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
+            bar.update(1)
+            bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")
+    finally:
+        bar.close()
+        for ref in pending:   # a failed build leaves no task writing into the output after its lock is gone
+            ray.cancel(ref, force=True)
+    if stats is not None:
+        stats.update(tokens=tokens, seconds=time.time() - t_work)
+    return tokens
