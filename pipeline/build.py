@@ -894,9 +894,7 @@ def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
     fix."""
     try:
         return _build(cfg, stats)
-    except ValueError:
-        raise
-    except Exception as e:
+    except Exception as e:   # (also a ValueError from reading inputs that wraps the store's error)
         hint = storage_error(e)
         if hint:
             raise ValueError(hint) from e
