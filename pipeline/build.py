@@ -696,6 +696,10 @@ def _verified_groups(fs, root: str, n_groups: int) -> set[int]:
         if RECEIPT_NAME.fullmatch(name) and int(name[1:6]) < n_groups:
             receipts[int(name[1:6])] = p
 
+    t0 = time.time()
+    read = [0, 0]   # shards, bytes (for the log line)
+    counting = threading.Lock()
+
     def damage(item: tuple[int, str]) -> str | None:
         g, p = item
         r = _read_json(fs, p)
@@ -710,6 +714,9 @@ def _verified_groups(fs, root: str, n_groups: int) -> set[int]:
                     data = fs.cat_file(f"{root}/{name}")
                 except FileNotFoundError:
                     return f"shard {name} is missing"
+                with counting:
+                    read[0] += 1
+                    read[1] += len(data)
                 if len(data) != i["bytes"]:
                     return f"shard {name} has {len(data)} bytes, its receipt says {i['bytes']} (truncated?)"
                 if S.sha256(data) != i["sha256"]:
@@ -718,6 +725,9 @@ def _verified_groups(fs, root: str, n_groups: int) -> set[int]:
 
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         found = dict(zip(receipts, ex.map(damage, receipts.items())))
+    if receipts:
+        print(f"[build] checked {read[0]} finished shards ({read[1] / 1e6:,.1f} MB) against their receipts in "
+              f"{time.time() - t0:.1f}s", flush=True)
     for g, why in sorted(found.items()):
         if why is not None:
             print(f"[build] group {g} will be rebuilt: {why}", flush=True)
@@ -842,7 +852,12 @@ def _init_ray(num_cpus: int | None) -> None:
         else:
             print(f"[build] joining the running Ray cluster at {address} (RAY_ADDRESS=local starts a private one)",
                   flush=True)
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        except ConnectionError as e:
+            raise ValueError(f"cannot join the Ray cluster at {address} ({e}); if it is gone, run `ray stop` (it "
+                             "clears the address of the last `ray start`) or unset RAY_ADDRESS, or set "
+                             "RAY_ADDRESS=local for a private Ray") from e
         return
     # In-process Ray: workers must import this repo's `pipeline` package.
     os.environ["PYTHONPATH"] = env_vars["PYTHONPATH"]

@@ -213,3 +213,38 @@ def test_missing_credentials_and_bad_endpoint_name_the_fix(s3_bucket, tmp_path, 
     r = subprocess.run([*cmd, "--storage-options", bad], cwd=ROOT, capture_output=True, text=True, env=env,
                        timeout=180)
     assert r.returncode == 2 and "endpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_build_that_loses_its_lock_stops(tmp_path, monkeypatch):
+    """Another build took the lock over (it judged ours stale): our heartbeat notices and the build stops."""
+    monkeypatch.setattr(B, "LOCK_HEARTBEAT_S", 0.05)
+    fs = fsspec.filesystem("file")
+    lock = B.OutputLock(fs, str(tmp_path), str(tmp_path))
+    lock.acquire()
+    lock.check()
+    (tmp_path / "_lock.json").write_text(_lock_text("gpu-node-7", 4242, age_s=0))
+    deadline = time.time() + 10
+    while lock.lost is None and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(ValueError, match=r"lost its lock .* to build f+ \(pid 4242 on host gpu-node-7"):
+        lock.check()
+    lock.release()
+    assert (tmp_path / "_lock.json").exists(), "the other build's lock is left alone"
+
+
+def test_output_of_an_older_builder_is_refused_then_overwritten(tmp_path, small_corpus, tokenizer_path, ray_local):
+    """A build record of format 1 (what the builder wrote before input stamps and tokenizer settings: no
+    build_format, `tokenizer_fingerprint`, inputs as [url, size]) cannot be resumed; --overwrite replaces it."""
+    out = tmp_path / "o"
+    cfg = cfg_for(small_corpus[:2], out, tokenizer_path)
+    build(cfg)
+    rec = json.loads((out / "_build.json").read_text())
+    old = {"config": rec["config"], "tokenizer_fingerprint": rec["tokenizer"]["fingerprint"],
+           "inputs": [[u, size] for u, size, _ in rec["inputs"]]}
+    (out / "_build.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"older version of this builder \(build record format 1.*--overwrite"):
+        build(cfg)
+    cfg.overwrite = True
+    m = build(cfg)
+    assert m["train"].num_samples > 0
+    assert json.loads((out / "_build.json").read_text())["build_format"] == B.BUILD_FORMAT
