@@ -360,6 +360,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _boot_id() -> str:
+    """This machine (and boot) on Linux, where host names may repeat across containers and nodes."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def _who(lock: dict) -> str:
     if not lock:
         return "an unknown build (the lock file is unreadable)"
@@ -380,8 +389,8 @@ class OutputLock:
 
     def __init__(self, fs, root: str, url: str):
         self.fs, self.path, self.url = fs, f"{root}/{LOCK}", f"{url.rstrip('/')}/{LOCK}"
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "build_id": uuid.uuid4().hex,
-                      "started": time.time()}
+        self.owner = {"host": socket.gethostname(), "boot_id": _boot_id(), "pid": os.getpid(),
+                      "build_id": uuid.uuid4().hex, "started": time.time()}
         self.lost: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -400,11 +409,14 @@ class OutputLock:
 
     def _stale(self, lock: dict) -> str | None:
         """Why a lock no longer protects a running build; None while its owner may still be at work."""
-        if not lock:
+        try:
+            pid, beat = int(lock["pid"]), float(lock["heartbeat"])
+        except (KeyError, TypeError, ValueError):
             return "the lock file is unreadable"
-        if lock.get("host") == self.owner["host"] and not _pid_alive(int(lock.get("pid", -1))):
-            return f"its process {lock.get('pid')} on this host is gone"
-        age = time.time() - float(lock.get("heartbeat", 0))
+        here = all(lock.get(k) == self.owner[k] for k in ("host", "boot_id"))
+        if here and not _pid_alive(pid):
+            return f"its process {pid} on this host is gone"
+        age = time.time() - beat
         if age > LOCK_TIMEOUT_S:
             return f"its last heartbeat is {age:.0f} s old (timeout {LOCK_TIMEOUT_S} s)"
         return None

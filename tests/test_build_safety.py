@@ -147,10 +147,10 @@ def test_option_errors_are_not_taken_for_spans_that_do_not_fit(tmp_path, tokeniz
         packer.push(doc, "x", 0)
 
 
-def _lock_text(host: str, pid: int, age_s: float) -> str:
+def _lock_text(host: str, pid: int, age_s: float, boot_id: str = "another-machine") -> str:
     now = time.time()
-    return json.dumps({"host": host, "pid": pid, "build_id": "f" * 32, "started": now - age_s - 60,
-                       "heartbeat": now - age_s})
+    return json.dumps({"host": host, "boot_id": boot_id, "pid": pid, "build_id": "f" * 32,
+                       "started": now - age_s - 60, "heartbeat": now - age_s})
 
 
 @pytest.mark.s3
@@ -178,14 +178,22 @@ def test_s3_overwrite_and_lock(s3_bucket, small_corpus, tokenizer_path, ray_loca
     assert not fs.exists(f"{bucket}/_lock.json"), "the build removes its own lock when it ends"
 
 
-def test_local_lock_of_a_live_process_is_refused(tmp_path, small_corpus, tokenizer_path):
-    """A lock whose owner process on this host is alive (here: this very test process) is respected."""
+def test_local_lock_of_a_live_process_is_refused(tmp_path, small_corpus, tokenizer_path, ray_local, capsys):
+    """A lock whose owner process on this host is alive (here: this very test process) is respected; one whose
+    process is gone is not."""
     out = tmp_path / "o"
     out.mkdir()
-    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), os.getpid(), age_s=1))
+    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), os.getpid(), age_s=1, boot_id=B._boot_id()))
     with pytest.raises(ValueError, match=rf"pid {os.getpid()} on host"):
         build(cfg_for(small_corpus[:2], out, tokenizer_path))
     assert (out / "_lock.json").exists() and not (out / "_build.json").exists()
+    # The same lock left by a process that has exited (a killed build) is taken over at once.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), dead.pid, age_s=1, boot_id=B._boot_id()))
+    build(cfg_for(small_corpus[:2], out, tokenizer_path))
+    assert f"its process {dead.pid} on this host is gone" in capsys.readouterr().out
+    assert not (out / "_lock.json").exists()
 
 
 def _env_without_credentials(tmp_path: Path) -> dict:
