@@ -526,6 +526,13 @@ def _our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
     return ours, [p for p in files if not mine(p)]
 
 
+def _is_lock(root: str, path: str) -> bool:
+    """The lock or one of its heartbeat's temp files: never cleaned up by the lock holder's own build."""
+    name = path[len(root) + 1:]
+    temp = TEMP_NAME.fullmatch(name)
+    return (temp.group(1) if temp else name) == LOCK
+
+
 def _names(paths: list[str], limit: int = 8) -> str:
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
     return ", ".join(paths[:limit]) + more
@@ -540,9 +547,8 @@ def _clear(fs, root: str, url: str) -> None:
             f"{_names(foreign)}. --overwrite deletes only a previous build's own files (its _build.json, "
             "_receipts, manifests, shards and trained tokenizer); move the other files away or choose an --output "
             "folder of its own. Nothing was deleted.")
-    lock = f"{root}/{LOCK}"
     first = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]   # no longer 'complete' first
-    ordered = [p for p in first if p in ours] + [p for p in ours if p not in first and p != lock]
+    ordered = [p for p in first if p in ours] + [p for p in ours if p not in first and not _is_lock(root, p)]
     if ordered:
         print(f"[build] --overwrite: deleting {len(ordered)} files of the previous build in {url}", flush=True)
         fs.rm(ordered)
@@ -637,7 +643,7 @@ def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> dict | Non
                          f"--tokenizer {cfg.output.rstrip('/')}/tokenizer.model to use it, or choose another --output")
     # Remove temp files of writes interrupted by a crash (they were never committed).
     ours, _ = _our_files(fs, root, cfg.output)
-    stale = [p for p in ours if TEMP_NAME.fullmatch(p.rsplit("/", 1)[-1])]
+    stale = [p for p in ours if TEMP_NAME.fullmatch(p.rsplit("/", 1)[-1]) and not _is_lock(root, p)]
     if stale:
         fs.rm(stale)
     S.atomic_write(fs, path, json.dumps(record, sort_keys=True, indent=1).encode())
