@@ -21,6 +21,7 @@ from test_build import cfg_for, read_all, tree_bytes
 
 from pipeline import build as B
 from pipeline import documents as D
+from pipeline import output as O
 from pipeline import tokenizer as T
 from pipeline.build import build
 from pipeline.config import BuildConfig
@@ -52,7 +53,7 @@ def test_overwrite_removes_only_what_a_build_wrote(tmp_path, small_corpus, token
     (own / "train" / "g00099-v00-0000.parquet").write_bytes(b"left by a killed group")
     (own / "train" / f".g00099-v00-0001.parquet.tmp-{'a' * 32}").write_bytes(b"half written")
     build(cfg_for(small_corpus[:4], own, tokenizer_path, format="wds", variants=1, overwrite=True))
-    ours, foreign = B._our_files(fsspec.filesystem("file"), str(own), str(own))
+    ours, foreign = O.our_files(fsspec.filesystem("file"), str(own), str(own))
     assert not foreign
     listed = {f"{split}/{s.name}" for split in ("train", "validation") for s in read_all(str(own), split)[0].shards}
     left = {str(p.relative_to(own)) for p in own.rglob("*") if p.is_file()}
@@ -172,7 +173,7 @@ def test_s3_overwrite_and_lock(s3_bucket, small_corpus, tokenizer_path, ray_loca
     with pytest.raises(ValueError, match=r"being built by build f+ \(pid 4242 on host gpu-node-7.*delete "
                                          rf"s3://{bucket}/_lock\.json"):
         build(cfg_for(inputs, out, tokenizer_path, storage_options=so))
-    fs.pipe_file(f"{bucket}/_lock.json", _lock_text("gpu-node-7", 4242, age_s=B.LOCK_TIMEOUT_S + 5).encode())
+    fs.pipe_file(f"{bucket}/_lock.json", _lock_text("gpu-node-7", 4242, age_s=O.LOCK_TIMEOUT_S + 5).encode())
     build(cfg_for(inputs, out, tokenizer_path, storage_options=so))
     assert "taking over the stale lock" in capsys.readouterr().out
     assert not fs.exists(f"{bucket}/_lock.json"), "the build removes its own lock when it ends"
@@ -183,14 +184,14 @@ def test_local_lock_of_a_live_process_is_refused(tmp_path, small_corpus, tokeniz
     process is gone is not."""
     out = tmp_path / "o"
     out.mkdir()
-    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), os.getpid(), age_s=1, boot_id=B._boot_id()))
+    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), os.getpid(), age_s=1, boot_id=O._boot_id()))
     with pytest.raises(ValueError, match=rf"pid {os.getpid()} on host"):
         build(cfg_for(small_corpus[:2], out, tokenizer_path))
     assert (out / "_lock.json").exists() and not (out / "_build.json").exists()
     # The same lock left by a process that has exited (a killed build) is taken over at once.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), dead.pid, age_s=1, boot_id=B._boot_id()))
+    (out / "_lock.json").write_text(_lock_text(socket.gethostname(), dead.pid, age_s=1, boot_id=O._boot_id()))
     build(cfg_for(small_corpus[:2], out, tokenizer_path))
     assert f"its process {dead.pid} on this host is gone" in capsys.readouterr().out
     assert not (out / "_lock.json").exists()
@@ -225,9 +226,9 @@ def test_missing_credentials_and_bad_endpoint_name_the_fix(s3_bucket, tmp_path, 
 
 def test_a_build_that_loses_its_lock_stops(tmp_path, monkeypatch):
     """Another build took the lock over (it judged ours stale): our heartbeat notices and the build stops."""
-    monkeypatch.setattr(B, "LOCK_HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(O, "LOCK_HEARTBEAT_S", 0.05)
     fs = fsspec.filesystem("file")
-    lock = B.OutputLock(fs, str(tmp_path), str(tmp_path))
+    lock = O.OutputLock(fs, str(tmp_path), str(tmp_path))
     lock.acquire()
     lock.check()
     (tmp_path / "_lock.json").write_text(_lock_text("gpu-node-7", 4242, age_s=0))
@@ -255,4 +256,4 @@ def test_output_of_an_older_builder_is_refused_then_overwritten(tmp_path, small_
     cfg.overwrite = True
     m = build(cfg)
     assert m["train"].num_samples > 0
-    assert json.loads((out / "_build.json").read_text())["build_format"] == B.BUILD_FORMAT
+    assert json.loads((out / "_build.json").read_text())["build_format"] == O.BUILD_FORMAT
