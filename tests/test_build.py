@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -252,17 +253,26 @@ def test_one_cpu_equals_two_cpus(reference, small_corpus, tokenizer_path, tmp_pa
 def test_driver_killed_midway_then_rerun_is_identical(reference, small_corpus, tokenizer_path, tmp_path):
     out = tmp_path / "killed"
     p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
-    receipts = out / "_receipts"
     deadline = time.time() + 240
+    while time.time() < deadline and not (out / "_lock.json").exists():
+        time.sleep(0.05)
+    # A second build into the same output, concurrently: refused, naming the running one.
+    second = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
+    log2, _ = second.communicate(timeout=120)
+    assert second.returncode == 2 and "is being built by build" in log2 and f"(pid {p.pid} on host" in log2, log2
+    assert p.poll() is None, "the first build was still running when the second one was refused"
+    receipts = out / "_receipts"
     while time.time() < deadline and not (receipts.exists() and len(list(receipts.glob("*.json"))) >= 2):
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)     # the driver, its in-process Ray and every worker
     p.wait()
     done = len(list(receipts.glob("*.json")))
     assert not (out / "train" / "manifest.json").exists(), "killed before the end: no manifest yet"
+    killed_pid = p.pid
     p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
     log, _ = p.communicate(timeout=300)
     assert p.returncode == 0, log
+    assert "taking over the stale lock" in log and f"its process {killed_pid} on this host is gone" in log, log
     # workers of the killed run may still commit a group or two while they notice their raylet is gone
     import re
 
@@ -304,7 +314,10 @@ def test_ray_job_submit_against_a_started_cluster(small_corpus, tokenizer_path, 
     ray_bin = str(Path(sys.executable).parent / "ray")
     gcs, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
+    # Ray's token authentication, as the README says to use it: the cluster and every client (ray job submit,
+    # a driver that joins) share RAY_AUTH_MODE=token and the token (RAY_AUTH_TOKEN, or the file ~/.ray/auth_token
+    # / RAY_AUTH_TOKEN_PATH). A fixed variable here, so the test never touches ~/.ray.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the job's `python` is this venv's
     temp = f"/tmp/ray-test-{os.getpid()}"
     start = subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", f"--dashboard-port={dash}",
@@ -333,6 +346,18 @@ def test_ray_job_submit_against_a_started_cluster(small_corpus, tokenizer_path, 
         assert "succeeded" in r.stdout.lower()
         m = S.read_manifest(str(out / "train"))
         assert m.num_samples > 0
+        # A relative --output would land in Ray's temporary copy of the working dir: refused, saying why.
+        rel = [a if a != str(out) else "data/ray-out" for a in submit]
+        r = subprocess.run(rel, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode != 0 and "--output data/ray-out" in r.stdout + r.stderr, r.stdout[-3000:]
+        assert "absolute paths" in r.stdout + r.stderr
+        # A plain build while this cluster runs joins it: --num-cpus cannot apply there, and the build says so.
+        p = subprocess.run(
+            [sys.executable, "jobs/build_shards.py", "--input", *small_corpus[:3], "--output", str(tmp_path / "joined"),
+             "--tokenizer", tokenizer_path, "--seq-len=128", "--variants=1", "--num-cpus=1"],
+            cwd=ROOT, capture_output=True, text=True, env={**env, "RAY_ADDRESS": f"127.0.0.1:{gcs}"}, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "num_cpus=1 is ignored: joining the running Ray cluster" in p.stdout, p.stdout[-3000:]
     finally:
         # Not `ray stop`: it would also stop every other Ray on this machine. Kill this cluster's processes only.
         import psutil
