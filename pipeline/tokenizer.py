@@ -16,6 +16,12 @@ tokenized as ordinary characters, it does not inject mask tokens into training d
     6   <|startofpiece|>     sop: starts every Part B span
     7   <|endofpiece|>       eop: ends every Part B span (as a target)
     8   [SEP]                separator (finetuning formats)
+    9   [dBLOCK]             corrupted Part B / context token (--block-mask-prob, --context-mask-ratio; spec §3.6)
+
+[dBLOCK] came later (vocabulary layout 2): a tokenizer trained before it (layout 1, ids 0..8 only; id 9 is an
+ordinary piece there) still loads and builds exactly as before, its `Specials.dblock` is None, and a build that
+asks for block_mask_prob or context_mask_ratio > 0 with it is refused with a message naming the fix (retrain the
+tokenizer, or leave both knobs at 0). Ids 0..8 never moved, so old shard sets and checkpoints keep their meaning.
 
 The typed `Specials` record carries these ids and the sentence-ending ids to the objective code
 (`pipeline/infilling.py`), so the same objective code serves the official GLM vocabularies too
@@ -36,11 +42,15 @@ from dataclasses import asdict, dataclass, field
 import fsspec
 import sentencepiece as spm
 
-# Command tokens in id order (ids 0..8). Change this list and every shard set and checkpoint changes meaning.
+# Command tokens in id order (ids 0..9). Change this list and every shard set and checkpoint changes meaning;
+# only appending is allowed (tokenizers trained before an append keep loading, see REQUIRED_COMMAND_TOKENS).
 COMMAND_TOKENS = (
     "<|endoftext|>", "[UNK]", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]",
-    "<|startofpiece|>", "<|endofpiece|>", "[SEP]",
+    "<|startofpiece|>", "<|endofpiece|>", "[SEP]", "[dBLOCK]",
 )
+REQUIRED_COMMAND_TOKENS = 9   # ids 0..8 must match; [dBLOCK] (id 9) is optional (tokenizers of layout 1 lack it)
+DBLOCK_ID = COMMAND_TOKENS.index("[dBLOCK]")
+VOCAB_LAYOUT = 2              # 1: command tokens 0..8; 2: + [dBLOCK] at 9 (written to the tokenizer's .json)
 MASK_STRINGS = ("[MASK]", "[sMASK]", "[gMASK]")
 # A piece whose string contains one of these ends a sentence (spec §3.4; the official list incl. CJK).
 SENTENCE_END_CHARS = ".?!;:。？！；…\n"
@@ -60,6 +70,7 @@ class Specials:
     eop: int            # <|endofpiece|>
     sep: int            # [SEP]
     unk: int            # [UNK]
+    dblock: int | None = None  # [dBLOCK] (spec §3.6 block / context masks); None: this vocabulary has none
     sentence_end_ids: frozenset[int] = field(default_factory=frozenset)  # ids whose piece ends a sentence
 
     def to_json(self) -> dict:
@@ -74,25 +85,42 @@ class Specials:
         return cls(**d)
 
     @classmethod
-    def ours(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
-        """Ids of every vocabulary trained by this project (the table in the module docstring)."""
+    def ours(cls, sentence_end_ids: Iterable[int] = (), dblock: bool = True) -> Specials:
+        """Ids of every vocabulary trained by this project (the table in the module docstring); dblock=False
+        for a tokenizer of vocabulary layout 1 (trained before [dBLOCK] existed)."""
         ids = {name: i for i, name in enumerate(COMMAND_TOKENS)}
         return cls(eos=ids["<|endoftext|>"], pad=ids["<|endoftext|>"], cls=ids["[CLS]"], mask=ids["[MASK]"],
                    smask=ids["[sMASK]"], gmask=ids["[gMASK]"], sop=ids["<|startofpiece|>"],
                    eop=ids["<|endofpiece|>"], sep=ids["[SEP]"], unk=ids["[UNK]"],
-                   sentence_end_ids=frozenset(sentence_end_ids))
+                   dblock=ids["[dBLOCK]"] if dblock else None, sentence_end_ids=frozenset(sentence_end_ids))
+
+    # The official vocabularies (spec §7.1): command tokens appended after the text vocabulary in the order
+    # sop, eop, [gMASK], [sMASK] (--task-mask), [dBLOCK] (--block-mask-prob / --context-mask-ratio > 0), each
+    # taking the next free id; the records below hold the ids of a run with --task-mask and the [dBLOCK] flag.
 
     @classmethod
     def official_bert(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
-        """BERT-wordpiece GLMs (glm-base/large/410m/515m; spec §7.1), with --task-mask ids."""
+        """BERT-wordpiece GLMs (glm-base/large/410m/515m; spec §7.1), with --task-mask ids ([dBLOCK] 30526;
+        a run without --task-mask has [dBLOCK] at 30524 instead)."""
         return cls(eos=0, pad=0, cls=101, mask=103, smask=30525, gmask=30524, sop=30522, eop=30523, sep=102,
-                   unk=100, sentence_end_ids=frozenset(sentence_end_ids))
+                   unk=100, dblock=30526, sentence_end_ids=frozenset(sentence_end_ids))
 
     @classmethod
     def official_gpt2(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
-        """GPT-2-BPE GLMs (glm-2b, glm-10b; spec §7.1/§7.2)."""
+        """GPT-2-BPE GLMs (glm-2b, glm-10b; spec §7.1/§7.2); [dBLOCK] 50265 (ds_block_10B.sh: block-mask 0.1)."""
         return cls(eos=50256, pad=50256, cls=50259, mask=50260, smask=50264, gmask=50263, sop=50257, eop=50258,
-                   sep=50261, unk=50262, sentence_end_ids=frozenset(sentence_end_ids))
+                   sep=50261, unk=50262, dblock=50265, sentence_end_ids=frozenset(sentence_end_ids))
+
+    @classmethod
+    def official_chinese(cls, sentence_end_ids: Iterable[int] = (), fix_command_token: bool = True) -> Specials:
+        """The Chinese sentencepiece GLMs (`cog-pretrain.model`, 50,000 pieces; spec §7.1). With
+        --fix-command-token (glm-large-chinese): [sMASK] 50008, [gMASK] 50009, [dBLOCK] 50010. Without it
+        (glm-10b-chinese) the official code gives [gMASK] the id of eop, 50007 (id 50005 is skipped), [sMASK]
+        50008 and [dBLOCK] 50009 — the ids that model was trained with (spec §7.1 surprise, §14.9)."""
+        fixed = dict(smask=50008, gmask=50009, dblock=50010) if fix_command_token else \
+            dict(smask=50008, gmask=50007, dblock=50009)
+        return cls(eos=50000, pad=50000, sep=50001, cls=50002, mask=50003, unk=50004, sop=50006, eop=50007,
+                   **fixed, sentence_end_ids=frozenset(sentence_end_ids))
 
     @property
     def mask_ids(self) -> tuple[int, int, int]:
@@ -100,13 +128,14 @@ class Specials:
 
 
 class Tokenizer:
-    """A loaded sentencepiece model whose command tokens are at the ids of `Specials.ours()`."""
+    """A loaded sentencepiece model whose command tokens are at the ids of `Specials.ours()` ([dBLOCK] optional:
+    `specials.dblock` is None for a tokenizer of vocabulary layout 1)."""
 
     def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
         self.model_bytes = model_bytes
         self.source = source
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        for i, piece in enumerate(COMMAND_TOKENS):
+        for i, piece in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS]):
             if self.sp.id_to_piece(i) != piece:
                 raise ValueError(
                     f"{source}: id {i} is {self.sp.id_to_piece(i)!r}, expected the GLM command token {piece!r}. "
@@ -115,7 +144,11 @@ class Tokenizer:
         ends = [i for i in range(self.sp.get_piece_size())
                 if not self.sp.is_control(i) and not self.sp.is_unknown(i)
                 and any(c in self.sp.id_to_piece(i) for c in SENTENCE_END_CHARS)]
-        self.specials = Specials.ours(ends)
+        has_dblock = (self.sp.get_piece_size() > DBLOCK_ID and self.sp.is_control(DBLOCK_ID)
+                      and self.sp.id_to_piece(DBLOCK_ID) == "[dBLOCK]")
+        self.layout = VOCAB_LAYOUT if has_dblock else 1
+        self.command_ids = frozenset(range(DBLOCK_ID + 1 if has_dblock else REQUIRED_COMMAND_TOKENS))
+        self.specials = Specials.ours(ends, dblock=has_dblock)
 
     @classmethod
     def load(cls, path: str, storage_options: dict | None = None) -> Tokenizer:
@@ -149,7 +182,7 @@ class Tokenizer:
         out: list[str] = []
         run: list[int] = []
         for i in (int(x) for x in ids):
-            if i < len(COMMAND_TOKENS):
+            if i in self.command_ids:
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
@@ -173,7 +206,8 @@ class Tokenizer:
     def save_specials_json(self, path: str, storage_options: dict | None = None) -> None:
         """Write the small JSON of special ids, vocab size and fingerprint that sits beside a `.model`."""
         doc = {"vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
-               "command_tokens": {p: i for i, p in enumerate(COMMAND_TOKENS)},
+               "vocab_layout": self.layout,
+               "command_tokens": {p: i for i, p in enumerate(COMMAND_TOKENS) if i in self.command_ids},
                "specials": self.specials.to_json()}
         with fsspec.open(path, "w", **(storage_options or {})) as f:
             json.dump(doc, f, indent=1, sort_keys=True)
