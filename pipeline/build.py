@@ -181,9 +181,11 @@ class Packer:
         for _ in range((cfg.seq_len - 1) // t):
             if q.size == 0:
                 break
-            look = q.peek(1 + t)
-            at_end = np.flatnonzero(np.isin(look[1:], ends))     # text tokens that end a sentence (or eos)
-            e = int(at_end[-1]) + 2 if len(at_end) and at_end[-1] + 1 >= t // 2 else len(look)
+            look = q.peek(2 + t)                                  # [CLS] + t text tokens + the one after
+            at_end = np.flatnonzero(np.isin(look[1:1 + t], ends))  # text tokens that end a sentence (or eos)
+            e = int(at_end[-1]) + 2 if len(at_end) and at_end[-1] + 1 >= t // 2 else min(len(look), 1 + t)
+            if e < len(look) and look[e] == self.specials.eos:
+                e += 1                                            # never start the next piece with an eos
             piece_seed = self._seed()
             objective = self._objective(piece_seed)
             sample, n = None, e
