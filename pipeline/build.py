@@ -331,17 +331,17 @@ class ShardWriter:
 _TOKENIZERS: dict[str, T.Tokenizer] = {}
 
 
-def _tokenizer(model_bytes: bytes) -> T.Tokenizer:
-    key = S.sha256(model_bytes)
+def _tokenizer(model_bytes: bytes, commands: str = "ours") -> T.Tokenizer:
+    key = S.sha256(model_bytes) + commands
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = T.Tokenizer(model_bytes)
+        _TOKENIZERS[key] = T.Tokenizer(model_bytes, commands=commands)
     return _TOKENIZERS[key]
 
 
 def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_bytes: bytes) -> dict:
     """Build every shard of one packing group and commit its receipt. Pure function of its arguments."""
     t0 = time.time()
-    tok = _tokenizer(model_bytes)
+    tok = _tokenizer(model_bytes, cfg.tokenizer_commands)
     specials = tok.specials
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     skips: list[D.Skip] = []
@@ -456,7 +456,7 @@ def _clear(fs, root: str) -> None:
 
 def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.InputFile]) -> T.Tokenizer:
     if cfg.tokenizer:
-        return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
+        return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options, commands=cfg.tokenizer_commands)
     path = f"{root}/tokenizer.model"
     if fs.exists(path):   # resuming a build that trained its tokenizer already (--overwrite cleared it before)
         return T.Tokenizer(fs.cat_file(path), source=path)

@@ -50,6 +50,7 @@ COMMAND_TOKENS = (
 )
 REQUIRED_COMMAND_TOKENS = 9   # ids 0..8 must match; [dBLOCK] (id 9) is optional (tokenizers of layout 1 lack it)
 DBLOCK_ID = COMMAND_TOKENS.index("[dBLOCK]")
+COMMAND_LAYOUTS = ("ours", "appended", "appended_unfixed")   # where a Tokenizer finds its command tokens
 VOCAB_LAYOUT = 2              # 1: command tokens 0..8; 2: + [dBLOCK] at 9 (written to the tokenizer's .json)
 MASK_STRINGS = ("[MASK]", "[sMASK]", "[gMASK]")
 # A piece whose string contains one of these ends a sentence (spec §3.4; the official list incl. CJK).
@@ -117,10 +118,26 @@ class Specials:
         --fix-command-token (glm-large-chinese): [sMASK] 50008, [gMASK] 50009, [dBLOCK] 50010. Without it
         (glm-10b-chinese) the official code gives [gMASK] the id of eop, 50007 (id 50005 is skipped), [sMASK]
         50008 and [dBLOCK] 50009 — the ids that model was trained with (spec §7.1 surprise, §14.9)."""
-        fixed = dict(smask=50008, gmask=50009, dblock=50010) if fix_command_token else \
-            dict(smask=50008, gmask=50007, dblock=50009)
-        return cls(eos=50000, pad=50000, sep=50001, cls=50002, mask=50003, unk=50004, sop=50006, eop=50007,
+        return cls.appended(50000, sentence_end_ids, fix_command_token)
+
+    @classmethod
+    def appended(cls, base: int, sentence_end_ids: Iterable[int] = (), fix_command_token: bool = True) -> Specials:
+        """The official GLMChineseTokenizer layout for any sentencepiece model of `base` pieces: command tokens
+        appended at base + 0 eos/pad, 1 [SEP], 2 [CLS], 3 [MASK], 4 [UNK], (5 unused), 6 sop, 7 eop, then
+        with fix_command_token 8 [sMASK], 9 [gMASK], 10 [dBLOCK]; without it 7 [gMASK] (= eop), 8 [sMASK],
+        9 [dBLOCK]."""
+        b = base
+        fixed = dict(smask=b + 8, gmask=b + 9, dblock=b + 10) if fix_command_token else \
+            dict(smask=b + 8, gmask=b + 7, dblock=b + 9)
+        return cls(eos=b, pad=b, sep=b + 1, cls=b + 2, mask=b + 3, unk=b + 4, sop=b + 6, eop=b + 7,
                    **fixed, sentence_end_ids=frozenset(sentence_end_ids))
+
+    def command_strings(self) -> dict[int, str]:
+        """id -> command-token string (an id shared by two tokens, eop = [gMASK] without the fix, reads as eop)."""
+        names = (("dblock", "[dBLOCK]"), ("smask", "[sMASK]"), ("gmask", "[gMASK]"), ("unk", "[UNK]"),
+                 ("mask", "[MASK]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("eop", "<|endofpiece|>"),
+                 ("sop", "<|startofpiece|>"), ("eos", "<|endoftext|>"))
+        return {getattr(self, a): s for a, s in names if getattr(self, a) is not None}
 
     @property
     def mask_ids(self) -> tuple[int, int, int]:
@@ -128,30 +145,56 @@ class Specials:
 
 
 class Tokenizer:
-    """A loaded sentencepiece model whose command tokens are at the ids of `Specials.ours()` ([dBLOCK] optional:
-    `specials.dblock` is None for a tokenizer of vocabulary layout 1)."""
+    """A loaded sentencepiece model with the GLM command tokens.
 
-    def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
+    commands="ours" (default): a model trained here, command tokens at the ids of `Specials.ours()` ([dBLOCK]
+    optional: `specials.dblock` is None for a tokenizer of vocabulary layout 1).
+    commands="appended" / "appended_unfixed": bring your own sentencepiece model (e.g. the official Chinese
+    `cog-pretrain.model`): its pieces are kept as they are and the command tokens get the ids after them, in the
+    official GLMChineseTokenizer layout with / without --fix-command-token (`Specials.appended`), so official
+    checkpoints can be continued on new data. vocab_size is then the last command id + 1 (50,011 for
+    cog-pretrain, padded to 50,048 by the trainer as in the official model)."""
+
+    def __init__(self, model_bytes: bytes, source: str = "<bytes>", commands: str = "ours"):
+        if commands not in COMMAND_LAYOUTS:
+            raise ValueError(f"commands={commands!r}: choose one of {COMMAND_LAYOUTS}")
         self.model_bytes = model_bytes
         self.source = source
+        self.commands = commands
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        for i, piece in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS]):
-            if self.sp.id_to_piece(i) != piece:
-                raise ValueError(
-                    f"{source}: id {i} is {self.sp.id_to_piece(i)!r}, expected the GLM command token {piece!r}. "
-                    "This model was not trained by pipeline/tokenizer.py; retrain it with "
-                    "`python jobs/train_tokenizer.py` so the command tokens sit at their fixed ids.")
-        ends = [i for i in range(self.sp.get_piece_size())
+        n = self.sp.get_piece_size()
+        ours = n > REQUIRED_COMMAND_TOKENS and all(
+            self.sp.id_to_piece(i) == p for i, p in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS]))
+        if commands == "ours" and not ours:
+            bad = next(i for i, p in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS])
+                       if i >= n or self.sp.id_to_piece(i) != p)
+            raise ValueError(
+                f"{source}: id {bad} is {self.sp.id_to_piece(bad) if bad < n else None!r}, expected the GLM "
+                f"command token {COMMAND_TOKENS[bad]!r}. This model was not trained by pipeline/tokenizer.py; "
+                "retrain it with `python jobs/train_tokenizer.py` so the command tokens sit at their fixed ids, "
+                "or bring it as it is with tokenizer_commands=appended (command tokens appended after its "
+                "pieces, the official Chinese GLM layout)")
+        if commands != "ours" and ours:
+            raise ValueError(f"{source}: this model already holds the GLM command tokens at ids 0..8 (trained by "
+                             f"pipeline/tokenizer.py); load it with tokenizer_commands=ours, not {commands!r}")
+        ends = [i for i in range(n)
                 if not self.sp.is_control(i) and not self.sp.is_unknown(i)
                 and any(c in self.sp.id_to_piece(i) for c in SENTENCE_END_CHARS)]
-        has_dblock = (self.sp.get_piece_size() > DBLOCK_ID and self.sp.is_control(DBLOCK_ID)
-                      and self.sp.id_to_piece(DBLOCK_ID) == "[dBLOCK]")
-        self.layout = VOCAB_LAYOUT if has_dblock else 1
-        self.command_ids = frozenset(range(DBLOCK_ID + 1 if has_dblock else REQUIRED_COMMAND_TOKENS))
-        self.specials = Specials.ours(ends, dblock=has_dblock)
+        if commands == "ours":
+            has_dblock = (n > DBLOCK_ID and self.sp.is_control(DBLOCK_ID)
+                          and self.sp.id_to_piece(DBLOCK_ID) == "[dBLOCK]")
+            self.layout = VOCAB_LAYOUT if has_dblock else 1
+            self.specials = Specials.ours(ends, dblock=has_dblock)
+            self._vocab_size = n
+        else:
+            self.layout = commands
+            self.specials = Specials.appended(n, ends, fix_command_token=commands == "appended")
+            self._vocab_size = max(self.specials.command_strings()) + 1
+        self.command_strings = self.specials.command_strings()
+        self.command_ids = frozenset(self.command_strings)
 
     @classmethod
-    def load(cls, path: str, storage_options: dict | None = None) -> Tokenizer:
+    def load(cls, path: str, storage_options: dict | None = None, commands: str = "ours") -> Tokenizer:
         """Load a `.model` from a local path or any fsspec URL (storage_options: e.g. {endpoint_url: ...})."""
         try:
             with fsspec.open(path, "rb", **(storage_options or {})) as f:
@@ -159,16 +202,19 @@ class Tokenizer:
         except FileNotFoundError as e:
             raise ValueError(f"tokenizer model {path!r} does not exist; train one with "
                              "`python jobs/train_tokenizer.py --input ... --output {path}`") from e
-        return cls(data, source=path)
+        return cls(data, source=path, commands=commands)
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        """Ids in use: the model's pieces (ours), or up to the last appended command token."""
+        return self._vocab_size
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the model bytes: identifies the vocabulary in manifests and checkpoints."""
-        return hashlib.sha256(self.model_bytes).hexdigest()
+        """sha256 of the model bytes (and of the command layout when it is not ours): identifies the vocabulary
+        in manifests and checkpoints."""
+        tail = b"" if self.commands == "ours" else f"\0commands={self.commands}".encode()
+        return hashlib.sha256(self.model_bytes + tail).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -186,7 +232,7 @@ class Tokenizer:
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
-                out.append(COMMAND_TOKENS[i] if out or i != self.specials.cls else "")
+                out.append(self.command_strings[i] if out or i != self.specials.cls else "")
             else:
                 run.append(i)
         if run:
@@ -198,7 +244,8 @@ class Tokenizer:
         ids: list[int] = []
         for part in re.split(r"(\[MASK\]|\[sMASK\]|\[gMASK\])", text):
             if part in MASK_STRINGS:
-                ids.append(COMMAND_TOKENS.index(part))
+                sp = self.specials
+                ids.append({"[MASK]": sp.mask, "[sMASK]": sp.smask, "[gMASK]": sp.gmask}[part])
             elif part.strip():
                 ids.extend(self.sp.encode(part.strip()))
         return ids
@@ -207,7 +254,7 @@ class Tokenizer:
         """Write the small JSON of special ids, vocab size and fingerprint that sits beside a `.model`."""
         doc = {"vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
                "vocab_layout": self.layout,
-               "command_tokens": {p: i for i, p in enumerate(COMMAND_TOKENS) if i in self.command_ids},
+               "command_tokens": {p: i for i, p in sorted(self.command_strings.items())},
                "specials": self.specials.to_json()}
         with fsspec.open(path, "w", **(storage_options or {})) as f:
             json.dump(doc, f, indent=1, sort_keys=True)

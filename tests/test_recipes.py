@@ -12,6 +12,7 @@ run on the same token stream.
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import math
@@ -391,3 +392,60 @@ def test_train_presets_for_the_recipes_load():
     for name, lr, pos in (("glm-10b-longer", 3e-5, 1024), ("glm-large-chinese", 4e-4, 1024)):
         cfg = train.parse_args([str(ROOT / f"configs/train/{name}.yaml")])
         assert cfg.optim.lr == lr and cfg.model.max_position_embeddings == pos and cfg.wall_clock_limit_s == 0
+
+
+# ------------------------------------------------------------------------------------------------ your own model
+
+def _foreign_model(text: str) -> bytes:
+    """A plain sentencepiece model without our command tokens (sentencepiece defaults: <unk> 0, <s> 1, </s> 2),
+    like the official Chinese cog-pretrain.model."""
+    import sentencepiece as spm
+
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([ln for ln in text.splitlines() if ln.strip()]),
+                                   model_writer=out, vocab_size=500, hard_vocab_limit=False, minloglevel=2)
+    return out.getvalue()
+
+
+@pytest.mark.ray
+def test_bring_your_own_sentencepiece_model_official_layout(small_corpus, tokenizer_path, tmp_path, ray_local):
+    text = open(small_corpus[0]).read()
+    model = _foreign_model(text)
+    with pytest.raises(ValueError, match="tokenizer_commands=appended"):
+        T.Tokenizer(model)                                        # not silently taken for one of ours
+    tok = T.Tokenizer(model, commands="appended")
+    n = tok.sp.get_piece_size()
+    sp = tok.specials
+    assert sp == T.Specials.appended(n, sp.sentence_end_ids)
+    assert (sp.eos, sp.sep, sp.cls, sp.mask, sp.unk, sp.sop, sp.eop, sp.smask, sp.gmask, sp.dblock) == \
+        tuple(n + k for k in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10))      # the official layout (spec §7.1)
+    assert tok.vocab_size == n + 11 and T.Specials.official_chinese() == T.Specials.appended(50000)
+    ids = tok.encode(text[:2000])
+    assert max(ids) < n and tok.decode(ids) == tok.sp.decode(ids)   # text decodes as the model itself does
+    assert [i for i in tok.encode_with_blanks("The [MASK] of [sMASK] and [gMASK]") if i >= n] == [n + 3, n + 8, n + 9]
+    unfixed = T.Tokenizer(model, commands="appended_unfixed")
+    assert unfixed.specials.gmask == unfixed.specials.eop == n + 7 and unfixed.specials.dblock == n + 9
+    # the command layout is part of the vocabulary's identity
+    assert len({tok.fingerprint, unfixed.fingerprint, hashlib.sha256(model).hexdigest()}) == 3
+    with pytest.raises(ValueError, match="tokenizer_commands=ours"):
+        T.Tokenizer.load(tokenizer_path, commands="appended")    # one of ours is not a foreign model
+    # a real build with it: shards in the appended ids, the manifest says so
+    path = tmp_path / "cog-like.model"
+    path.write_bytes(model)
+    with pytest.raises(ValueError, match="pass --tokenizer"):
+        BuildConfig(tokenizer_commands="appended").validate()
+    cfg = BuildConfig(input=small_corpus[:2], output=str(tmp_path / "out"), tokenizer=str(path), seq_len=128,
+                      tokenizer_commands="appended", block_mask_prob=0.1, validation_fraction=0.0, variants=1)
+    m = build(cfg)["train"]
+    assert m.vocab_size == n + 11 and m.specials == sp.to_json() and m.tokenizer["fingerprint"] == tok.fingerprint
+    fs = fsspec.filesystem("file")
+    rows = [r for info in m.shards for s in [S.read_shard(fs, f"{cfg.output}/train/{info.name}", info, "parquet")]
+            for r in (s.row(i) for i in range(len(s)))]
+    seen = set(np.concatenate([r["input_ids"] for r in rows]).tolist())
+    assert max(seen) < n + 11 and {sp.cls, sp.eos, sp.sop, sp.dblock} <= seen
+    stream = []
+    for f in D.list_inputs(cfg.input):
+        for doc in D.read_documents(f, "text", "file", None, []):
+            stream += [sp.cls, *(t for seg in D.segments(doc.text) for t in tok.encode(seg)), sp.eos]
+    assert reassemble(rows, sp) == stream
+
