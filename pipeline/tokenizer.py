@@ -23,6 +23,12 @@ ordinary piece there) still loads and builds exactly as before, its `Specials.db
 asks for block_mask_prob or context_mask_ratio > 0 with it is refused with a message naming the fix (retrain the
 tokenizer, or leave both knobs at 0). Ids 0..8 never moved, so old shard sets and checkpoints keep their meaning.
 
+Bring your own model: `Tokenizer(model_bytes, commands="appended")` (build: `--tokenizer your.model
+--tokenizer-commands appended`) takes any sentencepiece model as it is, e.g. the official Chinese
+`cog-pretrain.model`, and appends the command tokens after its pieces in the official GLMChineseTokenizer layout
+(`Specials.appended`; "appended" = with --fix-command-token, "appended_unfixed" = without it, where [gMASK] shares
+eop's id as in glm-10b-chinese), so official checkpoints can be continued on new data.
+
 The typed `Specials` record carries these ids and the sentence-ending ids to the objective code
 (`pipeline/infilling.py`), so the same objective code serves the official GLM vocabularies too
 (`Specials.official_bert()` etc.). Text that should contain blanks (`fill_blanks`) goes through
