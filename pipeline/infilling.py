@@ -67,7 +67,7 @@ official code uses python's global `random` (block mask) or the batch RNG (the o
   targets unchanged, so `reconstruct` (which reads Part A from the targets) still recovers the chunk.
   The sentence, gpt and masked-LM layouts apply neither mask (task != 'bert' in the official code).
 Both masks need `specials.dblock`; without it make_sample raises a ValueError naming the fix.
-`short_seq_prob` (§3.7) splits chunks, so it lives in the packer (`pipeline/build.py`, `split_short`).
+`short_seq_prob` (§3.7) splits chunks, so it lives in the packer (`pipeline/build.py`, `Packer._split_short`).
 
 Dtypes: those of the shard columns (`pipeline.shards.ARRAY_COLUMNS`); sep a python int.
 
