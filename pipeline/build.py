@@ -50,6 +50,7 @@ GROWTH = {"bert": 1.1, "sentence": 1.02, "gpt": 1.0}  # ~output/input length of 
 MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter group tails are counted as dropped
 MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
 ENCODE_BATCH = 64   # documents (segments) per sentencepiece batch call
+SHORT_BUCKET = 32   # width of the manifest's short-sample length histogram buckets (tokens)
 
 
 def demo_corpus() -> list[str]:
@@ -69,7 +70,11 @@ def new_accounting() -> dict:
     return {"documents": 0, "documents_too_short": 0, "tokens_in": 0, "samples": 0, "real_tokens": 0,
             "capacity_tokens": 0, "part_a_tokens": 0, "loss_tokens": 0, "chunk_tokens": 0,
             "tail_tokens_dropped": 0, "objective_fallbacks": 0, "fit_trials": 0,
-            "objectives": {}, "layouts": {}, "span_length_hist": {}}
+            "objectives": {}, "layouts": {}, "span_length_hist": {},
+            # short_seq_prob (spec §3.7): chunks split, the short samples made, their chunk lengths (buckets of
+            # SHORT_BUCKET tokens, keyed by the bucket's first length) and the padding they bring to seq_len
+            "short_seq_chunks": 0, "short_seq_samples": 0, "short_seq_pad_tokens": 0, "short_seq_length_hist": {},
+            "single_span_samples": 0}
 
 
 def merge_accounting(a: dict, b: dict) -> dict:
@@ -95,10 +100,22 @@ def finish_accounting(acc: dict) -> dict:
                                for o, h in sorted(acc["span_length_hist"].items())}
     acc["objectives"] = dict(sorted(acc["objectives"].items()))
     acc["layouts"] = dict(sorted(acc["layouts"].items()))
+    acc["short_seq_length_hist"] = {str(k): acc["short_seq_length_hist"][k]
+                                    for k in sorted(acc["short_seq_length_hist"], key=int)}
     return acc
 
 
 # ------------------------------------------------------------------------------------------- packing
+
+def check_specials(cfg: BuildConfig, specials: T.Specials) -> None:
+    """Refuse (before any work) knobs the vocabulary cannot serve: the block / context masks need [dBLOCK]."""
+    if (cfg.block_mask_prob > 0 or cfg.context_mask_ratio > 0) and specials.dblock is None:
+        raise ValueError(
+            f"block_mask_prob={cfg.block_mask_prob}, context_mask_ratio={cfg.context_mask_ratio} need the "
+            f"[dBLOCK] command token, and tokenizer {cfg.tokenizer or '(of this output)'} has none (vocabulary "
+            "layout 1, trained before [dBLOCK] existed). Retrain it (`python jobs/train_tokenizer.py`, or drop "
+            "--tokenizer to train one here) or set block_mask_prob=0 and context_mask_ratio=0.")
+
 
 class Packer:
     """Cuts one (split, group, variant) token stream into chunks sized so the finished sample fills seq_len,
@@ -111,6 +128,7 @@ class Packer:
         self.chunk_index = 0
         self.finishing = False
         self.writer, self.acc = writer, acc
+        check_specials(cfg, specials)
         self.objectives = sorted(cfg.objectives)
         probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
         self.cum_probs = np.cumsum(probs) / probs.sum()   # objective k is drawn when pick < cum_probs[k]
@@ -134,14 +152,76 @@ class Packer:
         return np.random.SeedSequence([self.cfg.seed, SPLIT_ID[self.split], self.group, self.variant,
                                        self.chunk_index])
 
-    def _make(self, chunk: np.ndarray, objective: str, seed: np.random.SeedSequence) -> dict:
+    def _make(self, chunk: np.ndarray, objective: str, seed: np.random.SeedSequence, fallback: bool = False) -> dict:
         cfg = self.cfg
         return infilling.make_sample(
             chunk, objective, np.random.default_rng(seed), specials=self.specials, task_mask=cfg.task_mask,
             gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
-            block_position_encoding=cfg.block_position_encoding)
+            block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
+            context_mask_ratio=cfg.context_mask_ratio,
+            single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
 
-    def _fit(self, objective: str, seed: np.random.SeedSequence) -> tuple[np.ndarray, dict] | None:
+    def _objective(self, seed: np.random.SeedSequence) -> str:
+        pick = float(seed.generate_state(1, np.uint64)[0]) / 2.0**64   # objective draw in [0, 1), ~1 us
+        return self.objectives[min(int(np.searchsorted(self.cum_probs, pick, side="right")),
+                                   len(self.objectives) - 1)]
+
+    def _split_short(self, seed: np.random.SeedSequence) -> None:
+        """short_seq_prob (spec §3.7 split_samples): this chunk's text becomes up to (seq_len-1)//t short samples,
+        t ~ U{32 .. seq_len-2} (the official randrange(32, seq_len-1)); each piece holds ~t text tokens, its end
+        moved back to a sentence end (or eos) unless that leaves fewer than t//2, and starts with [CLS] (an added
+        one, or the document's own when the piece starts a document). Unlike the official random crops the pieces
+        partition the text: consecutive, none dropped or repeated. Each piece is infilled as its own sample
+        (its own chunk index, seed and objective draw); a piece whose sample would exceed seq_len is cut shorter,
+        the rest going to the next piece. Every sample still takes a row of seq_len: the padding is counted."""
+        cfg, q, acc = self.cfg, self.queue, self.acc
+        child = np.random.SeedSequence(seed.entropy, spawn_key=(1,))   # not the chunk's own sample stream
+        t = int(np.random.default_rng(child).integers(32, cfg.seq_len - 1))
+        ends = np.array(sorted(self.specials.sentence_end_ids | {self.specials.eos}))
+        acc["short_seq_chunks"] += 1
+        for _ in range((cfg.seq_len - 1) // t):
+            if q.size == 0:
+                break
+            look = q.peek(2 + t)                                  # [CLS] + t text tokens + the one after
+            at_end = np.flatnonzero(np.isin(look[1:1 + t], ends))  # text tokens that end a sentence (or eos)
+            e = int(at_end[-1]) + 2 if len(at_end) and at_end[-1] + 1 >= t // 2 else min(len(look), 1 + t)
+            if e < len(look) and look[e] == self.specials.eos:
+                e += 1                                            # never start the next piece with an eos
+            piece_seed = self._seed()
+            objective = self._objective(piece_seed)
+            sample, n = None, e
+            for obj in (objective, "gpt") if objective != "gpt" else ("gpt",):
+                if obj != objective:
+                    acc["objective_fallbacks"] += 1   # counted, as in _cut
+                n = e
+                for _ in range(12):
+                    if n < infilling.MIN_CHUNK_LEN["gpt"]:
+                        break
+                    try:
+                        sample = self._make(look[:n], obj, piece_seed, fallback=obj != objective)
+                    except ValueError:   # e.g. SpanPlacementError: the next objective, or a counted drop
+                        break
+                    over = len(sample["input_ids"]) - cfg.seq_len
+                    if over <= 0:
+                        break
+                    n, sample = n - over, None
+                if sample is not None:
+                    break
+            source, doc_index = q.provenance
+            if sample is None:
+                acc["tail_tokens_dropped"] += e - q.fresh_cls   # counted, never silent
+                q.consume(e)
+            else:
+                q.consume(n)
+                self._record(look[:n], sample, obj, source, doc_index)
+                acc["short_seq_samples"] += 1
+                acc["short_seq_pad_tokens"] += cfg.seq_len - len(sample["input_ids"])
+                b = n // SHORT_BUCKET * SHORT_BUCKET
+                acc["short_seq_length_hist"][b] = acc["short_seq_length_hist"].get(b, 0) + 1
+            self.chunk_index += 1
+
+    def _fit(self, objective: str, seed: np.random.SeedSequence, fallback: bool = False
+             ) -> tuple[np.ndarray, dict] | None:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
         trials, same seed each): the first guess n = seq_len / growth usually lands within the slack."""
         seq_len = self.cfg.seq_len
@@ -158,7 +238,7 @@ class Packer:
             tried.add(n)
             self.acc["fit_trials"] += 1
             chunk = self.queue.peek(n)
-            sample = self._make(chunk, objective, seed)
+            sample = self._make(chunk, objective, seed, fallback)
             over = len(sample["input_ids"]) - seq_len
             if over <= 0:
                 if best is None or len(chunk) > len(best[0]):
@@ -172,9 +252,11 @@ class Packer:
 
     def _cut(self) -> None:
         seed = self._seed()
-        pick = float(seed.generate_state(1, np.uint64)[0]) / 2.0**64   # objective draw in [0, 1), ~1 us
-        objective = self.objectives[min(int(np.searchsorted(self.cum_probs, pick, side="right")),
-                                        len(self.objectives) - 1)]
+        if self.cfg.short_seq_prob > 0:   # its own word of the seed: the objective draw below is unchanged
+            if float(seed.generate_state(2, np.uint64)[1]) / 2.0**64 < self.cfg.short_seq_prob:
+                self._split_short(seed)
+                return
+        objective = self._objective(seed)
         # Only "this chunk cannot take this objective" is expected; any other ValueError (a bad option) must
         # stop the build, not turn into silently dropped tokens.
         try:
@@ -185,7 +267,7 @@ class Packer:
             self.acc["objective_fallbacks"] += 1   # counted, never silent: the chunk becomes a doc-level sample
             objective = "gpt"
             try:
-                fitted = self._fit(objective, seed)
+                fitted = self._fit(objective, seed, fallback=True)
             except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
                 fitted = None
         source, doc_index = self.queue.provenance
@@ -202,6 +284,8 @@ class Packer:
 
     def _record(self, chunk: np.ndarray, sample: dict, objective: str, source: str, doc_index: int) -> None:
         acc = self.acc
+        objective = sample.get("objective", objective)   # single_span_prob may have made it a bert sample
+        acc["single_span_samples"] += bool(sample.get("single_span"))
         n_out = len(sample["input_ids"])
         acc["samples"] += 1
         acc["chunk_tokens"] += len(chunk)
@@ -250,17 +334,17 @@ class ShardWriter:
 _TOKENIZERS: dict[str, T.Tokenizer] = {}
 
 
-def _tokenizer(model_bytes: bytes) -> T.Tokenizer:
-    key = S.sha256(model_bytes)
+def _tokenizer(model_bytes: bytes, commands: str = "ours") -> T.Tokenizer:
+    key = S.sha256(model_bytes) + commands
     if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = T.Tokenizer(model_bytes)
+        _TOKENIZERS[key] = T.Tokenizer(model_bytes, commands=commands)
     return _TOKENIZERS[key]
 
 
 def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_bytes: bytes) -> dict:
     """Build every shard of one packing group and commit its receipt. Pure function of its arguments."""
     t0 = time.time()
-    tok = _tokenizer(model_bytes)
+    tok = _tokenizer(model_bytes, cfg.tokenizer_commands)
     specials = tok.specials
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     skips: list[D.Skip] = []
@@ -378,7 +462,7 @@ def _skip_summary(skips: list[dict], limit: int = 6) -> str:
 
 def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.InputFile]) -> T.Tokenizer:
     if cfg.tokenizer:
-        return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
+        return T.Tokenizer.load(cfg.tokenizer, cfg.storage_options, commands=cfg.tokenizer_commands)
     path = f"{root}/tokenizer.model"
     if fs.exists(path):   # resuming a build that trained its tokenizer already (the record matched its settings)
         return T.Tokenizer(fs.cat_file(path), source=path)
@@ -612,6 +696,7 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
                   "inputs": O.input_record(files, cfg.storage_options)}
         old = _prepare_output(cfg, fs, root, record)
         tok = _load_or_train_tokenizer(cfg, fs, root, files)
+        check_specials(cfg, tok.specials)
         known = record["tokenizer"]["fingerprint"]
         if known is not None and known != tok.fingerprint:
             raise ValueError(

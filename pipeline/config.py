@@ -41,12 +41,20 @@ class BuildConfig:
     overwrite: bool = False                         # replace an existing output built with other settings
     num_cpus: int | None = None                     # CPUs for a Ray started here (None: all); ignored on a cluster
     storage_options: dict = field(default_factory=dict)  # fsspec options, e.g. {"endpoint_url": ...} for S3
+    # The official corruption knobs (spec §3.2, §3.6, §3.7; the GLM-10B recipe: block 0.1, short-seq 0.02).
+    block_mask_prob: float = 0.0                    # bert samples: P(a Part B input span token -> [dBLOCK])
+    context_mask_ratio: float = 0.0                 # bert samples: share of n put as [dBLOCK] into Part A near spans
+    single_span_prob: float = 0.0                   # P(a sample is bert with ONE Poisson span), whatever its objective
+    short_seq_prob: float = 0.0                     # P(a chunk's text becomes short samples of t ~ U[32, seq_len-2])
+    tokenizer_commands: str = "ours"                # ours | appended | appended_unfixed: --tokenizer's command ids
+                                                    # (appended: your own .model, e.g. cog-pretrain, official layout)
 
     @staticmethod
     def byte_fields() -> tuple[str, ...]:
         return ("format", "seq_len", "variants", "seed", "objectives", "task_mask", "gpt_min_ratio",
                 "gpt_infill_prob", "shuffle_spans", "block_position_encoding", "validation_fraction", "text_field",
-                "text_split", "min_doc_tokens", "samples_per_shard", "group_bytes")
+                "text_split", "min_doc_tokens", "samples_per_shard", "group_bytes", "block_mask_prob",
+                "context_mask_ratio", "single_span_prob", "short_seq_prob", "tokenizer_commands")
 
     def validate(self) -> None:
         if self.format not in ("parquet", "wds"):
@@ -66,6 +74,18 @@ class BuildConfig:
                              "blank_lines (documents separated by blank lines)")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction}: must be in [0, 1)")
+        for name in ("block_mask_prob", "context_mask_ratio", "single_span_prob", "short_seq_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be a probability in [0, 1] (0 = off)")
+        if self.tokenizer_commands not in ("ours", "appended", "appended_unfixed"):
+            raise ValueError(f"tokenizer_commands={self.tokenizer_commands!r}: choose ours (a model trained here), "
+                             "appended or appended_unfixed (your own sentencepiece model, official GLM layout)")
+        if self.tokenizer_commands != "ours" and not self.tokenizer:
+            raise ValueError(f"tokenizer_commands={self.tokenizer_commands!r} describes a model you bring: pass "
+                             "--tokenizer=<your .model>, or leave tokenizer_commands=ours to train one here")
+        if self.short_seq_prob > 0 and self.seq_len < 34:
+            raise ValueError(f"short_seq_prob={self.short_seq_prob} draws piece lengths in [32, seq_len-2]: needs "
+                             f"seq_len >= 34, got {self.seq_len}; raise seq_len or set short_seq_prob=0")
 
 
 def field_names(cls) -> list[str]:

@@ -53,6 +53,22 @@ Ablations (paper Table 6): `shuffle_spans=False` keeps Part B in text order (--n
 in both gpt layouts too (spec §14.11: the official suffix path builds that row one element too long — a bug
 we do not copy; our row always has the sample's length); `masked_lm=True` as above.
 
+Official recipe knobs (spec §3.2, §3.6; all 0 = off by default, and then not a single extra draw is made, so
+the samples are the same bytes as without them). Each is drawn from the sample's own Generator, where the
+official code uses python's global `random` (block mask) or the batch RNG (the others):
+
+* `single_span_prob` (--single-span-prob): with this probability, drawn first, the sample becomes a "bert"
+  sample with ONE span of Poisson length (whatever `objective` was asked for: the official code forces the
+  whole batch into bert mode). The returned `objective` and `single_span` say what was made.
+* `block_mask_prob` (--block-mask-prob), bert layout only: every Part B *input* span token (never sop) becomes
+  [dBLOCK] with this probability, independently; targets unchanged.
+* `context_mask_ratio` (--context-mask-ratio), bert layout only: int(ratio * n) distinct Part A inputs within
+  `context_mask_range` (3) tokens of a span's mask (the official candidate set, `_context_mask`) become [dBLOCK];
+  targets unchanged, so `reconstruct` (which reads Part A from the targets) still recovers the chunk.
+  The sentence, gpt and masked-LM layouts apply neither mask (task != 'bert' in the official code).
+Both masks need `specials.dblock`; without it make_sample raises a ValueError naming the fix.
+`short_seq_prob` (§3.7) splits chunks, so it lives in the packer (`pipeline/build.py`, `Packer._split_short`).
+
 Dtypes: those of the shard columns (`pipeline.shards.ARRAY_COLUMNS`); sep a python int.
 
 Speed: no per-token python; outputs are written into preallocated arrays. What is left per sample is a few
@@ -459,15 +475,19 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
                 task_mask: bool = False, loss_mask=None, masked_lm: bool = False, shuffle_spans: bool = True,
                 block_position_encoding: bool = True, bert_ratio: float = 0.15, sentence_ratio: float = 0.15,
                 avg_block_length: float = 3.0, max_block_length: int = 40, gpt_infill_prob: float = 0.5,
-                gpt_min_ratio: float = 0.5, sentence_mask_cls: bool = True) -> dict:
+                gpt_min_ratio: float = 0.5, sentence_mask_cls: bool = True, single_span_prob: float = 0.0,
+                block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0, context_mask_range: int = 3) -> dict:
     """One GLM training sample from one chunk (module docstring has the rules).
 
     tokens: 1-D int array, `[CLS] doc eos [CLS] doc ...`. objective: "bert" | "sentence" | "gpt".
     rng: a `numpy.random.Generator` (e.g. `np.random.default_rng(seed)`); it is advanced.
     specials: the tokenizer's `Specials` (ids and sentence-end ids). loss_mask: the source loss mask (only the
     gpt suffix and masked-LM layouts read it; default 0 at [CLS], 1 elsewhere).
+    single_span_prob, block_mask_prob, context_mask_ratio, context_mask_range: the official corruption knobs
+    (module docstring, "Official recipe knobs"); at 0 (default) nothing is drawn for them.
     Returns input_ids, targets, loss_mask, position_ids, block_position_ids (arrays), sep (int), spans (list of
-    (start, end) in source coordinates, Part B order) and layout (the shard column of that name).
+    (start, end) in source coordinates, Part B order), layout (the shard column of that name), objective (the
+    one used: "bert" when single_span_prob turned the sample into a single-span one) and single_span (bool).
     Raises ChunkTooShortError, SpanPlacementError (both ValueError) and ValueError for bad options."""
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng={rng!r}: pass a numpy.random.Generator, e.g. np.random.default_rng(seed); "
@@ -476,6 +496,19 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         raise ValueError(f"specials={specials!r}: pass the tokenizer's Specials record (tokenizer.specials)")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
+    for name, p in (("single_span_prob", single_span_prob), ("block_mask_prob", block_mask_prob),
+                    ("context_mask_ratio", context_mask_ratio)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"{name}={p}: must be a probability in [0, 1] (0 = off, the default)")
+    if (block_mask_prob > 0 or context_mask_ratio > 0) and specials.dblock is None:
+        raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
+                         "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] existed): "
+                         "retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
+    # single span (§3.2): the official construct_blocks turns the whole batch into bert mode with ONE span of
+    # Poisson length; here it is drawn per sample, first, so the other draws are unchanged when it is off.
+    single_span = single_span_prob > 0 and rng.random() < single_span_prob
+    if single_span:
+        objective = "bert"
     t = _as_tokens(tokens, specials)
     n = len(t)
     need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
@@ -486,16 +519,20 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
 
     if objective == "bert":
-        lengths = draw_span_lengths(rng, int(bert_ratio * n), avg_block_length, max_block_length)
+        if single_span:
+            cdf = _pmf_and_cdf(avg_block_length, max_block_length)[1]
+            lengths = np.array([int(cdf.searchsorted(rng.random(), side="right")) + 1])
+        else:
+            lengths = draw_span_lengths(rng, int(bert_ratio * n), avg_block_length, max_block_length)
         s, ln = _place_in_documents(t, lengths, rng, specials, bert_ratio)
         if len(s) < len(lengths):
             raise SpanPlacementError(
                 f"placed {len(s)} of {len(lengths)} spans (lengths {lengths.tolist()}) in a chunk of {n} "
                 "tokens; the official code drops such a sample: count it and skip, or draw with the next seed",
                 spans_drawn=len(lengths), spans_placed=len(s))
-        if masked_lm:
+        if masked_lm:   # the official masked-LM path applies neither block nor context masks
             out = make_masked_lm_data(t, list(zip(s.tolist(), (s + ln).tolist())), specials, loss_mask=loss_mask)
-            out["layout"] = "masked_lm"
+            out.update(layout="masked_lm", objective="bert", single_span=single_span)
             return out
         layout = "bert"
     elif objective == "sentence":
@@ -524,7 +561,7 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         if multi_doc or rng.random() < gpt_infill_prob:
             out = make_gpt_suffix_data(t, g, specials, task_mask=task_mask, loss_mask=loss_mask,
                                        block_position_encoding=block_position_encoding)
-            out["layout"] = "gpt_suffix"
+            out.update(layout="gpt_suffix", objective="gpt", single_span=False)
             return out
         # one document (no eos before the last token): its region, the longest, is [1, n-1)
         g = min(g, n - 3)                                # the official code crashes at g = n-2; we shorten it
@@ -536,8 +573,44 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     order = rng.permutation(len(s)) if len(s) > 1 and shuffle_spans else None
     mask_id = mask_token_id(objective, specials, task_mask)
     out = _layout(t, s, ln, order, specials, mask_id, block_position_encoding)
-    out["layout"] = layout
+    if layout == "bert" and block_mask_prob > 0:
+        _block_mask(out, rng, specials, block_mask_prob)
+    if layout == "bert" and context_mask_ratio > 0:
+        _context_mask(out, s, ln, n, rng, specials, context_mask_ratio, context_mask_range)
+    out.update(layout=layout, objective=objective, single_span=single_span)
     return out
+
+
+def _block_mask(out: dict, rng: np.random.Generator, specials: Specials, p: float) -> None:
+    """§3.6 block mask: every Part B input span token (not sop) becomes [dBLOCK] with probability p, one
+    independent draw per token as the official loop; the targets keep the true tokens."""
+    b = out["input_ids"][out["sep"]:]
+    hit = rng.random(len(b)) < p
+    hit &= b != specials.sop          # sop never occurs inside a span (a control token no text produces)
+    b[hit] = specials.dblock
+
+
+def _context_mask(out: dict, s: np.ndarray, ln: np.ndarray, n: int, rng: np.random.Generator, specials: Specials,
+                  ratio: float, reach: int) -> None:
+    """§3.6 context mask, as the official make_block_data builds it: Part A is cut by its mask tokens into
+    stretches of kept text; the candidates are the first `reach` tokens of every stretch that does not start
+    Part A and the last `reach` tokens of every stretch (so also the chunk's own last tokens, after the last
+    span: an official quirk, kept); int(ratio * n) distinct candidates become [dBLOCK] in the inputs (the
+    targets of Part A keep the true tokens). Where the official `rng.sample` crashes because there are fewer
+    candidates than that, all candidates are taken."""
+    sep = out["sep"]
+    mpos = s - (ln - 1).cumsum() + (ln - 1)          # mask index of each span in Part A (s sorted)
+    starts = np.concatenate(([0], mpos + 1))           # stretch j = [starts[j], ends[j])
+    ends = np.concatenate((mpos, [sep]))
+    cand = np.zeros(sep, dtype=bool)
+    for a, e in zip(starts.tolist(), ends.tolist()):  # (an empty stretch adds nothing, as in the official code)
+        if a != 0:
+            cand[a:min(e, a + reach)] = True
+        cand[max(a, e - reach):e] = True
+    idx = cand.nonzero()[0]
+    k = min(int(ratio * n), len(idx))
+    if k:
+        out["input_ids"][rng.choice(idx, size=k, replace=False)] = specials.dblock
 
 
 def output_length(sample: dict) -> int:
@@ -548,13 +621,13 @@ def output_length(sample: dict) -> int:
 def reconstruct(sample: dict, specials: Specials) -> np.ndarray:
     """Recover the original chunk from a sample's arrays alone (the inverse of every layout; for tests and
     `inspect_shards`). Part B segments are cut at their eop targets and placed back at their mask index."""
-    inp, tgt, sep = sample["input_ids"], sample["targets"], sample["sep"]
+    tgt, sep = sample["targets"], sample["sep"]
     layout = sample["layout"]
     if layout == "masked_lm":
         return tgt.copy()
     if layout == "gpt_suffix":
         return np.concatenate((tgt[: sep - 1], tgt[sep:]))
-    part_a = inp[:sep]
+    part_a = tgt[:sep]                                    # == the inputs, unless a context mask corrupted them
     b_tgt = tgt[sep:]
     ends = np.flatnonzero(b_tgt == specials.eop)
     starts = np.concatenate(([0], ends[:-1] + 1))

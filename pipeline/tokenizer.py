@@ -16,6 +16,18 @@ tokenized as ordinary characters, it does not inject mask tokens into training d
     6   <|startofpiece|>     sop: starts every Part B span
     7   <|endofpiece|>       eop: ends every Part B span (as a target)
     8   [SEP]                separator (finetuning formats)
+    9   [dBLOCK]             corrupted Part B / context token (--block-mask-prob, --context-mask-ratio; spec §3.6)
+
+[dBLOCK] came later (vocabulary layout 2): a tokenizer trained before it (layout 1, ids 0..8 only; id 9 is an
+ordinary piece there) still loads and builds exactly as before, its `Specials.dblock` is None, and a build that
+asks for block_mask_prob or context_mask_ratio > 0 with it is refused with a message naming the fix (retrain the
+tokenizer, or leave both knobs at 0). Ids 0..8 never moved, so old shard sets and checkpoints keep their meaning.
+
+Bring your own model: `Tokenizer(model_bytes, commands="appended")` (build: `--tokenizer your.model
+--tokenizer-commands appended`) takes any sentencepiece model as it is, e.g. the official Chinese
+`cog-pretrain.model`, and appends the command tokens after its pieces in the official GLMChineseTokenizer layout
+(`Specials.appended`; "appended" = with --fix-command-token, "appended_unfixed" = without it, where [gMASK] shares
+eop's id as in glm-10b-chinese), so official checkpoints can be continued on new data.
 
 The typed `Specials` record carries these ids and the sentence-ending ids to the objective code
 (`pipeline/infilling.py`), so the same objective code serves the official GLM vocabularies too
@@ -36,11 +48,16 @@ from dataclasses import asdict, dataclass, field
 import fsspec
 import sentencepiece as spm
 
-# Command tokens in id order (ids 0..8). Change this list and every shard set and checkpoint changes meaning.
+# Command tokens in id order (ids 0..9). Change this list and every shard set and checkpoint changes meaning;
+# only appending is allowed (tokenizers trained before an append keep loading, see REQUIRED_COMMAND_TOKENS).
 COMMAND_TOKENS = (
     "<|endoftext|>", "[UNK]", "[CLS]", "[MASK]", "[sMASK]", "[gMASK]",
-    "<|startofpiece|>", "<|endofpiece|>", "[SEP]",
+    "<|startofpiece|>", "<|endofpiece|>", "[SEP]", "[dBLOCK]",
 )
+REQUIRED_COMMAND_TOKENS = 9   # ids 0..8 must match; [dBLOCK] (id 9) is optional (tokenizers of layout 1 lack it)
+DBLOCK_ID = COMMAND_TOKENS.index("[dBLOCK]")
+COMMAND_LAYOUTS = ("ours", "appended", "appended_unfixed")   # where a Tokenizer finds its command tokens
+VOCAB_LAYOUT = 2              # 1: command tokens 0..8; 2: + [dBLOCK] at 9 (written to the tokenizer's .json)
 MASK_STRINGS = ("[MASK]", "[sMASK]", "[gMASK]")
 # A piece whose string contains one of these ends a sentence (spec §3.4; the official list incl. CJK).
 SENTENCE_END_CHARS = ".?!;:。？！；…\n"
@@ -60,6 +77,7 @@ class Specials:
     eop: int            # <|endofpiece|>
     sep: int            # [SEP]
     unk: int            # [UNK]
+    dblock: int | None = None  # [dBLOCK] (spec §3.6 block / context masks); None: this vocabulary has none
     sentence_end_ids: frozenset[int] = field(default_factory=frozenset)  # ids whose piece ends a sentence
 
     def to_json(self) -> dict:
@@ -74,25 +92,58 @@ class Specials:
         return cls(**d)
 
     @classmethod
-    def ours(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
-        """Ids of every vocabulary trained by this project (the table in the module docstring)."""
+    def ours(cls, sentence_end_ids: Iterable[int] = (), dblock: bool = True) -> Specials:
+        """Ids of every vocabulary trained by this project (the table in the module docstring); dblock=False
+        for a tokenizer of vocabulary layout 1 (trained before [dBLOCK] existed)."""
         ids = {name: i for i, name in enumerate(COMMAND_TOKENS)}
         return cls(eos=ids["<|endoftext|>"], pad=ids["<|endoftext|>"], cls=ids["[CLS]"], mask=ids["[MASK]"],
                    smask=ids["[sMASK]"], gmask=ids["[gMASK]"], sop=ids["<|startofpiece|>"],
                    eop=ids["<|endofpiece|>"], sep=ids["[SEP]"], unk=ids["[UNK]"],
-                   sentence_end_ids=frozenset(sentence_end_ids))
+                   dblock=ids["[dBLOCK]"] if dblock else None, sentence_end_ids=frozenset(sentence_end_ids))
+
+    # The official vocabularies (spec §7.1): command tokens appended after the text vocabulary in the order
+    # sop, eop, [gMASK], [sMASK] (--task-mask), [dBLOCK] (--block-mask-prob / --context-mask-ratio > 0), each
+    # taking the next free id; the records below hold the ids of a run with --task-mask and the [dBLOCK] flag.
 
     @classmethod
     def official_bert(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
-        """BERT-wordpiece GLMs (glm-base/large/410m/515m; spec §7.1), with --task-mask ids."""
+        """BERT-wordpiece GLMs (glm-base/large/410m/515m; spec §7.1), with --task-mask ids ([dBLOCK] 30526;
+        a run without --task-mask has [dBLOCK] at 30524 instead)."""
         return cls(eos=0, pad=0, cls=101, mask=103, smask=30525, gmask=30524, sop=30522, eop=30523, sep=102,
-                   unk=100, sentence_end_ids=frozenset(sentence_end_ids))
+                   unk=100, dblock=30526, sentence_end_ids=frozenset(sentence_end_ids))
 
     @classmethod
     def official_gpt2(cls, sentence_end_ids: Iterable[int] = ()) -> Specials:
-        """GPT-2-BPE GLMs (glm-2b, glm-10b; spec §7.1/§7.2)."""
+        """GPT-2-BPE GLMs (glm-2b, glm-10b; spec §7.1/§7.2); [dBLOCK] 50265 (ds_block_10B.sh: block-mask 0.1)."""
         return cls(eos=50256, pad=50256, cls=50259, mask=50260, smask=50264, gmask=50263, sop=50257, eop=50258,
-                   sep=50261, unk=50262, sentence_end_ids=frozenset(sentence_end_ids))
+                   sep=50261, unk=50262, dblock=50265, sentence_end_ids=frozenset(sentence_end_ids))
+
+    @classmethod
+    def official_chinese(cls, sentence_end_ids: Iterable[int] = (), fix_command_token: bool = True) -> Specials:
+        """The Chinese sentencepiece GLMs (`cog-pretrain.model`, 50,000 pieces; spec §7.1). With
+        --fix-command-token (glm-large-chinese): [sMASK] 50008, [gMASK] 50009, [dBLOCK] 50010. Without it
+        (glm-10b-chinese) the official code gives [gMASK] the id of eop, 50007 (id 50005 is skipped), [sMASK]
+        50008 and [dBLOCK] 50009 — the ids that model was trained with (spec §7.1 surprise, §14.9)."""
+        return cls.appended(50000, sentence_end_ids, fix_command_token)
+
+    @classmethod
+    def appended(cls, base: int, sentence_end_ids: Iterable[int] = (), fix_command_token: bool = True) -> Specials:
+        """The official GLMChineseTokenizer layout for any sentencepiece model of `base` pieces: command tokens
+        appended at base + 0 eos/pad, 1 [SEP], 2 [CLS], 3 [MASK], 4 [UNK], (5 unused), 6 sop, 7 eop, then
+        with fix_command_token 8 [sMASK], 9 [gMASK], 10 [dBLOCK]; without it 7 [gMASK] (= eop), 8 [sMASK],
+        9 [dBLOCK]."""
+        b = base
+        fixed = dict(smask=b + 8, gmask=b + 9, dblock=b + 10) if fix_command_token else \
+            dict(smask=b + 8, gmask=b + 7, dblock=b + 9)
+        return cls(eos=b, pad=b, sep=b + 1, cls=b + 2, mask=b + 3, unk=b + 4, sop=b + 6, eop=b + 7,
+                   **fixed, sentence_end_ids=frozenset(sentence_end_ids))
+
+    def command_strings(self) -> dict[int, str]:
+        """id -> command-token string (an id shared by two tokens, eop = [gMASK] without the fix, reads as eop)."""
+        names = (("dblock", "[dBLOCK]"), ("smask", "[sMASK]"), ("gmask", "[gMASK]"), ("unk", "[UNK]"),
+                 ("mask", "[MASK]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("eop", "<|endofpiece|>"),
+                 ("sop", "<|startofpiece|>"), ("eos", "<|endoftext|>"))
+        return {getattr(self, a): s for a, s in names if getattr(self, a) is not None}
 
     @property
     def mask_ids(self) -> tuple[int, int, int]:
@@ -100,25 +151,56 @@ class Specials:
 
 
 class Tokenizer:
-    """A loaded sentencepiece model whose command tokens are at the ids of `Specials.ours()`."""
+    """A loaded sentencepiece model with the GLM command tokens.
 
-    def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
+    commands="ours" (default): a model trained here, command tokens at the ids of `Specials.ours()` ([dBLOCK]
+    optional: `specials.dblock` is None for a tokenizer of vocabulary layout 1).
+    commands="appended" / "appended_unfixed": bring your own sentencepiece model (e.g. the official Chinese
+    `cog-pretrain.model`): its pieces are kept as they are and the command tokens get the ids after them, in the
+    official GLMChineseTokenizer layout with / without --fix-command-token (`Specials.appended`), so official
+    checkpoints can be continued on new data. vocab_size is then the last command id + 1 (50,011 for
+    cog-pretrain, padded to 50,048 by the trainer as in the official model)."""
+
+    def __init__(self, model_bytes: bytes, source: str = "<bytes>", commands: str = "ours"):
+        if commands not in COMMAND_LAYOUTS:
+            raise ValueError(f"commands={commands!r}: choose one of {COMMAND_LAYOUTS}")
         self.model_bytes = model_bytes
         self.source = source
+        self.commands = commands
         self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        for i, piece in enumerate(COMMAND_TOKENS):
-            if self.sp.id_to_piece(i) != piece:
-                raise ValueError(
-                    f"{source}: id {i} is {self.sp.id_to_piece(i)!r}, expected the GLM command token {piece!r}. "
-                    "This model was not trained by pipeline/tokenizer.py; retrain it with "
-                    "`python jobs/train_tokenizer.py` so the command tokens sit at their fixed ids.")
-        ends = [i for i in range(self.sp.get_piece_size())
+        n = self.sp.get_piece_size()
+        ours = n > REQUIRED_COMMAND_TOKENS and all(
+            self.sp.id_to_piece(i) == p for i, p in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS]))
+        if commands == "ours" and not ours:
+            bad = next(i for i, p in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS])
+                       if i >= n or self.sp.id_to_piece(i) != p)
+            raise ValueError(
+                f"{source}: id {bad} is {self.sp.id_to_piece(bad) if bad < n else None!r}, expected the GLM "
+                f"command token {COMMAND_TOKENS[bad]!r}. This model was not trained by pipeline/tokenizer.py; "
+                "retrain it with `python jobs/train_tokenizer.py` so the command tokens sit at their fixed ids, "
+                "or bring it as it is with tokenizer_commands=appended (command tokens appended after its "
+                "pieces, the official Chinese GLM layout)")
+        if commands != "ours" and ours:
+            raise ValueError(f"{source}: this model already holds the GLM command tokens at ids 0..8 (trained by "
+                             f"pipeline/tokenizer.py); load it with tokenizer_commands=ours, not {commands!r}")
+        ends = [i for i in range(n)
                 if not self.sp.is_control(i) and not self.sp.is_unknown(i)
                 and any(c in self.sp.id_to_piece(i) for c in SENTENCE_END_CHARS)]
-        self.specials = Specials.ours(ends)
+        if commands == "ours":
+            has_dblock = (n > DBLOCK_ID and self.sp.is_control(DBLOCK_ID)
+                          and self.sp.id_to_piece(DBLOCK_ID) == "[dBLOCK]")
+            self.layout = VOCAB_LAYOUT if has_dblock else 1
+            self.specials = Specials.ours(ends, dblock=has_dblock)
+            self._vocab_size = n
+        else:
+            self.layout = commands
+            self.specials = Specials.appended(n, ends, fix_command_token=commands == "appended")
+            self._vocab_size = max(self.specials.command_strings()) + 1
+        self.command_strings = self.specials.command_strings()
+        self.command_ids = frozenset(self.command_strings)
 
     @classmethod
-    def load(cls, path: str, storage_options: dict | None = None) -> Tokenizer:
+    def load(cls, path: str, storage_options: dict | None = None, commands: str = "ours") -> Tokenizer:
         """Load a `.model` from a local path or any fsspec URL (storage_options: e.g. {endpoint_url: ...})."""
         try:
             with fsspec.open(path, "rb", **(storage_options or {})) as f:
@@ -126,16 +208,19 @@ class Tokenizer:
         except FileNotFoundError as e:
             raise ValueError(f"tokenizer model {path!r} does not exist; train one with "
                              "`python jobs/train_tokenizer.py --input ... --output {path}`") from e
-        return cls(data, source=path)
+        return cls(data, source=path, commands=commands)
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        """Ids in use: the model's pieces (ours), or up to the last appended command token."""
+        return self._vocab_size
 
     @property
     def fingerprint(self) -> str:
-        """sha256 of the model bytes: identifies the vocabulary in manifests and checkpoints."""
-        return hashlib.sha256(self.model_bytes).hexdigest()
+        """sha256 of the model bytes (and of the command layout when it is not ours): identifies the vocabulary
+        in manifests and checkpoints."""
+        tail = b"" if self.commands == "ours" else f"\0commands={self.commands}".encode()
+        return hashlib.sha256(self.model_bytes + tail).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -149,11 +234,11 @@ class Tokenizer:
         out: list[str] = []
         run: list[int] = []
         for i in (int(x) for x in ids):
-            if i < len(COMMAND_TOKENS):
+            if i in self.command_ids:
                 if run:
                     out.append(self.sp.decode(run))
                     run = []
-                out.append(COMMAND_TOKENS[i] if out or i != self.specials.cls else "")
+                out.append(self.command_strings[i] if out or i != self.specials.cls else "")
             else:
                 run.append(i)
         if run:
@@ -165,7 +250,8 @@ class Tokenizer:
         ids: list[int] = []
         for part in re.split(r"(\[MASK\]|\[sMASK\]|\[gMASK\])", text):
             if part in MASK_STRINGS:
-                ids.append(COMMAND_TOKENS.index(part))
+                sp = self.specials
+                ids.append({"[MASK]": sp.mask, "[sMASK]": sp.smask, "[gMASK]": sp.gmask}[part])
             elif part.strip():
                 ids.extend(self.sp.encode(part.strip()))
         return ids
@@ -173,7 +259,8 @@ class Tokenizer:
     def save_specials_json(self, path: str, storage_options: dict | None = None) -> None:
         """Write the small JSON of special ids, vocab size and fingerprint that sits beside a `.model`."""
         doc = {"vocab_size": self.vocab_size, "fingerprint": self.fingerprint,
-               "command_tokens": {p: i for i, p in enumerate(COMMAND_TOKENS)},
+               "vocab_layout": self.layout,
+               "command_tokens": {p: i for i, p in sorted(self.command_strings.items())},
                "specials": self.specials.to_json()}
         with fsspec.open(path, "w", **(storage_options or {})) as f:
             json.dump(doc, f, indent=1, sort_keys=True)
