@@ -199,7 +199,7 @@ class Packer:
                         break
                     try:
                         sample = self._make(look[:n], obj, piece_seed, fallback=obj != objective)
-                    except ValueError:   # e.g. SpanPlacementError: the next objective, or a counted drop
+                    except (infilling.SpanPlacementError, infilling.ChunkTooShortError):   # next objective
                         break
                     over = len(sample["input_ids"]) - cfg.seq_len
                     if over <= 0:
@@ -687,6 +687,8 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     root = root.rstrip("/")
     t0 = time.time()
+    if cfg.tokenizer:   # a given vocabulary that cannot serve the knobs is refused before the output is touched
+        check_specials(cfg, _load_or_train_tokenizer(cfg, fs, root, files).specials)
     lock = O.OutputLock(fs, root, cfg.output)
     lock.acquire()
     try:
