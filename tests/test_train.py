@@ -70,17 +70,16 @@ def run_train(args: list[str], *, world: int = 1, timeout: int = 240, env: dict 
 
 def samples_by_step(folder: str, rank: int = 0) -> dict[int, list[str]]:
     """step -> sample keys; a step trained twice (before a kill and after the resume) keeps its last record."""
-    out = {}
-    with open(os.path.join(folder, f"samples-rank{rank}.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["step"]] = r["keys"]
-    return out
+    return {r["step"]: r["keys"] for r in records(folder, f"samples-rank{rank}.jsonl") if "step" in r}
+
+
+def records(folder: str, name: str) -> list[dict]:
+    with open(os.path.join(folder, name)) as f:
+        return [json.loads(line) for line in f]
 
 
 def metrics(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return records(folder, "metrics.jsonl")
 
 
 def model_weights(path: str) -> dict[str, torch.Tensor]:
