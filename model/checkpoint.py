@@ -230,7 +230,7 @@ def read_trainer_state(path: str | os.PathLike, *keys: str) -> dict[str, Any]:
         with torch.serialization.safe_globals(_composer_safe_globals()):
             full = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e) or "global" in str(e):
+        if "Weights only load failed" in str(e):   # pickled content beyond plain data, not mere damage
             raise _unsafe(path, e) from None
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged zip / pickle
@@ -320,6 +320,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _unsafe(path: Any, why: Any) -> UnsafeCheckpointError:
     lines = [ln.strip() for ln in str(why).splitlines() if ln.strip()] or ["?"]
     why = next((ln for ln in lines if "global" in ln.lower() and "weights_only" not in ln), lines[-1])
+    why = why.split(". Please")[0].removeprefix("WeightsUnpickler error: ")
     return UnsafeCheckpointError(
         f"refusing to load checkpoint {str(path)!r}: it holds pickled Python objects outside the allow-list of "
         f"plain data a checkpoint of this trainer needs: {why[:300]}; unpickling it "

@@ -11,8 +11,11 @@ The session fixture builds one tiny shard set (seq_len 128, vocab 1000) with pip
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -257,3 +260,175 @@ def test_train_from_s3_and_resume_from_s3(shards, tmp_path, s3_server):
     steps = [json.loads(x)["step"] for x in open(os.path.join(logs, "samples-rank0.jsonl"))]
     assert steps == list(range(1, 9))  # 1-4 in the first run, 5-8 after resuming from S3
     assert fs.exists("glm/ckpt/ep0-ba8-rank0.pt")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint faults
+
+@pytest.fixture(scope="module")
+def run4(shards, tmp_path_factory) -> str:
+    """A finished real run: tiny, 4 steps, checkpoints ep0-ba2 and ep0-ba4 (latest) kept, samples recorded."""
+    import train
+
+    folder = str(tmp_path_factory.mktemp("run4") / "run")
+    train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=4ba"))).close()
+    assert os.readlink(os.path.join(folder, "latest-rank0.pt")) == "ep0-ba4-rank0.pt"
+    return folder
+
+
+FAULT_ARGS = ("--save-interval=2ba", "--eval-data=none", "--keep-checkpoints=-1")
+
+
+def copy_run(run4: str, tmp_path) -> str:
+    folder = str(tmp_path / "run")
+    shutil.copytree(run4, folder, symlinks=True)
+    return folder
+
+
+class Planted:
+    """A pickle that writes a marker file when it is unpickled: what a hostile checkpoint does."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def test_planted_checkpoint_never_runs(shards, run4, tmp_path):
+    import train
+    from model.checkpoint import UnsafeCheckpointError
+
+    marker = str(tmp_path / "marker")
+    # 1. as latest-rank0.pt in a save folder (the link replaced by a file): autoresume refuses it
+    folder = copy_run(run4, tmp_path)
+    os.remove(os.path.join(folder, "latest-rank0.pt"))
+    torch.save({"state": Planted(marker)}, os.path.join(folder, "latest-rank0.pt"))
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load checkpoint .*latest-rank0.pt.*GLOBAL exec "):
+        train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=6ba")))
+    # 2. as load_path, given to a fresh folder (a plain pickle, not torch's zip format)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state": Planted(marker)}, f)
+    with pytest.raises(UnsafeCheckpointError, match="evil.pt"):
+        train.main(train.parse_args(tiny_args(shards, str(tmp_path / "fresh"), *FAULT_ARGS,
+                                              f"--load-path={tmp_path / 'evil.pt'}")))
+    # 3. as the .metadata of a sharded checkpoint folder
+    sharded = tmp_path / "sharded" / "ep0-ba6"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata.*builtins.exec"):
+        train.main(train.parse_args(tiny_args(shards, str(tmp_path / "sharded"), *FAULT_ARGS)))
+    assert not os.path.exists(marker)
+
+
+def test_composer_loads_are_guarded(tmp_path):
+    """Composer's own loaders (monolithic torch.load with weights_only=False, DCP's .metadata pickle and byte
+    entries) cannot run code inside safe_checkpoint_loading: the guard does not depend on our pre-scan."""
+    from composer.utils.checkpoint import safe_torch_load
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from model.checkpoint import UnsafeCheckpointError, safe_checkpoint_loading
+
+    marker = str(tmp_path / "marker")
+    torch.save({"state": Planted(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    with safe_checkpoint_loading():
+        with pytest.raises(UnsafeCheckpointError):
+            safe_torch_load(str(tmp_path / "evil.pt"))
+        with pytest.raises(UnsafeCheckpointError):
+            FileSystemReader(str(tmp_path / "dcp")).read_metadata()
+        planner = DefaultLoadPlanner()
+        planner.state_dict, planner.flatten_state_dict = {}, False
+        with pytest.raises(UnsafeCheckpointError):   # a non-tensor entry inside a .distcp file
+            planner.load_bytes(type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})(),
+                               io.BytesIO((tmp_path / "evil.pt").read_bytes()))
+    assert not os.path.exists(marker)
+    assert torch.load is not None and torch.load.__name__ == "load"  # the real torch.load is back afterwards
+
+
+def test_truncated_or_deleted_latest_falls_back(shards, run4, tmp_path, capsys):
+    import train
+
+    folder = copy_run(run4, tmp_path)
+    with open(os.path.join(folder, "ep0-ba4-rank0.pt"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(folder, "ep0-ba4-rank0.pt")) // 2)   # a crash mid-write
+    trainer = train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=6ba")))
+    trainer.close()
+    err = capsys.readouterr()
+    assert "resuming from step 2" in err.out
+    assert "skipped ep0-ba4-rank0.pt" in err.err and "newest readable checkpoint ep0-ba2-rank0.pt" in err.err
+    rows = records(folder, "samples-rank0.jsonl")
+    assert rows[4] == {"event": "resume", "from_step": 2} and [r["step"] for r in rows[5:]] == [3, 4, 5, 6]
+    assert samples_by_step(folder) == samples_by_step(run4) | {5: samples_by_step(folder)[5],
+                                                               6: samples_by_step(folder)[6]}
+    assert {"event", "from_step", "time"} <= set(next(r for r in metrics(folder) if "event" in r))
+
+    folder = copy_run(run4, tmp_path / "b")
+    os.remove(os.path.join(folder, "latest-rank0.pt"))                    # the link deleted
+    train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=6ba"))).close()
+    assert "resuming from step 4" in capsys.readouterr().out
+
+
+def test_unusable_checkpoints_stop_a_fresh_start(shards, run4, tmp_path, capsys):
+    import train
+
+    folder = copy_run(run4, tmp_path)
+    for name in ("ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt"):
+        with open(os.path.join(folder, name), "r+b") as f:
+            f.truncate(1000)
+    args = tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=2ba")
+    with pytest.raises(ValueError, match=r"none of which can be used \(ep0-ba4-rank0.pt: .*; ep0-ba2-rank0.pt: .*"
+                                         r"--allow-fresh-start=true"):
+        train.main(train.parse_args(args))
+    train.main(train.parse_args([*args, "--allow-fresh-start=true"])).close()
+    out = capsys.readouterr()
+    assert "starting from step 0" in out.out and "unusable checkpoints" in out.err
+
+
+def test_finished_run_is_named_and_logs_survive(shards, run4, tmp_path):
+    """The README's commands in a row: a second, shorter run in the same folder finds a finished run."""
+    import train
+
+    folder = copy_run(run4, tmp_path)
+    log = open(os.path.join(folder, "log-rank0.txt")).read()
+    with pytest.raises(ValueError, match=r"finished run \(4ba of max_duration 2ba\).*--save-folder.*--max-duration"):
+        train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=2ba")))
+    train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=5ba"))).close()
+    assert open(os.path.join(folder, "log-rank0.txt")).read().startswith(log)   # appended, not truncated
+
+
+def test_resume_on_shards_with_another_seq_len_names_the_fingerprint(shards, run4, tmp_path, sotu_files):
+    import train
+
+    other = str(tmp_path / "seq64")
+    build = BUILD.replace("seq_len=128", "seq_len=64").replace("vocab_size=1000,",
+                                                               f"tokenizer={shards + '/tokenizer.model'!r},")
+    subprocess.run([PY, "-c", build, other, *sotu_files[-3:]], check=True, env=_env(), cwd=REPO, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    folder = copy_run(run4, tmp_path)
+    with pytest.raises(ValueError, match="trained on data with seq_len=128 but --data has seq_len=64"):
+        train.main(train.parse_args(tiny_args(other, folder, *FAULT_ARGS, "--max-duration=6ba")))
+
+
+@pytest.mark.slow
+def test_wall_clock_limit_saves_then_exits_3(shards, tmp_path):
+    run = str(tmp_path / "wc")
+    args = tiny_args(shards, run, "--eval-data=none", "--save-interval=1000ba", "--max-duration=5000ba")
+    p = run_train([*args, "--wall-clock-limit-s=4"])
+    assert p.returncode == 3, p.stderr[-3000:]
+    stopped = int(re.search(r"stopped by wall_clock_limit_s=4 at step (\d+)", p.stderr).group(1))
+    assert 0 < stopped < 5000
+    assert os.readlink(os.path.join(run, "latest-rank0.pt")) == f"ep0-ba{stopped}-rank0.pt"
+    p = run_train([*args, f"--max-duration={stopped + 2}ba"])     # the requeued job resumes there
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming from step {stopped}" in p.stdout
+
+
+def test_wall_clock_limit_belongs_to_the_demo_only():
+    import train
+
+    limits = {os.path.basename(p): train.parse_args([p]).wall_clock_limit_s
+              for p in glob.glob(os.path.join(REPO, "configs", "train", "*.yaml"))}
+    assert limits.pop("demo.yaml") == 480 and set(limits.values()) == {0.0}, limits
+    assert train.TrainConfig().wall_clock_limit_s == 0 and train.parse_args([]).wall_clock_limit_s == 480
