@@ -198,7 +198,7 @@ def test_kill_and_resume_matches_uninterrupted_run(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_world_size_two_fsdp2_same_global_order(shards, tmp_path):
+def test_world_size_two_fsdp2_same_global_order(shards, tmp_path, tokenizer_path):
     one, two = str(tmp_path / "ws1"), str(tmp_path / "ws2")
     common = ["--max-duration=8ba", "--save-interval=8ba", "--eval-interval=8ba", "--stream.num_workers=1"]
     p1 = run_train(tiny_args(shards, one, "--batch-size=4", *common))
@@ -212,6 +212,28 @@ def test_world_size_two_fsdp2_same_global_order(shards, tmp_path):
     assert os.path.isdir(os.path.join(two, "ep0-ba8")) and os.path.exists(os.path.join(two, "latest-rank0.pt"))
     losses = [r["loss/train/total"] for r in metrics(two) if "loss/train/total" in r]
     assert len(losses) == 8 and all(x == x for x in losses)
+
+    import train
+
+    # the sharded checkpoint of 2 processes cannot resume in 1: refused with the fix, before Composer tries
+    with pytest.raises(ValueError, match=r"saved by 2 processes; this run has 1.*composer -n 2.*"
+                                         r"--fsdp-state-dict-type=full"):
+        train.main(train.parse_args(tiny_args(shards, two, "--batch-size=4", *common[1:], "--max-duration=10ba")))
+    # the full checkpoint of 1 process resumes in 2 (FSDP2 loads and saves it full)
+    p = run_train(tiny_args(shards, one, "--batch-size=2", *common[1:], "--max-duration=10ba"), world=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from step 8" in p.stdout and "fsdp_state_dict_type=full" in p.stderr
+    assert [r.get("step", r.get("from_step")) for r in records(one, "samples-rank1.jsonl")] == [8, 9, 10]
+
+    # fill_blanks reads the sharded checkpoint in one process, and refuses a tokenizer it was not trained with
+    from jobs.fill_blanks import main as fill
+
+    text = "The Congress shall [MASK] the public debt."
+    filled = fill(["--checkpoint", os.path.join(two, "latest-rank0.pt"), "--config", "tiny", "--tokenizer",
+                   f"{shards}/tokenizer.model", "--max-new-tokens", "4", text])
+    assert filled.startswith("The Congress shall ") and filled.endswith(" the public debt.") and "[MASK]" not in filled
+    with pytest.raises(ValueError, match=r"tokenizer .*sotu1k.model.* is not the one .* was trained with"):
+        fill(["--checkpoint", os.path.join(two, "ep0-ba8"), "--config", "tiny", "--tokenizer", tokenizer_path, text])
 
 
 @pytest.mark.slow
