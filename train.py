@@ -1,18 +1,28 @@
 """Train a GLM on a shard set with Composer (FSDP2 when the world size is > 1).
 
     composer train.py                                   # demo preset on ./data/shards (train + validation)
-    composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run
+    composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run (runs/tiny)
     composer -n 2 train.py configs/train/tiny.yaml --save-folder=runs/tiny2     # 2 processes, gloo + FSDP2 on CPU
-    python train.py configs/train/tiny.yaml --max-duration=10ba                # one process, no launcher (runs/tiny)
+    python train.py configs/train/tiny.yaml --max-duration=10ba --save-folder=runs/tiny1   # no launcher
     composer -n 8 train.py configs/train/glm-large.yaml --data=s3://bucket/shards/train --save-folder=s3://bucket/ckpt
+    python train.py --help                              # every setting with its comment
 
 Overrides: `--key=value` for any field of TrainConfig, dotted for sections (`--model.preset=small`,
 `--optim.lr=3e-4`, `--stream.num_workers=2`); plain flags for the common ones (`--data`, `--eval-data`,
-`--save-folder`, `--max-duration`, `--seed`). Unknown keys are refused with the valid list.
+`--save-folder`, `--max-duration`, `--seed`). Unknown keys are refused with the valid list. Without a preset the
+demo preset (configs/train/demo.yaml) applies.
 
 Derived, never configured: vocab_size (rounded up to a multiple of model.pad_vocab_to), seq_len and
 max_position_embeddings come from the train shard manifest. Train loss per step and eval loss per evaluation
 are written to `<log_folder>/metrics.jsonl` (one JSON object per line), which `jobs/` scripts can plot.
+
+Starting and stopping: the same command resumes from the newest readable checkpoint in save_folder (it says
+"resuming from step N"; a resumed run appends {"event": "resume", "from_step": N} to metrics.jsonl and
+samples-rank*.jsonl, after which steps > N that the interrupted run had logged appear again). Checkpoints are
+loaded as plain data only (weights_only; a checkpoint that holds code is refused). A folder whose checkpoints
+are all unreadable is not started over unless --allow-fresh-start=true; a finished run (at max_duration) is
+not restarted (another --save-folder, or a longer --max-duration). Exit status: 0 at max_duration, 3 when
+wall_clock_limit_s stopped the run (its checkpoint saved: requeue the same command), 1 on an error.
 """
 
 from __future__ import annotations

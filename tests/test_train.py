@@ -523,3 +523,17 @@ def test_glm_module_runs_the_forward_it_promises():
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         assert f"forward on {device}: logits (2, 16, " in p.stdout, p.stdout
+
+
+def test_help_lists_every_setting_with_its_comment():
+    import train
+    from pipeline.config import valid_keys
+
+    p = subprocess.run([PY, os.path.join(REPO, "train.py"), "--help"], env=_env(), cwd=REPO, timeout=120,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(train.__doc__.strip().splitlines()[0])
+    missing = [k for k in valid_keys(train.TrainConfig) if k not in p.stdout and k.replace("_", "-") not in p.stdout]
+    assert not missing, missing
+    for comment in ("peak learning rate", "start at step 0 although save_folder holds", "exit code 3"):
+        assert comment in p.stdout
