@@ -277,7 +277,6 @@ class Data:
 class Start:
     """The checkpoint a run starts from (None: step 0) and what autoresume found on the way."""
     load_path: str | None = None
-    step: int = 0
     composer_autoresume: bool = False   # remote save folders: Composer's autoresume finds `latest` itself
     full_state_dict: bool = False       # a monolithic checkpoint resumed under FSDP2 loads (and saves) full
     notes: list[str] = field(default_factory=list)
@@ -488,7 +487,6 @@ def _check_start(cfg: TrainConfig, run: Run, data: Data, start: Start, path: str
     if saved:
         DataFingerprint(data.fingerprint).load_state_dict(saved)
     ts = state.get("timestamp", {}).get("Timestamp", {})
-    start.step = int(ts.get("batch", 0))
     limit = Time.from_input(cfg.max_duration, TimeUnit.EPOCH)
     done = int(ts.get(limit.unit.name.lower(), 0))
     if limit.unit != TimeUnit.DURATION and done >= limit.value:
