@@ -1,18 +1,28 @@
 """Train a GLM on a shard set with Composer (FSDP2 when the world size is > 1).
 
     composer train.py                                   # demo preset on ./data/shards (train + validation)
-    composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run
+    composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run (runs/tiny)
     composer -n 2 train.py configs/train/tiny.yaml --save-folder=runs/tiny2     # 2 processes, gloo + FSDP2 on CPU
-    python train.py configs/train/tiny.yaml --max-duration=10ba                # one process, no launcher (runs/tiny)
+    python train.py configs/train/tiny.yaml --max-duration=10ba --save-folder=runs/tiny1   # no launcher
     composer -n 8 train.py configs/train/glm-large.yaml --data=s3://bucket/shards/train --save-folder=s3://bucket/ckpt
+    python train.py --help                              # every setting with its comment
 
 Overrides: `--key=value` for any field of TrainConfig, dotted for sections (`--model.preset=small`,
 `--optim.lr=3e-4`, `--stream.num_workers=2`); plain flags for the common ones (`--data`, `--eval-data`,
-`--save-folder`, `--max-duration`, `--seed`). Unknown keys are refused with the valid list.
+`--save-folder`, `--max-duration`, `--seed`). Unknown keys are refused with the valid list. Without a preset the
+demo preset (configs/train/demo.yaml) applies.
 
 Derived, never configured: vocab_size (rounded up to a multiple of model.pad_vocab_to), seq_len and
 max_position_embeddings come from the train shard manifest. Train loss per step and eval loss per evaluation
 are written to `<log_folder>/metrics.jsonl` (one JSON object per line), which `jobs/` scripts can plot.
+
+Starting and stopping: the same command resumes from the newest readable checkpoint in save_folder (it says
+"resuming from step N"; a resumed run appends {"event": "resume", "from_step": N} to metrics.jsonl and
+samples-rank*.jsonl, after which steps > N that the interrupted run had logged appear again). Checkpoints are
+loaded as plain data only (weights_only; a checkpoint that holds code is refused). A folder whose checkpoints
+are all unreadable is not started over unless --allow-fresh-start=true; a finished run (at max_duration) is
+not restarted (another --save-folder, or a longer --max-duration). Exit status: 0 at max_duration, 3 when
+wall_clock_limit_s stopped the run (its checkpoint saved: requeue the same command), 1 on an error.
 """
 
 from __future__ import annotations
@@ -21,8 +31,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,18 +42,26 @@ import torch
 from composer import Callback, Logger, State, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, SpeedMonitor
-from composer.core import Evaluator
+from composer.core import Evaluator, Time, TimeUnit
 from composer.loggers import FileLogger, LoggerDestination, TensorboardLogger
 from composer.optim import CosineAnnealingWithWarmupScheduler, DecoupledAdamW, LinearWithWarmupScheduler
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
+from model.checkpoint import UnsafeCheckpointError, read_trainer_state, safe_checkpoint_loading
 from model.composer import OBJECTIVES, GLMComposer
 from model.config import PRESETS, GLMConfig
 from pipeline.config import load_config
 from pipeline.stream import ShardStream, StreamConfig, StreamLoader
 
 # --------------------------------------------------------------------------------------------- config
+
+# FSDP2 warns that each transformer Block returns a view: the (k, v) cache pair, views of the qkv projection, which
+# GLM.forward drops unless a cache is asked for; nothing applies an in-place op to them, so no gradient is lost
+# (tests/test_train.py::test_fsdp2_view_warning_leaves_gradients_right compares 2-rank FSDP2 and 1-process grads).
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor")
+
+DEMO_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "train", "demo.yaml")
 
 
 @dataclass
@@ -90,13 +110,14 @@ class TrainConfig:
     precision: str = "auto"               # auto (amp_bf16 on GPU, fp32 on CPU) | fp32 | amp_bf16
     save_interval: str = "100ba"          # checkpoint interval
     keep_checkpoints: int = 2             # checkpoints kept (-1: all)
-    autoresume: bool = True               # resume from the latest checkpoint of run_name in save_folder
+    autoresume: bool = True               # resume from the newest readable checkpoint in save_folder
+    allow_fresh_start: bool = False       # start at step 0 although save_folder holds checkpoints none can be used
     load_path: str = ""                   # start from this checkpoint instead (ignored when autoresume finds one)
     fsdp_state_dict_type: str = "sharded"  # FSDP2 checkpoints: sharded (one file per rank) | full
     logger: str = "file"                  # file | tensorboard (besides metrics.jsonl and the progress bar)
     progress_bar: bool = True             # Composer's tqdm bar (rank 0)
     log_interval: str = "10ba"            # console log interval when the progress bar is off
-    wall_clock_limit_s: float = 480.0     # stop (with a checkpoint) after this many seconds; 0 = none
+    wall_clock_limit_s: float = 0.0       # stop after this many seconds: checkpoint, then exit code 3; 0 = none
     record_samples: bool = False          # append each trained batch's sample_key to <log_folder>/samples-rank<r>.jsonl
     model: ModelSettings = field(default_factory=ModelSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -106,8 +127,9 @@ class TrainConfig:
 def parse_args(argv: list[str]) -> TrainConfig:
     """`[configs/train/<x>.yaml ...] [--key=value ...]` -> TrainConfig. The plain flags (--data, --eval-data,
     --save-folder, --max-duration, --seed) are fields like any other; sections nest with dots (--optim.lr=...).
-    The one loader of every config in the project: pipeline.config.load_config."""
-    return load_config(TrainConfig, argv)
+    With no preset, configs/train/demo.yaml (the demo, bounded at 8 minutes) is the preset. The one loader of every
+    config in the project: pipeline.config.load_config."""
+    return load_config(TrainConfig, argv, default_yaml=DEMO_PRESET)
 
 
 # --------------------------------------------------------------------------------------------- callbacks
@@ -115,7 +137,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 class JSONLLogger(LoggerDestination):
     """Every metric Composer logs (train loss per step, eval loss per evaluation, lr, throughput), one JSON
-    object per line in <folder>/metrics.jsonl, rank 0 only."""
+    object per line in <folder>/metrics.jsonl, rank 0 only. A resumed run first appends
+    {"event": "resume", "from_step": N}: the steps after N that an interrupted run had logged are logged again."""
 
     def __init__(self, folder: str):
         self.path = os.path.join(folder, "metrics.jsonl")
@@ -124,16 +147,27 @@ class JSONLLogger(LoggerDestination):
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if dist.get_global_rank() != 0:
             return
+        self._write({"step": step, "time": round(time.time(), 3), **self._numbers(metrics)})
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) > 0 and dist.get_global_rank() == 0:  # steps after this may repeat earlier ones
+            self._write({"event": "resume", "from_step": int(state.timestamp.batch), "time": round(time.time(), 3)})
+
+    def _write(self, row: dict) -> None:
         if self._f is None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self._f = open(self.path, "a")
-        row = {"step": step, "time": round(time.time(), 3)}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    @staticmethod
+    def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+        row = {}
         for k, v in metrics.items():
             x = float(v.item() if isinstance(v, torch.Tensor) else v) if _is_number(v) else None
             if x is not None and math.isfinite(x):  # NaN (an objective absent from the eval batches) is left out
                 row[k] = x
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        return row
 
     def close(self, state: State, logger: Logger) -> None:
         if self._f is not None:
@@ -146,33 +180,54 @@ def _is_number(v: Any) -> bool:
 
 
 class SampleRecorder(Callback):
-    """Sample provenance: after each trained batch, append {step, keys} to samples-rank<r>.jsonl (per rank)."""
+    """Sample provenance: after each trained batch, append {step, keys} to samples-rank<r>.jsonl (per rank); a
+    resumed run first appends {"event": "resume", "from_step": N} (the steps after N may appear twice)."""
 
     def __init__(self, folder: str):
         self.folder = folder
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) > 0:
+            self._append({"event": "resume", "from_step": int(state.timestamp.batch)})
+
     def batch_end(self, state: State, logger: Logger) -> None:
         keys = state.batch.get("sample_key") if isinstance(state.batch, dict) else None
-        if keys is None:
-            return
+        if keys is not None:
+            self._append({"step": int(state.timestamp.batch), "epoch": int(state.timestamp.epoch),
+                          "keys": list(keys)})
+
+    def _append(self, row: dict) -> None:
         os.makedirs(self.folder, exist_ok=True)
-        path = os.path.join(self.folder, f"samples-rank{dist.get_global_rank()}.jsonl")
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": int(state.timestamp.batch), "epoch": int(state.timestamp.epoch),
-                                "keys": list(keys)}) + "\n")
+        with open(os.path.join(self.folder, f"samples-rank{dist.get_global_rank()}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 class WallClockStop(Callback):
-    """Ends training (Composer then saves its final checkpoint) once `limit_s` seconds have passed."""
+    """Ends training once `limit_s` seconds have passed; stop_training() makes this step the last one, so
+    Composer's checkpoint saver writes it (BATCH_CHECKPOINT follows BATCH_END) before fit returns. `stopped_at`
+    is then the step, and cli() exits with EXIT_WALL_CLOCK so a scheduler can requeue the same command."""
 
     def __init__(self, limit_s: float):
         self.limit_s, self.t0 = limit_s, time.time()
+        self.stopped_at: int | None = None
 
     def batch_end(self, state: State, logger: Logger) -> None:
         stop = torch.tensor([time.time() - self.t0 > self.limit_s], dtype=torch.uint8)
         dist.all_reduce(stop, reduce_operation="MAX")  # every rank stops at the same step
-        if bool(stop.item()):
+        if bool(stop.item()) and self.stopped_at is None:
+            self.stopped_at = int(state.timestamp.batch)
             state.stop_training()
+
+
+class AppendingFileLogger(FileLogger):
+    """Composer's FileLogger opens its file with "w+": a rerun, even one that fails at once, wipes the log of the
+    attempt before. This one appends, so every attempt of a run stays in log-rank<r>.txt."""
+
+    def init(self, state: State, logger: Logger) -> None:
+        self._is_newline, self._run_name = True, state.run_name
+        os.makedirs(os.path.dirname(self.filename) or ".", exist_ok=True)
+        self.file = open(self.filename, "a", buffering=self.buffer_size)
+        self._flush_queue()
 
 
 class DataFingerprint(Callback):
@@ -193,6 +248,89 @@ class DataFingerprint(Callback):
 
 
 # --------------------------------------------------------------------------------------------- build
+# main() reads top-down: where the run lives, the data (first: the model derives from it), the model, the
+# optimiser, logging and callbacks, which checkpoint to start from, then Composer's Trainer.
+
+
+@dataclass
+class Run:
+    """Where and how this process trains (derived from the config and the launcher's environment)."""
+    world: int
+    on_gpu: bool
+    precision: str
+    run_name: str
+    save_folder: str
+    log_folder: str
+
+
+@dataclass
+class Data:
+    train: ShardStream
+    eval_loader: DataLoader | None
+    manifest: Any
+    model_config: GLMConfig
+    objectives: tuple[str, ...]
+    fingerprint: dict          # what DataFingerprint saves in checkpoints and checks on resume
+
+
+@dataclass
+class Start:
+    """The checkpoint a run starts from (None: step 0) and what autoresume found on the way."""
+    load_path: str | None = None
+    composer_autoresume: bool = False   # remote save folders: Composer's autoresume finds `latest` itself
+    full_state_dict: bool = False       # a monolithic checkpoint resumed under FSDP2 loads (and saves) full
+    notes: list[str] = field(default_factory=list)
+
+
+def main(cfg: TrainConfig) -> Trainer:
+    """Build everything from cfg, train, and return the Trainer (tests inspect its state)."""
+    run = resolve_run(cfg)
+    reproducibility.seed_all(cfg.seed)
+    data = build_data(cfg)
+    composer_model, evaluators = build_model(cfg, run, data)
+    optimizer, scheduler = build_optimizer(composer_model, cfg.optim)
+    loggers, callbacks = build_logging(cfg, run, data)
+    start = plan_start(cfg, run, data)
+    print_summary(cfg, run, data, start)
+    trainer = build_trainer(cfg, run, data, start, composer_model, evaluators, optimizer, scheduler, loggers, callbacks)
+    trainer.fit()
+    return trainer
+
+
+def resolve_run(cfg: TrainConfig) -> Run:
+    on_gpu = torch.cuda.is_available()
+    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
+    if precision != "fp32" and not on_gpu:
+        raise ValueError(f"precision={precision!r} needs a GPU (Composer refuses it on CPU); use fp32 or auto")
+    if cfg.model.attn_impl == "flex" and not on_gpu:
+        raise ValueError("model.attn_impl='flex' has no backward on CPU; train on CPU with attn_impl=sdpa")
+    run_name = cfg.run_name or f"glm-{cfg.model.preset}"
+    # each preset gets its own default folder, so autoresume never picks up another model's checkpoint
+    save_folder = cfg.save_folder or os.path.join("runs", cfg.model.preset)
+    log_folder = cfg.log_folder or (os.path.join("runs", run_name) if _remote(save_folder) else save_folder)
+    object_store_credentials(cfg.storage_options, save_folder, cfg.load_path)
+    return Run(int(os.environ.get("WORLD_SIZE", 1)), on_gpu, precision, run_name, save_folder, log_folder)
+
+
+def build_data(cfg: TrainConfig) -> Data:
+    train_ds = ShardStream(cfg.data, cfg.batch_size, seed=cfg.seed, shuffle=True, config=cfg.stream,
+                           storage_options=cfg.storage_options)
+    m = train_ds.manifest
+    gcfg = model_config(cfg.model, m.vocab_size, m.seq_len)
+    fp = (m.tokenizer or {}).get("fingerprint")
+    train_ds.check(vocab_size=gcfg.vocab_size, max_position_embeddings=gcfg.max_position_embeddings)
+    eval_loader = None
+    if cfg.eval_data != "none":
+        eval_url = cfg.eval_data or (cfg.data.rstrip("/").removesuffix("/manifest.json").rsplit("/", 1)[0]
+                                     + "/validation")
+        eval_ds = ShardStream(eval_url, cfg.eval_batch_size or cfg.batch_size, seed=cfg.seed, shuffle=False,
+                              config=cfg.stream, storage_options=cfg.storage_options)
+        eval_ds.check(vocab_size=gcfg.vocab_size, max_position_embeddings=gcfg.max_position_embeddings,
+                      tokenizer_fingerprint=fp)
+        eval_loader = DataLoader(eval_ds, batch_size=None, num_workers=0, generator=torch.Generator())
+    objectives = tuple(o for o in OBJECTIVES if (m.config.get("objectives") or {}).get(o, 0) > 0) or OBJECTIVES
+    return Data(train_ds, eval_loader, m, gcfg, objectives,
+                {"tokenizer_fingerprint": fp, "vocab_size": m.vocab_size, "seq_len": m.seq_len})
 
 
 def model_config(s: ModelSettings, manifest_vocab: int, manifest_seq_len: int) -> GLMConfig:
@@ -208,6 +346,35 @@ def model_config(s: ModelSettings, manifest_vocab: int, manifest_seq_len: int) -
     if s.dropout >= 0:
         changes.update(embedding_dropout=s.dropout, attention_dropout=s.dropout, hidden_dropout=s.dropout)
     return dataclasses.replace(base, **changes)
+
+
+def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GLMComposer, list[Evaluator]]:
+    init_device = cfg.model.init_device
+    if init_device == "auto":
+        init_device = "meta" if (data.model_config.num_params >= 1e9 and run.world > 1 and run.on_gpu) else "cpu"
+    composer_model = GLMComposer(data.model_config, objectives=data.objectives, init_device=init_device,
+                                 activation_checkpointing=cfg.model.activation_checkpointing)
+    if run.world == 1:
+        composer_model.materialize("cuda" if run.on_gpu else "cpu")
+        if cfg.model.activation_checkpointing:
+            composer_model.apply_activation_checkpointing()
+    evaluators = []
+    if data.eval_loader is not None:
+        evaluators.append(Evaluator(label="eval", dataloader=data.eval_loader,
+                                    metric_names=list(composer_model.get_metrics(is_train=False)),
+                                    device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size))
+    return composer_model, evaluators
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> tuple[DecoupledAdamW, Any]:
+    optimizer = make_optimizer(model, o)
+    if o.schedule == "cosine":
+        scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.decay_to, t_max=o.decay_duration)
+    elif o.schedule == "linear":
+        scheduler = LinearWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.decay_to, t_max=o.decay_duration)
+    else:
+        raise ValueError(f"optim.schedule={o.schedule!r}: choose cosine or linear")
+    return optimizer, scheduler
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -228,151 +395,240 @@ def make_optimizer(model: torch.nn.Module, o: OptimConfig) -> DecoupledAdamW:
     return DecoupledAdamW(param_groups(model, wd), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=wd)
 
 
-def _rank0_print(*a) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*a, flush=True)
-
-
-def main(cfg: TrainConfig) -> Trainer:
-    """Build everything from cfg, train, and return the Trainer (tests inspect its state)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    on_gpu = torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
-    if precision != "fp32" and not on_gpu:
-        raise ValueError(f"precision={precision!r} needs a GPU (Composer refuses it on CPU); use fp32 or auto")
-    run_name = cfg.run_name or f"glm-{cfg.model.preset}"
-    # each preset gets its own default folder, so autoresume never picks up another model's checkpoint
-    save_folder = cfg.save_folder or os.path.join("runs", cfg.model.preset)
-    remote_save = "://" in save_folder
-    log_folder = cfg.log_folder or (os.path.join("runs", run_name) if remote_save else save_folder)
-    reproducibility.seed_all(cfg.seed)
-
-    # ---- data (first: the model's vocab and positions derive from it) ----
-    train_ds = ShardStream(cfg.data, cfg.batch_size, seed=cfg.seed, shuffle=True, config=cfg.stream,
-                           storage_options=cfg.storage_options)
-    m = train_ds.manifest
-    gcfg = model_config(cfg.model, m.vocab_size, m.seq_len)
-    fp = (m.tokenizer or {}).get("fingerprint")
-    train_ds.check(vocab_size=gcfg.vocab_size, max_position_embeddings=gcfg.max_position_embeddings)
-    eval_url = cfg.eval_data or (cfg.data.rstrip("/").removesuffix("/manifest.json").rsplit("/", 1)[0]
-                                 + "/validation")
-    evaluators = []
-    if cfg.eval_data != "none":
-        eval_ds = ShardStream(eval_url, cfg.eval_batch_size or cfg.batch_size, seed=cfg.seed, shuffle=False,
-                              config=cfg.stream, storage_options=cfg.storage_options)
-        eval_ds.check(vocab_size=gcfg.vocab_size, max_position_embeddings=gcfg.max_position_embeddings,
-                      tokenizer_fingerprint=fp)
-        eval_loader = DataLoader(eval_ds, batch_size=None, num_workers=0, generator=torch.Generator())
-    objectives = tuple(o for o in OBJECTIVES if (m.config.get("objectives") or {}).get(o, 0) > 0) or OBJECTIVES
-
-    # ---- model ----
-    init_device = cfg.model.init_device
-    if init_device == "auto":
-        init_device = "meta" if (gcfg.num_params >= 1e9 and world > 1 and on_gpu) else "cpu"
-    composer_model = GLMComposer(gcfg, objectives=objectives, init_device=init_device,
-                                 activation_checkpointing=cfg.model.activation_checkpointing)
-    if world == 1:
-        composer_model.materialize("cuda" if on_gpu else "cpu")
-        if cfg.model.activation_checkpointing:
-            composer_model.apply_activation_checkpointing()
-    if cfg.model.attn_impl == "flex" and not on_gpu:
-        raise ValueError("model.attn_impl='flex' has no backward on CPU; train on CPU with attn_impl=sdpa")
-    if cfg.eval_data != "none":
-        evaluators.append(Evaluator(label="eval", dataloader=eval_loader,
-                                    metric_names=list(composer_model.get_metrics(is_train=False)),
-                                    device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size))
-
-    # ---- optimisation ----
-    o = cfg.optim
-    optimizer = make_optimizer(composer_model, o)
-    if o.schedule == "cosine":
-        scheduler = CosineAnnealingWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.decay_to, t_max=o.decay_duration)
-    elif o.schedule == "linear":
-        scheduler = LinearWithWarmupScheduler(t_warmup=o.warmup, alpha_f=o.decay_to, t_max=o.decay_duration)
-    else:
-        raise ValueError(f"optim.schedule={o.schedule!r}: choose cosine or linear")
-
-    parallelism = None
-    if world > 1:
-        from composer.utils.parallelism import FSDP2Config
-
-        parallelism = {"fsdp": FSDP2Config(state_dict_type=cfg.fsdp_state_dict_type,
-                                           activation_checkpointing=cfg.model.activation_checkpointing)}
-
-    # ---- logging and callbacks ----
-    loggers: list[LoggerDestination] = [JSONLLogger(log_folder)]
+def build_logging(cfg: TrainConfig, run: Run, data: Data) -> tuple[list[LoggerDestination], list[Callback]]:
+    loggers: list[LoggerDestination] = [JSONLLogger(run.log_folder)]
     if cfg.logger == "tensorboard":
-        loggers.append(TensorboardLogger(log_dir=os.path.join(log_folder, "tensorboard")))
+        loggers.append(TensorboardLogger(log_dir=os.path.join(run.log_folder, "tensorboard")))
     elif cfg.logger == "file":
-        loggers.append(FileLogger(filename=os.path.join(log_folder, "log-rank{rank}.txt"), flush_interval=10))
+        loggers.append(AppendingFileLogger(filename=os.path.join(run.log_folder, "log-rank{rank}.txt"),
+                                           flush_interval=10))
     else:
         raise ValueError(f"logger={cfg.logger!r}: choose file or tensorboard")
     callbacks: list[Callback] = [SpeedMonitor(window_size=10), LRMonitor(), MemoryMonitor(),
-                                 DataFingerprint({"tokenizer_fingerprint": fp, "vocab_size": m.vocab_size,
-                                                  "seq_len": m.seq_len})]
+                                 DataFingerprint(data.fingerprint)]
     if cfg.record_samples:
-        callbacks.append(SampleRecorder(log_folder))
+        callbacks.append(SampleRecorder(run.log_folder))
     if cfg.wall_clock_limit_s > 0:
         callbacks.append(WallClockStop(cfg.wall_clock_limit_s))
+    return loggers, callbacks
 
-    # ---- derived figures ----
-    order = train_ds.order(0)
-    tokens_per_batch = train_ds.global_batch_size * m.seq_len
+
+# ---- where to start: autoresume, checked before Composer sees a checkpoint ----
+
+CHECKPOINT_NAME = re.compile(r"^ep(\d+)-ba(\d+)(-rank0\.pt)?$")   # Composer's default names, ours
+LATEST = "latest-rank0.pt"
+
+
+def plan_start(cfg: TrainConfig, run: Run, data: Data) -> Start:
+    """Pick the checkpoint to start from and check it against this run before Composer loads it.
+
+    A local save folder is scanned: the newest checkpoint that reads back completely is used, whatever `latest`
+    says (a truncated or deleted latest falls back, and says so). Checkpoints that exist but none of which can be
+    used stop the run (it would start over at step 0 and its rotation would overwrite them) unless
+    allow_fresh_start. A remote save folder is left to Composer's autoresume (it downloads `latest`)."""
+    start = Start()
+    if cfg.autoresume and _remote(run.save_folder):
+        return Start(load_path=cfg.load_path or None, composer_autoresume=True)
+    found, unusable = _readable_checkpoint(run.save_folder) if cfg.autoresume else (None, [])
+    if found is None and unusable:
+        listing = "; ".join(f"{name}: {why}" for name, why in unusable)
+        if not cfg.allow_fresh_start:
+            raise ValueError(
+                f"save_folder {run.save_folder!r} holds checkpoints none of which can be used ({listing}). Starting "
+                "from step 0 would overwrite them: restore a good checkpoint, move these away or use another "
+                "--save-folder, or pass --allow-fresh-start=true to start over in this folder anyway")
+        start.notes.append(f"WARNING: starting from step 0 although {run.save_folder} holds unusable checkpoints "
+                           f"({listing}) (allow_fresh_start)")
+    elif found is not None:
+        path, state = found
+        if unusable:
+            start.notes.append(f"WARNING: autoresume skipped {'; '.join(f'{n}: {w}' for n, w in unusable)}; "
+                               f"resuming from the newest readable checkpoint {os.path.basename(path)}")
+        return _check_start(cfg, run, data, start, path, state)
+    if cfg.load_path:
+        return _check_start(cfg, run, data, start, cfg.load_path,
+                            None if _remote(cfg.load_path) else _read_start_state(cfg.load_path))
+    return start
+
+
+def _readable_checkpoint(folder: str) -> tuple[tuple[str, dict] | None, list[tuple[str, str]]]:
+    """(newest checkpoint in folder that reads back, with its state summary) and [(name, why)] of the newer
+    ones that do not. A planted pickle is never skipped over: UnsafeCheckpointError propagates."""
+    if not os.path.isdir(folder):
+        return None, []
+    names = [n for n in os.listdir(folder) if CHECKPOINT_NAME.match(n)]
+    names.sort(key=lambda n: tuple(int(x) for x in CHECKPOINT_NAME.match(n).groups()[:2]), reverse=True)
+    latest = os.path.join(folder, LATEST)
+    if os.path.lexists(latest) and not (os.path.islink(latest) and os.readlink(latest) in names):
+        names.insert(0, LATEST)   # a plain file or a dangling link where Composer looks first
+    unusable = []
+    for name in names:
+        try:
+            return (os.path.join(folder, name), _read_start_state(os.path.join(folder, name))), unusable
+        except UnsafeCheckpointError:
+            raise
+        except (ValueError, OSError) as e:
+            unusable.append((name, str(e)))
+    return None, unusable
+
+
+def _read_start_state(path: str) -> dict:
+    return read_trainer_state(path, "state.timestamp.Timestamp", "state.callbacks.DataFingerprint",
+                              "state.metadata.world_size")["state"]
+
+
+def _check_start(cfg: TrainConfig, run: Run, data: Data, start: Start, path: str, state: dict | None) -> Start:
+    """Refuse, with the fix, what Composer would fail on later with a raw error: another data fingerprint (a
+    seq_len change is a size mismatch there), a finished run, a sharded checkpoint of another world size."""
+    start.load_path = path
+    if state is None:      # a remote load_path: Composer downloads it (and safe_checkpoint_loading guards it)
+        return start
+    saved = state.get("callbacks", {}).get("DataFingerprint")
+    if saved:
+        DataFingerprint(data.fingerprint).load_state_dict(saved)
+    ts = state.get("timestamp", {}).get("Timestamp", {})
+    limit = Time.from_input(cfg.max_duration, TimeUnit.EPOCH)
+    done = int(ts.get(limit.unit.name.lower(), 0))
+    if limit.unit != TimeUnit.DURATION and done >= limit.value:
+        raise ValueError(
+            f"{path!r} is the end of a finished run ({done}{limit.unit.value} of max_duration {cfg.max_duration}): "
+            f"start a new run in another folder (--save-folder=...), or extend --max-duration beyond "
+            f"{done}{limit.unit.value} to continue this one")
+    saved_world = int(state.get("metadata", {}).get("world_size", run.world))
+    if os.path.isdir(path) and saved_world != run.world:
+        raise ValueError(
+            f"{path!r} is a sharded checkpoint saved by {saved_world} processes; this run has {run.world}. "
+            f"Resume with the same world size (composer -n {saved_world} ...), or save full checkpoints "
+            "(--fsdp-state-dict-type=full), which resume at any world size")
+    if not os.path.isdir(path) and run.world > 1 and cfg.fsdp_state_dict_type != "full":
+        start.full_state_dict = True
+        start.notes.append(f"{os.path.basename(path)} is a full (monolithic) checkpoint: loading and saving full "
+                           "checkpoints in this run (fsdp_state_dict_type=full)")
+    return start
+
+
+def _remote(url: str) -> bool:
+    return "://" in url
+
+
+def object_store_credentials(storage_options: dict, *urls: str) -> None:
+    """Composer builds its own S3 client for a remote save folder or load path; it reads the endpoint from
+    S3_ENDPOINT_URL and credentials from the AWS_* variables, so storage_options are handed over that way."""
+    if not storage_options or not any(_remote(u) for u in urls if u):
+        return
+    if not any(u.startswith("s3://") for u in urls if u):
+        warnings.warn(f"storage_options reach Composer's object store only for s3:// save folders; {urls} get "
+                      "none (set the store's own environment variables)", stacklevel=2)
+        return
+    endpoint = storage_options.get("endpoint_url") or storage_options.get("client_kwargs", {}).get("endpoint_url")
+    for var, value in (("S3_ENDPOINT_URL", endpoint), ("AWS_ACCESS_KEY_ID", storage_options.get("key")),
+                       ("AWS_SECRET_ACCESS_KEY", storage_options.get("secret")),
+                       ("AWS_SESSION_TOKEN", storage_options.get("token"))):
+        if value:
+            os.environ[var] = str(value)
+
+
+def print_summary(cfg: TrainConfig, run: Run, data: Data, start: Start) -> None:
+    g, m, ds = data.model_config, data.manifest, data.train
+    tokens_per_batch = ds.global_batch_size * m.seq_len
     _rank0_print(
-        f"[train] {run_name}: model {cfg.model.preset} L={gcfg.n_layer} d={gcfg.d_model} H={gcfg.n_head} "
-        f"params {gcfg.num_params / 1e6:.2f}M | vocab {gcfg.vocab_size} (data {m.vocab_size}) seq_len {m.seq_len} "
-        f"P={gcfg.max_position_embeddings} | world {world} x batch {cfg.batch_size} = global "
-        f"{train_ds.global_batch_size}, tokens/batch {tokens_per_batch:,} | FLOPs/token "
-        f"{gcfg.flops_per_token(m.seq_len):,} ({gcfg.flops_per_token(m.seq_len) * tokens_per_batch:.3g}/batch) | "
-        f"steps/epoch {train_ds.batches_per_epoch} ({order.num_dropped} samples dropped at epoch end) | "
-        f"precision {precision} | {'FSDP2' if world > 1 else 'single process'} | objectives {objectives}")
+        f"[train] {run.run_name}: model {cfg.model.preset} L={g.n_layer} d={g.d_model} H={g.n_head} "
+        f"params {g.num_params / 1e6:.2f}M | vocab {g.vocab_size} (data {m.vocab_size}) seq_len {m.seq_len} "
+        f"P={g.max_position_embeddings} | world {run.world} x batch {cfg.batch_size} = global "
+        f"{ds.global_batch_size}, tokens/batch {tokens_per_batch:,} | FLOPs/token "
+        f"{g.flops_per_token(m.seq_len):,} ({g.flops_per_token(m.seq_len) * tokens_per_batch:.3g}/batch) | "
+        f"steps/epoch {ds.batches_per_epoch} ({ds.order(0).num_dropped} samples dropped at epoch end) | "
+        f"precision {run.precision} | {'FSDP2' if run.world > 1 else 'single process'} | objectives "
+        f"{data.objectives}")
+    for note in start.notes:
+        _rank0_print(f"[train] {note}", file=sys.stderr)
 
-    trainer = Trainer(
-        model=composer_model,
-        train_dataloader=StreamLoader(train_ds),
-        eval_dataloader=evaluators or None,
-        eval_interval=cfg.eval_interval,
-        eval_subset_num_batches=cfg.eval_batches,
-        max_duration=cfg.max_duration,
-        optimizers=optimizer,
-        schedulers=scheduler,
-        step_schedulers_every_batch=True,
-        algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=o.grad_clip)] if o.grad_clip > 0
-        else [],
-        device_train_microbatch_size=cfg.microbatch_size or cfg.batch_size,
-        precision=precision,
-        parallelism_config=parallelism,
-        save_folder=save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.keep_checkpoints,
-        # A crash between writing a checkpoint and moving the `latest` link leaves a "future" checkpoint beside
-        # an older latest; the resumed run recreates it identically, so it may be overwritten.
-        save_overwrite=cfg.autoresume,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path or None,
-        run_name=run_name,
-        loggers=loggers,
-        callbacks=callbacks,
-        progress_bar=cfg.progress_bar,
-        log_to_console=not cfg.progress_bar,
-        console_log_interval=cfg.log_interval,
-        seed=cfg.seed,
-        device="gpu" if on_gpu else "cpu",
-    )
+
+def build_trainer(cfg: TrainConfig, run: Run, data: Data, start: Start, model: GLMComposer,
+                  evaluators: list[Evaluator], optimizer: DecoupledAdamW, scheduler: Any,
+                  loggers: list[LoggerDestination], callbacks: list[Callback]) -> Trainer:
+    parallelism = None
+    if run.world > 1:
+        from composer.utils.parallelism import FSDP2Config
+
+        parallelism = {"fsdp": FSDP2Config(
+            state_dict_type="full" if start.full_state_dict else cfg.fsdp_state_dict_type,
+            activation_checkpointing=cfg.model.activation_checkpointing)}
+    o = cfg.optim
+    # Every checkpoint load happens inside Trainer(...): none of them may unpickle code (model/checkpoint.py).
+    with safe_checkpoint_loading():
+        trainer = Trainer(
+            model=model,
+            train_dataloader=StreamLoader(data.train),
+            eval_dataloader=evaluators or None,
+            eval_interval=cfg.eval_interval,
+            eval_subset_num_batches=cfg.eval_batches,
+            max_duration=cfg.max_duration,
+            optimizers=optimizer,
+            schedulers=scheduler,
+            step_schedulers_every_batch=True,
+            algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=o.grad_clip)]
+            if o.grad_clip > 0 else [],
+            device_train_microbatch_size=cfg.microbatch_size or cfg.batch_size,
+            precision=run.precision,
+            parallelism_config=parallelism,
+            save_folder=run.save_folder,
+            save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.keep_checkpoints,
+            # A crash between writing a checkpoint and moving the `latest` link leaves a "future" checkpoint beside
+            # an older latest; the resumed run recreates it identically, so it may be overwritten.
+            save_overwrite=cfg.autoresume,
+            autoresume=start.composer_autoresume,
+            load_path=start.load_path,
+            run_name=run.run_name,
+            loggers=loggers,
+            callbacks=callbacks,
+            progress_bar=cfg.progress_bar,
+            log_to_console=not cfg.progress_bar,
+            console_log_interval=cfg.log_interval,
+            seed=cfg.seed,
+            device="gpu" if run.on_gpu else "cpu",
+        )
+    step = int(trainer.state.timestamp.batch)
+    _rank0_print(f"[train] resuming from step {step} ({trainer.state.load_path})" if step else
+                 "[train] starting from step 0")
     # Composer restores the RNG state of a mid-epoch checkpoint only when it replays the dataloader; our stream
     # resumes itself, so restore it here (dropout masks then match an uninterrupted run exactly).
     if getattr(trainer, "_rng_state", None) is not None and int(trainer.state.timestamp.batch_in_epoch) > 0:
         reproducibility.load_rng_state(trainer._rng_state)
         trainer._rng_state = None
-    trainer.fit()
     return trainer
 
 
-def cli(argv: list[str] | None = None) -> None:
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+def _rank0_print(*a, file=None) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*a, flush=True, file=file)
+
+
+EXIT_WALL_CLOCK = 3   # the run stopped at wall_clock_limit_s after saving a checkpoint: rerun it to continue
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run main(); return the exit status: 0 when max_duration was reached, EXIT_WALL_CLOCK when the wall-clock
+    limit stopped the run first (its checkpoint is saved; the same command resumes it)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        from pipeline.config import describe_fields
+
+        print(__doc__.strip() + "\n\nSettings (TrainConfig; --key=value, sections dotted):\n"
+              + describe_fields(TrainConfig))
+        return 0
+    cfg = parse_args(argv)
     trainer = main(cfg)
     trainer.close()
+    stop = next((c for c in trainer.state.callbacks if isinstance(c, WallClockStop)), None)
+    if stop is not None and stop.stopped_at is not None:
+        _rank0_print(f"[train] stopped by wall_clock_limit_s={stop.limit_s:g} at step {stop.stopped_at} before "
+                     f"max_duration {cfg.max_duration} (checkpoint saved); exit code {EXIT_WALL_CLOCK}: run the same "
+                     "command again to resume", file=sys.stderr)
+        return EXIT_WALL_CLOCK
+    return 0
 
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

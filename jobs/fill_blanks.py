@@ -4,12 +4,16 @@
         "Four score and seven [MASK] ago our fathers brought forth [sMASK]"
     python jobs/fill_blanks.py --checkpoint runs/demo/latest-rank0.pt --config demo --tokenizer data/tok/glm.model \\
         --strategy sample --temperature 0.8 --top-p 0.9 --seed 1 "We hold these truths [gMASK]"
+    python jobs/fill_blanks.py --checkpoint runs/tiny2/ep0-ba20 --config tiny --tokenizer … "…"   # sharded (-n 2)
     python jobs/fill_blanks.py ... --strategy beam --num-beams 4 --length-penalty 1.0 --no-repeat-ngram-size 3 "…"
 
 --checkpoint accepts anything model.checkpoint.load_checkpoint accepts: a hub folder (config.json +
 pytorch_model.bin / model.safetensors), an official release folder (latest_checkpointed_iteration.txt or
 `latest` + <iter>/mp_rank_00_model_states.pt), a weights file (.bin / .pt / .safetensors state dict), or a
-Composer checkpoint file of our trainer (.pt whose state['model'] holds the wrapper's `model.`-prefixed keys).
+checkpoint of our trainer: a Composer .pt file (state['model'] holds the wrapper's `model.`-prefixed keys) or the
+sharded folder `composer -n N train.py` saves by default (`ep0-ba600/` with `.metadata`; `latest-rank0.pt` links to
+it), read in this one process. A checkpoint of our trainer records the fingerprint of its tokenizer: another
+tokenizer is refused (it would decode the ids into the wrong words).
 Sources without a config.json beside them need --config: a config.json path, or a preset name (head size
 and dropouts from the preset, every shape read from the weights). A text without blanks gets a [gMASK]
 appended, as in the original generate_samples.py.
@@ -18,12 +22,13 @@ appended, as in the original generate_samples.py.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
 import torch
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import DCP_METADATA, load_checkpoint, read_trainer_state
 from model.generate import STRATEGIES, fill_blanks
 from pipeline.tokenizer import MASK_STRINGS, Tokenizer
 
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> str:
 
     tok = Tokenizer.load(args.tokenizer)
     model = load_checkpoint(args.checkpoint, args.config, device=args.device).eval()
+    check_tokenizer(args.checkpoint, args.tokenizer, tok)
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size={tok.vocab_size}: "
                          "this checkpoint was not trained with this tokenizer")
@@ -68,6 +74,20 @@ def main(argv: list[str] | None = None) -> str:
     filled = "".join(next(decoded) if p in MASK_STRINGS else p for p in parts)
     print(filled)
     return filled
+
+
+def check_tokenizer(checkpoint: str, tokenizer: str, tok: Tokenizer) -> None:
+    """Refuse a tokenizer other than the one a checkpoint of our trainer was trained with (DataFingerprint)."""
+    path = os.path.realpath(checkpoint)
+    ours = os.path.isfile(os.path.join(path, DCP_METADATA)) or (os.path.isfile(path) and path.endswith(".pt"))
+    saved = (read_trainer_state(path, "state.callbacks.DataFingerprint").get("state", {}).get("callbacks", {})
+             .get("DataFingerprint", {}) if ours else {})
+    want = saved.get("tokenizer_fingerprint")
+    if want and want != tok.fingerprint:
+        raise ValueError(f"tokenizer {tokenizer!r} (fingerprint {tok.fingerprint[:12]}…, {tok.vocab_size} pieces) is "
+                         f"not the one {checkpoint!r} was trained with (fingerprint {want[:12]}…, "
+                         f"{saved.get('vocab_size')} pieces): pass the tokenizer.model of the shard set the run "
+                         "trained on (its manifest names the same fingerprint)")
 
 
 if __name__ == "__main__":

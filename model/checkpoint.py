@@ -8,10 +8,17 @@ Accepted sources (spec §8.1, §8.2), detected in this order:
 * an official release folder: a tracker file `latest_checkpointed_iteration.txt` or `latest` (content: an
   iteration or `release`) and `<iter>/mp_rank_00_model_states.pt` whose 'module' is the state dict;
 * a hub folder: `config.json` + `model.safetensors` or `pytorch_model.bin` (or their sharded `*.index.json`);
-* a single weights file: `.safetensors`, or a torch pickle (`.bin` / `.pt`) holding any mapping above.
+* a single weights file: `.safetensors`, or a torch pickle (`.bin` / `.pt`) holding any mapping above;
+* a sharded (torch.distributed.checkpoint) Composer checkpoint folder of our trainer (`.metadata` + `__<rank>_0.distcp`,
+  what `composer -n N train.py` saves by default), read in one process.
 Key prefixes `glm.` (hub task wrappers), `model.` (Composer wrapper) and `_orig_mod.` (torch.compile), and
-`_checkpoint_wrapped_module.` anywhere, are stripped. Every torch.load uses weights_only=True (Composer's
-rng / timestamp entries are allow-listed plain data types).
+`_checkpoint_wrapped_module.` anywhere, are stripped.
+
+Nothing here unpickles code: every torch.load uses weights_only=True with an allow-list of the plain data types a
+Composer checkpoint holds (rng states, timedeltas, the torch version), and a sharded checkpoint's `.metadata` pickle
+is read by an unpickler that admits only torch.distributed.checkpoint's metadata classes. `safe_checkpoint_loading()`
+imposes the same rules on Composer's own loads (autoresume, load_path): a planted pickle that would run code raises
+UnsafeCheckpointError instead.
 
 The config comes from the `config` argument (a GLMConfig, a hub config dict, a path to a config.json or a
 preset name) or else from a `config.json` beside the weights.
@@ -19,11 +26,16 @@ preset name) or else from a `config.json` beside the weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import pickle
-from collections.abc import Mapping
+import types
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +50,11 @@ HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.inde
                "pytorch_model.bin.index.json")
 STRIP_PREFIXES = ("glm.", "model.", "_orig_mod.")
 _CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+DCP_METADATA = ".metadata"   # marks a sharded (torch.distributed.checkpoint) checkpoint folder
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickled objects outside the allow-list: loading it could run arbitrary code."""
 
 
 def load_checkpoint(source: str | os.PathLike | Mapping[str, Any], config: GLMConfig | dict | str | None = None, *,
@@ -88,6 +105,8 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     config_path = (path if path.is_dir() else path.parent) / "config.json"
     hub_config = json.loads(config_path.read_text()) if config_path.is_file() else None
+    if path.is_dir() and (path / DCP_METADATA).is_file():
+        return _unwrap(read_sharded(path, "state.model")["state"], str(path)), hub_config
     if path.is_dir():
         tracker = next((path / t for t in TRACKER_FILES if (path / t).is_file()), None)
         if tracker is not None:
@@ -178,17 +197,138 @@ def _read_file(path: Path) -> Mapping[str, Any]:
 
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A Composer checkpoint also stores rng states (numpy arrays), wall-clock timedeltas and the torch
-        # version: plain data types, allow-listed here rather than falling back to weights_only=False.
         with torch.serialization.safe_globals(_composer_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unsafe(path, e) from None
+
+
+def read_sharded(folder: str | os.PathLike, *keys: str) -> dict[str, Any]:
+    """The entries under `keys` (dotted prefixes such as "state.model", "state.timestamp") of a sharded
+    torch.distributed.checkpoint folder, read in this one process whatever the world size that saved it."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    with safe_checkpoint_loading(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")  # one process on purpose
+        return _load_state_dict_from_keys(keys=set(keys), checkpoint_id=str(folder))
+
+
+def read_trainer_state(path: str | os.PathLike, *keys: str) -> dict[str, Any]:
+    """The entries under `keys` (dotted prefixes: "state.timestamp", "state.callbacks", "state.metadata") of a
+    checkpoint our trainer saved, monolithic (`ep0-ba8-rank0.pt`) or sharded (`ep0-ba8/`), as a nested dict.
+    Raises UnsafeCheckpointError for a planted pickle and ValueError for a file that is damaged or incomplete
+    (truncated, a shard file missing or short): what autoresume needs to know before trusting a checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / DCP_METADATA).is_file():
+            raise ValueError(f"{str(path)!r} has no {DCP_METADATA}: an incomplete sharded checkpoint")
+        check_sharded_files(path)
+        return read_sharded(path, *keys)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with torch.serialization.safe_globals(_composer_safe_globals()):
+            full = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):   # pickled content beyond plain data, not mere damage
+            raise _unsafe(path, e) from None
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged zip / pickle
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
+    return _select(full, keys)
+
+
+def _select(tree: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The sub-dicts of `tree` under dotted `keys`, nested as in `tree` (what DCP's keyed read returns)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        src, dst = tree, out
+        for part in parents:
+            src = src.get(part) if isinstance(src, Mapping) else None
+            dst = dst.setdefault(part, {})
+        if isinstance(src, Mapping) and leaf in src:
+            dst[leaf] = src[leaf]
+    return out
+
+
+def check_sharded_files(folder: str | os.PathLike) -> None:
+    """Every data file a sharded checkpoint's `.metadata` lists exists and is long enough (ValueError if not)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with safe_checkpoint_loading():
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    need: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        file = Path(folder) / name
+        have = file.stat().st_size if file.is_file() else None
+        if have is None or have < size:
+            raise ValueError(f"sharded checkpoint {str(folder)!r}: {name} "
+                             + ("is missing" if have is None else f"has {have} bytes, {size} needed (truncated)"))
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loading() -> Iterator[None]:
+    """While active, every torch.load in this process runs with weights_only=True and the Composer allow-list
+    (Composer itself passes weights_only=False; so do DCP's byte entries), and torch.distributed.checkpoint reads
+    `.metadata` with an unpickler that admits only its own metadata classes. A checkpoint needing anything else
+    raises UnsafeCheckpointError naming the file. Composer's loads all happen inside Trainer(...), so wrapping
+    that one call covers autoresume, load_path, local and remote, monolithic and sharded checkpoints."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    real_load, real_pickle = torch.load, dcp_fs.pickle
+
+    def load(f, map_location=None, *args, weights_only=None, **kwargs):
+        try:
+            with torch.serialization.safe_globals(_composer_safe_globals()):
+                return real_load(f, map_location, *args, weights_only=True, **kwargs)
+        except pickle.UnpicklingError as e:
+            raise _unsafe(getattr(f, "name", f), e) from None
+
+    def load_metadata(file):
+        return _MetadataUnpickler(file, getattr(file, "name", DCP_METADATA)).load()
+
+    torch.load = load
+    dcp_fs.pickle = types.SimpleNamespace(**{**vars(pickle), "load": load_metadata})
+    try:
+        yield
+    finally:
+        torch.load, dcp_fs.pickle = real_load, real_pickle
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """The globals a DCP `.metadata` file references: its own dataclasses, torch.Size and dtypes, a layout
+    getter and the checkpoint_id path. Anything else (os.system, builtins.eval, ...) is refused."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        ok = (module == "torch.distributed.checkpoint.metadata"
+              or (module, name) in {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+                                    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                                    ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+              or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not ok:
+            raise _unsafe(self.path, f"global {module}.{name} is not allow-listed")
+        return super().find_class(module, name)
+
+
+def _unsafe(path: Any, why: Any) -> UnsafeCheckpointError:
+    lines = [ln.strip() for ln in str(why).splitlines() if ln.strip()] or ["?"]
+    why = next((ln for ln in lines if "global" in ln.lower() and "weights_only" not in ln), lines[-1])
+    why = why.split(". Please")[0].removeprefix("WeightsUnpickler error: ")
+    return UnsafeCheckpointError(
+        f"refusing to load checkpoint {str(path)!r}: it holds pickled Python objects outside the allow-list of "
+        f"plain data a checkpoint of this trainer needs: {why[:300]}; unpickling it "
+        "could run arbitrary code. Load only checkpoints this trainer wrote; remove or move the file if you did not "
+        "put it there.")
 
 
 def _composer_safe_globals() -> list:
-    import datetime
-
     import numpy as np
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray

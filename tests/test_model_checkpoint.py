@@ -8,12 +8,13 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint, read_state_dict, save_hub
+from model.checkpoint import UnsafeCheckpointError, load_checkpoint, read_state_dict, read_trainer_state, save_hub
 from model.config import GLMConfig
 from model.glm import GLM
 
@@ -127,3 +128,49 @@ def test_safetensors(tv, tmp_path):
     else:
         save_hub(model, tmp_path / "out", safetensors=True)
         assert_official_logits(load_checkpoint(tmp_path / "out"), tv)
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('code ran')",)
+
+
+def test_planted_pickle_is_refused_not_run(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save({"model": {"word_embeddings.weight": _Planted(marker)}}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"evil.pt.*GLOBAL exec .*could run arbitrary code"):
+        read_state_dict(tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match="GLOBAL exec"):
+        read_trainer_state(tmp_path / "evil.pt", "state.timestamp")
+    assert not marker.exists()
+
+
+def _sharded(tmp_path, model: GLM):
+    """A Composer-layout sharded checkpoint (state.model with `model.` keys, plus plain data) written by DCP."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"state": {"model": {"model." + k: v for k, v in model.state_dict().items()},
+                       "timestamp": {"Timestamp": {"batch": 8, "total_wct": datetime.timedelta(seconds=2)}}}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "assuming the intent is to save in a single process"
+        dcp.save(state, checkpoint_id=str(tmp_path / "ep0-ba8"))
+    return tmp_path / "ep0-ba8"
+
+
+def test_sharded_checkpoint_reads_in_one_process(tmp_path):
+    from model.config import PRESETS
+
+    model = GLM(PRESETS["tiny"])
+    folder = _sharded(tmp_path, model)
+    state_dict, _ = read_state_dict(folder)
+    assert state_dict.keys() == model.state_dict().keys()
+    assert all(torch.equal(state_dict[k], v) for k, v in model.state_dict().items())
+    assert read_trainer_state(folder, "state.timestamp.Timestamp")["state"]["timestamp"]["Timestamp"]["batch"] == 8
+    data = next(folder.glob("*.distcp"))
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 10)
+    with pytest.raises(ValueError, match=rf"{data.name} has \d+ bytes, \d+ needed \(truncated\)"):
+        read_trainer_state(folder, "state.timestamp")

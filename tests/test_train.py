@@ -11,8 +11,11 @@ The session fixture builds one tiny shard set (seq_len 128, vocab 1000) with pip
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -70,22 +73,22 @@ def run_train(args: list[str], *, world: int = 1, timeout: int = 240, env: dict 
 
 def samples_by_step(folder: str, rank: int = 0) -> dict[int, list[str]]:
     """step -> sample keys; a step trained twice (before a kill and after the resume) keeps its last record."""
-    out = {}
-    with open(os.path.join(folder, f"samples-rank{rank}.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            out[r["step"]] = r["keys"]
-    return out
+    return {r["step"]: r["keys"] for r in records(folder, f"samples-rank{rank}.jsonl") if "step" in r}
 
 
-def metrics(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
+def records(folder: str, name: str) -> list[dict]:
+    with open(os.path.join(folder, name)) as f:
         return [json.loads(line) for line in f]
 
 
+def metrics(folder: str) -> list[dict]:
+    return records(folder, "metrics.jsonl")
+
+
 def model_weights(path: str) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state["state"]["model"]
+    from model.checkpoint import read_state_dict
+
+    return read_state_dict(path)[0]
 
 
 # ------------------------------------------------------------------------------------------------ in process
@@ -183,8 +186,10 @@ def test_kill_and_resume_matches_uninterrupted_run(shards, tmp_path):
 
     p = run_train(tiny_args(shards, run, *args))  # autoresume from the latest checkpoint
     assert p.returncode == 0, p.stderr[-3000:]
-    resumed = [json.loads(x)["step"] for x in open(os.path.join(run, "samples-rank0.jsonl")).readlines()]
-    assert resumed[done_before] > 1, "the second run started from scratch instead of resuming"
+    resumed = records(run, "samples-rank0.jsonl")
+    marker = resumed[done_before]            # the resumed run marks where its records start
+    assert marker["event"] == "resume" and marker["from_step"] > 1 and marker["from_step"] % 4 == 0, marker
+    assert resumed[done_before + 1]["step"] == marker["from_step"] + 1
     assert samples_by_step(run) == samples_by_step(ref)  # exactly the same samples at every step
     a, b = model_weights(os.path.join(ref, "ep0-ba24-rank0.pt")), model_weights(os.path.join(run, "ep0-ba24-rank0.pt"))
     assert a.keys() == b.keys()
@@ -193,7 +198,7 @@ def test_kill_and_resume_matches_uninterrupted_run(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_world_size_two_fsdp2_same_global_order(shards, tmp_path):
+def test_world_size_two_fsdp2_same_global_order(shards, tmp_path, tokenizer_path):
     one, two = str(tmp_path / "ws1"), str(tmp_path / "ws2")
     common = ["--max-duration=8ba", "--save-interval=8ba", "--eval-interval=8ba", "--stream.num_workers=1"]
     p1 = run_train(tiny_args(shards, one, "--batch-size=4", *common))
@@ -207,6 +212,28 @@ def test_world_size_two_fsdp2_same_global_order(shards, tmp_path):
     assert os.path.isdir(os.path.join(two, "ep0-ba8")) and os.path.exists(os.path.join(two, "latest-rank0.pt"))
     losses = [r["loss/train/total"] for r in metrics(two) if "loss/train/total" in r]
     assert len(losses) == 8 and all(x == x for x in losses)
+
+    import train
+
+    # the sharded checkpoint of 2 processes cannot resume in 1: refused with the fix, before Composer tries
+    with pytest.raises(ValueError, match=r"saved by 2 processes; this run has 1.*composer -n 2.*"
+                                         r"--fsdp-state-dict-type=full"):
+        train.main(train.parse_args(tiny_args(shards, two, "--batch-size=4", *common[1:], "--max-duration=10ba")))
+    # the full checkpoint of 1 process resumes in 2 (FSDP2 loads and saves it full)
+    p = run_train(tiny_args(shards, one, "--batch-size=2", *common[1:], "--max-duration=10ba"), world=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resuming from step 8" in p.stdout and "fsdp_state_dict_type=full" in p.stderr
+    assert [r.get("step", r.get("from_step")) for r in records(one, "samples-rank1.jsonl")] == [8, 9, 10]
+
+    # fill_blanks reads the sharded checkpoint in one process, and refuses a tokenizer it was not trained with
+    from jobs.fill_blanks import main as fill
+
+    text = "The Congress shall [MASK] the public debt."
+    filled = fill(["--checkpoint", os.path.join(two, "latest-rank0.pt"), "--config", "tiny", "--tokenizer",
+                   f"{shards}/tokenizer.model", "--max-new-tokens", "4", text])
+    assert filled.startswith("The Congress shall ") and filled.endswith(" the public debt.") and "[MASK]" not in filled
+    with pytest.raises(ValueError, match=r"tokenizer .*sotu1k.model.* is not the one .* was trained with"):
+        fill(["--checkpoint", os.path.join(two, "ep0-ba8"), "--config", "tiny", "--tokenizer", tokenizer_path, text])
 
 
 @pytest.mark.slow
@@ -234,10 +261,12 @@ def test_deleted_shard_mid_run_is_named(shards, tmp_path):
 @pytest.mark.slow
 @pytest.mark.s3
 def test_train_from_s3_and_resume_from_s3(shards, tmp_path, s3_server):
-    """Shards streamed from the moto S3 server of tests/conftest.py; checkpoints saved there, resumed from there."""
+    """Shards streamed from the moto S3 server of tests/conftest.py; checkpoints saved there, resumed from there.
+    The endpoint is given only as --storage-options: Composer's object store gets it from there too."""
     endpoint = s3_server["endpoint_url"]
-    env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-               S3_ENDPOINT_URL=endpoint)
+    env = _env(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for var in ("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        env.pop(var, None)
     import s3fs
 
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
@@ -255,6 +284,256 @@ def test_train_from_s3_and_resume_from_s3(shards, tmp_path, s3_server):
     assert os.listdir(tmp_path / "cache")  # remote shards went through the local cache
     p = run_train([*args, "--max-duration=8ba"], env=env, cwd=str(tmp_path))  # resumes from the S3 checkpoint
     assert p.returncode == 0, p.stderr[-3000:]
-    steps = [json.loads(x)["step"] for x in open(os.path.join(logs, "samples-rank0.jsonl"))]
-    assert steps == list(range(1, 9))  # 1-4 in the first run, 5-8 after resuming from S3
+    steps = [r.get("step", r.get("from_step")) for r in records(logs, "samples-rank0.jsonl")]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8]  # 1-4 in the first run, 5-8 after resuming from S3 at step 4
     assert fs.exists("glm/ckpt/ep0-ba8-rank0.pt")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint faults
+
+@pytest.fixture(scope="module")
+def run4(shards, tmp_path_factory) -> str:
+    """A finished real run: tiny, 4 steps, checkpoints ep0-ba2 and ep0-ba4 (latest) kept, samples recorded."""
+    import train
+
+    folder = str(tmp_path_factory.mktemp("run4") / "run")
+    train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=4ba"))).close()
+    assert os.readlink(os.path.join(folder, "latest-rank0.pt")) == "ep0-ba4-rank0.pt"
+    return folder
+
+
+FAULT_ARGS = ("--save-interval=2ba", "--eval-data=none", "--keep-checkpoints=-1")
+
+
+def copy_run(run4: str, tmp_path) -> str:
+    folder = str(tmp_path / "run")
+    shutil.copytree(run4, folder, symlinks=True)
+    return folder
+
+
+class Planted:
+    """A pickle that writes a marker file when it is unpickled: what a hostile checkpoint does."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran')",)
+
+
+def test_planted_checkpoint_never_runs(shards, run4, tmp_path):
+    import train
+    from model.checkpoint import UnsafeCheckpointError
+
+    marker = str(tmp_path / "marker")
+    # 1. as latest-rank0.pt in a save folder (the link replaced by a file): autoresume refuses it
+    folder = copy_run(run4, tmp_path)
+    os.remove(os.path.join(folder, "latest-rank0.pt"))
+    torch.save({"state": Planted(marker)}, os.path.join(folder, "latest-rank0.pt"))
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load checkpoint .*latest-rank0.pt.*GLOBAL exec "):
+        train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=6ba")))
+    # 2. as load_path, given to a fresh folder (a plain pickle, not torch's zip format)
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"state": Planted(marker)}, f)
+    with pytest.raises(UnsafeCheckpointError, match="evil.pt"):
+        train.main(train.parse_args(tiny_args(shards, str(tmp_path / "fresh"), *FAULT_ARGS,
+                                              f"--load-path={tmp_path / 'evil.pt'}")))
+    # 3. as the .metadata of a sharded checkpoint folder
+    sharded = tmp_path / "sharded" / "ep0-ba6"
+    sharded.mkdir(parents=True)
+    (sharded / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata.*builtins.exec"):
+        train.main(train.parse_args(tiny_args(shards, str(tmp_path / "sharded"), *FAULT_ARGS)))
+    assert not os.path.exists(marker)
+
+
+def test_composer_loads_are_guarded(tmp_path):
+    """Composer's own loaders (monolithic torch.load with weights_only=False, DCP's .metadata pickle and byte
+    entries) cannot run code inside safe_checkpoint_loading: the guard does not depend on our pre-scan."""
+    from composer.utils.checkpoint import safe_torch_load
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from model.checkpoint import UnsafeCheckpointError, safe_checkpoint_loading
+
+    marker = str(tmp_path / "marker")
+    torch.save({"state": Planted(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    with safe_checkpoint_loading():
+        with pytest.raises(UnsafeCheckpointError):
+            safe_torch_load(str(tmp_path / "evil.pt"))
+        with pytest.raises(UnsafeCheckpointError):
+            FileSystemReader(str(tmp_path / "dcp")).read_metadata()
+        planner = DefaultLoadPlanner()
+        planner.state_dict, planner.flatten_state_dict = {}, False
+        with pytest.raises(UnsafeCheckpointError):   # a non-tensor entry inside a .distcp file
+            planner.load_bytes(type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})(),
+                               io.BytesIO((tmp_path / "evil.pt").read_bytes()))
+    assert not os.path.exists(marker)
+    assert torch.load is not None and torch.load.__name__ == "load"  # the real torch.load is back afterwards
+
+
+def test_truncated_or_deleted_latest_falls_back(shards, run4, tmp_path, capsys):
+    import train
+
+    folder = copy_run(run4, tmp_path)
+    with open(os.path.join(folder, "ep0-ba4-rank0.pt"), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(folder, "ep0-ba4-rank0.pt")) // 2)   # a crash mid-write
+    trainer = train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=6ba")))
+    trainer.close()
+    err = capsys.readouterr()
+    assert "resuming from step 2" in err.out
+    assert "skipped ep0-ba4-rank0.pt" in err.err and "newest readable checkpoint ep0-ba2-rank0.pt" in err.err
+    rows = records(folder, "samples-rank0.jsonl")
+    assert rows[4] == {"event": "resume", "from_step": 2} and [r["step"] for r in rows[5:]] == [3, 4, 5, 6]
+    assert samples_by_step(folder) == samples_by_step(run4) | {5: samples_by_step(folder)[5],
+                                                               6: samples_by_step(folder)[6]}
+    assert {"event", "from_step", "time"} <= set(next(r for r in metrics(folder) if "event" in r))
+
+    folder = copy_run(run4, tmp_path / "b")
+    os.remove(os.path.join(folder, "latest-rank0.pt"))                    # the link deleted
+    train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=6ba"))).close()
+    assert "resuming from step 4" in capsys.readouterr().out
+
+
+def test_unusable_checkpoints_stop_a_fresh_start(shards, run4, tmp_path, capsys):
+    import train
+
+    folder = copy_run(run4, tmp_path)
+    for name in ("ep0-ba2-rank0.pt", "ep0-ba4-rank0.pt"):
+        with open(os.path.join(folder, name), "r+b") as f:
+            f.truncate(1000)
+    args = tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=2ba")
+    with pytest.raises(ValueError, match=r"none of which can be used \(ep0-ba4-rank0.pt: .*; ep0-ba2-rank0.pt: .*"
+                                         r"--allow-fresh-start=true"):
+        train.main(train.parse_args(args))
+    train.main(train.parse_args([*args, "--allow-fresh-start=true"])).close()
+    out = capsys.readouterr()
+    assert "starting from step 0" in out.out and "unusable checkpoints" in out.err
+
+
+def test_finished_run_is_named_and_logs_survive(shards, run4, tmp_path):
+    """The README's commands in a row: a second, shorter run in the same folder finds a finished run."""
+    import train
+
+    folder = copy_run(run4, tmp_path)
+    log = open(os.path.join(folder, "log-rank0.txt")).read()
+    with pytest.raises(ValueError, match=r"finished run \(4ba of max_duration 2ba\).*--save-folder.*--max-duration"):
+        train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=2ba")))
+    train.main(train.parse_args(tiny_args(shards, folder, *FAULT_ARGS, "--max-duration=5ba"))).close()
+    assert open(os.path.join(folder, "log-rank0.txt")).read().startswith(log)   # appended, not truncated
+
+
+def test_resume_on_shards_with_another_seq_len_names_the_fingerprint(shards, run4, tmp_path, sotu_files):
+    import train
+
+    other = str(tmp_path / "seq64")
+    build = BUILD.replace("seq_len=128", "seq_len=64").replace("vocab_size=1000,",
+                                                               f"tokenizer={shards + '/tokenizer.model'!r},")
+    subprocess.run([PY, "-c", build, other, *sotu_files[-3:]], check=True, env=_env(), cwd=REPO, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    folder = copy_run(run4, tmp_path)
+    with pytest.raises(ValueError, match="trained on data with seq_len=128 but --data has seq_len=64"):
+        train.main(train.parse_args(tiny_args(other, folder, *FAULT_ARGS, "--max-duration=6ba")))
+
+
+@pytest.mark.slow
+def test_wall_clock_limit_saves_then_exits_3(shards, tmp_path):
+    run = str(tmp_path / "wc")
+    args = tiny_args(shards, run, "--eval-data=none", "--save-interval=1000ba", "--max-duration=5000ba")
+    p = run_train([*args, "--wall-clock-limit-s=4"])
+    assert p.returncode == 3, p.stderr[-3000:]
+    stopped = int(re.search(r"stopped by wall_clock_limit_s=4 at step (\d+)", p.stderr).group(1))
+    assert 0 < stopped < 5000
+    assert os.readlink(os.path.join(run, "latest-rank0.pt")) == f"ep0-ba{stopped}-rank0.pt"
+    p = run_train([*args, f"--max-duration={stopped + 2}ba"])     # the requeued job resumes there
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"resuming from step {stopped}" in p.stdout
+
+
+def test_wall_clock_limit_belongs_to_the_demo_only():
+    import train
+
+    limits = {os.path.basename(p): train.parse_args([p]).wall_clock_limit_s
+              for p in glob.glob(os.path.join(REPO, "configs", "train", "*.yaml"))}
+    assert limits.pop("demo.yaml") == 480 and set(limits.values()) == {0.0}, limits
+    assert train.TrainConfig().wall_clock_limit_s == 0 and train.parse_args([]).wall_clock_limit_s == 480
+
+
+FSDP2_GRADS = """
+import dataclasses, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from model.composer import GLMComposer
+from model.config import PRESETS
+from model.glm import Block
+dist.init_process_group("gloo")
+cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=1024, max_position_embeddings=128, embedding_dropout=0.0,
+                          attention_dropout=0.0, hidden_dropout=0.0)
+model = GLMComposer(cfg)
+model.model.load_state_dict(torch.load(sys.argv[1] + "/init.pt"))
+batch = torch.load(sys.argv[1] + "/batch.pt")
+for m in model.model.modules():           # Composer's FSDP2 units: every Block, then the root GLM
+    if isinstance(m, Block):
+        fully_shard(m)
+fully_shard(model.model)
+model.loss(model(batch), batch).backward()  # the same batch on both ranks: the averaged gradient is its own
+grads = {n: p.grad.full_tensor() for n, p in model.model.named_parameters()}
+if dist.get_rank() == 0:
+    torch.save(grads, sys.argv[1] + "/fsdp2.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_view_warning_leaves_gradients_right(shards, tmp_path):
+    """FSDP2 warns that a Block returns a view: it is the (k, v) cache pair, a view of the qkv projection, which
+    GLM.forward drops when no cache is asked for; no in-place op touches it. A 2-rank FSDP2 backward on one real
+    batch gives the gradients of a single process."""
+    import dataclasses
+
+    from model.composer import GLMComposer
+    from model.config import PRESETS
+    from pipeline.stream import ShardStream
+
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=1024, max_position_embeddings=128, embedding_dropout=0.0,
+                              attention_dropout=0.0, hidden_dropout=0.0)
+    torch.manual_seed(0)
+    model = GLMComposer(cfg)
+    batch = next(iter(ShardStream(f"{shards}/train", 4, seed=1, shuffle=False)))
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)} | {"objective": batch["objective"]}
+    torch.save(model.model.state_dict(), tmp_path / "init.pt")
+    torch.save(batch, tmp_path / "batch.pt")
+    model.loss(model(batch), batch).backward()
+    script = tmp_path / "fsdp2_grads.py"
+    script.write_text(FSDP2_GRADS)
+    p = subprocess.run([COMPOSER, "-n", "2", "--master_port", str(free_port()), str(script), str(tmp_path)],
+                       env=_env(), cwd=REPO, timeout=240, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "returned a view tensor" in p.stderr          # the warning in question did fire
+    fsdp2 = torch.load(tmp_path / "fsdp2.pt", weights_only=True)
+    assert all(param.grad.abs().sum() > 0 for param in model.model.parameters())
+    for name, param in model.model.named_parameters():
+        torch.testing.assert_close(fsdp2[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_glm_module_runs_the_forward_it_promises():
+    for preset, device in (("tiny", "cpu"), ("glm-10b", "meta")):
+        p = subprocess.run([PY, "-m", "model.glm", "--preset", preset], env=_env(), cwd=REPO, timeout=120,
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert f"forward on {device}: logits (2, 16, " in p.stdout, p.stdout
+
+
+def test_help_lists_every_setting_with_its_comment():
+    import train
+    from pipeline.config import valid_keys
+
+    p = subprocess.run([PY, os.path.join(REPO, "train.py"), "--help"], env=_env(), cwd=REPO, timeout=120,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.startswith(train.__doc__.strip().splitlines()[0])
+    missing = [k for k in valid_keys(train.TrainConfig) if k not in p.stdout and k.replace("_", "-") not in p.stdout]
+    assert not missing, missing
+    for comment in ("peak learning rate", "start at step 0 although save_folder holds", "exit code 3"):
+        assert comment in p.stdout
