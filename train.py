@@ -113,6 +113,8 @@ class TrainConfig:
     autoresume: bool = True               # resume from the newest readable checkpoint in save_folder
     allow_fresh_start: bool = False       # start at step 0 although save_folder holds checkpoints none can be used
     load_path: str = ""                   # start from this checkpoint instead (ignored when autoresume finds one)
+    load_weights_only: bool = False       # from load_path take the weights only (new optimizer, schedule, step 0,
+                                          # other seq_len allowed): stage 2 of a recipe, or continuing a model
     fsdp_state_dict_type: str = "sharded"  # FSDP2 checkpoints: sharded (one file per rank) | full
     logger: str = "file"                  # file | tensorboard (besides metrics.jsonl and the progress bar)
     progress_bar: bool = True             # Composer's tqdm bar (rank 0)
@@ -279,6 +281,7 @@ class Start:
     load_path: str | None = None
     composer_autoresume: bool = False   # remote save folders: Composer's autoresume finds `latest` itself
     full_state_dict: bool = False       # a monolithic checkpoint resumed under FSDP2 loads (and saves) full
+    weights_only: bool = False          # load_path gives the weights only (load_weights_only, not autoresume)
     notes: list[str] = field(default_factory=list)
 
 
@@ -446,6 +449,7 @@ def plan_start(cfg: TrainConfig, run: Run, data: Data) -> Start:
                                f"resuming from the newest readable checkpoint {os.path.basename(path)}")
         return _check_start(cfg, run, data, start, path, state)
     if cfg.load_path:
+        start.weights_only = cfg.load_weights_only
         return _check_start(cfg, run, data, start, cfg.load_path,
                             None if _remote(cfg.load_path) else _read_start_state(cfg.load_path))
     return start
@@ -484,12 +488,17 @@ def _check_start(cfg: TrainConfig, run: Run, data: Data, start: Start, path: str
     if state is None:      # a remote load_path: Composer downloads it (and safe_checkpoint_loading guards it)
         return start
     saved = state.get("callbacks", {}).get("DataFingerprint")
+    if saved and start.weights_only:   # new data may have another seq_len; the vocabulary must be the same
+        saved = {k: v for k, v in saved.items() if k in ("tokenizer_fingerprint", "vocab_size")}
     if saved:
         DataFingerprint(data.fingerprint).load_state_dict(saved)
+    if start.weights_only:
+        start.notes.append(f"loading the weights only from {path} (load_weights_only): new optimizer, schedule, "
+                           "step 0")
     ts = state.get("timestamp", {}).get("Timestamp", {})
     limit = Time.from_input(cfg.max_duration, TimeUnit.EPOCH)
     done = int(ts.get(limit.unit.name.lower(), 0))
-    if limit.unit != TimeUnit.DURATION and done >= limit.value:
+    if not start.weights_only and limit.unit != TimeUnit.DURATION and done >= limit.value:
         raise ValueError(
             f"{path!r} is the end of a finished run ({done}{limit.unit.value} of max_duration {cfg.max_duration}): "
             f"start a new run in another folder (--save-folder=...), or extend --max-duration beyond "
@@ -580,6 +589,7 @@ def build_trainer(cfg: TrainConfig, run: Run, data: Data, start: Start, model: G
             save_overwrite=cfg.autoresume,
             autoresume=start.composer_autoresume,
             load_path=start.load_path,
+            load_weights_only=start.weights_only,
             run_name=run.run_name,
             loggers=loggers,
             callbacks=callbacks,

@@ -537,3 +537,27 @@ def test_help_lists_every_setting_with_its_comment():
     assert not missing, missing
     for comment in ("peak learning rate", "start at step 0 although save_folder holds", "exit code 3"):
         assert comment in p.stdout
+
+
+def test_load_weights_only_starts_a_new_schedule_from_the_weights(shards, run4, tmp_path):
+    """Stage 2 of a recipe: the weights of a finished run, a new optimizer and schedule from step 0 (the finished
+    run's own max_duration is no reason to refuse)."""
+    import train
+
+    cfg = train.parse_args(tiny_args(shards, str(tmp_path / "stage2"), *FAULT_ARGS, "--max-duration=2ba",
+                                     f"--load-path={run4}/latest-rank0.pt", "--load-weights-only=true"))
+    run = train.resolve_run(cfg)
+    data = train.build_data(cfg)
+    model, evaluators = train.build_model(cfg, run, data)
+    optimizer, scheduler = train.build_optimizer(model, cfg.optim)
+    loggers, callbacks = train.build_logging(cfg, run, data)
+    start = train.plan_start(cfg, run, data)
+    assert start.weights_only and any("weights only" in n for n in start.notes)
+    trainer = train.build_trainer(cfg, run, data, start, model, evaluators, optimizer, scheduler, loggers, callbacks)
+    assert int(trainer.state.timestamp.batch) == 0
+    loaded = {k.removeprefix("model."): v for k, v in trainer.state.model.state_dict().items()}
+    for k, v in model_weights(f"{run4}/latest-rank0.pt").items():
+        assert torch.equal(loaded[k], v), k
+    trainer.fit()
+    assert int(trainer.state.timestamp.batch) == 2
+    trainer.close()
