@@ -83,3 +83,43 @@ def test_train_tokenizer_job(tmp_path):
     assert r.returncode == 0, r.stderr
     assert T.Tokenizer.load(str(out)).vocab_size <= 500
     assert (tmp_path / "job.json").exists()
+
+
+def test_long_single_line_documents_train(tmp_path):
+    """Documents without line breaks (scraped pages, one-line JSONL texts) longer than sentencepiece's 64 KB
+    sentence limit: before segmenting, sentencepiece dropped every one and failed with '!sentences_.empty()'."""
+    one_line = " ".join(FIXTURE.read_text().split())
+    docs = [(one_line + " ") * 12, (one_line + " ") * 15]          # ~80 KB and ~100 KB, one line each
+    assert all(len(d.encode()) > 1 << 16 and "\n" not in d for d in docs)
+    tok = T.train(docs, 600)
+    assert tok.vocab_size == 600
+    assert tok.decode(tok.encode(one_line[:300])) == one_line[:300]
+
+
+def test_short_vocabulary_warns_with_both_numbers(tmp_path):
+    with pytest.warns(UserWarning, match=r"asked for vocab_size=5000, got (\d+) pieces.*too few distinct pieces"):
+        tok = T.train([FIXTURE.read_text()], 5000)
+    assert tok.vocab_size < 5000
+    r = subprocess.run([sys.executable, "jobs/train_tokenizer.py", "--input", str(FIXTURE), "--output",
+                        str(tmp_path / "t.model"), "--vocab-size", "5000"], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr
+    assert f"vocab {tok.vocab_size} (asked for 5000" in r.stdout and "asked for vocab_size=5000" in r.stderr
+
+
+def test_missing_model_message_names_the_path(tmp_path):
+    missing = str(tmp_path / "nope.model")
+    with pytest.raises(ValueError) as e:
+        T.Tokenizer.load(missing)
+    assert f"--output {missing}`" in str(e.value) and "{path}" not in str(e.value)
+
+
+def test_train_from_compressed_files_matches_plain(tmp_path, tok):
+    import gzip
+
+    import zstandard
+
+    (tmp_path / "w.txt.gz").write_bytes(gzip.compress(FIXTURE.read_bytes()))
+    (tmp_path / "w.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(FIXTURE.read_bytes()))
+    for name in ("w.txt.gz", "w.txt.zst"):
+        assert T.train_from_files([str(tmp_path / name)], 600).fingerprint == tok.fingerprint, name
