@@ -242,7 +242,7 @@ def _read_parquet(fh, f: InputFile, text_field: str, skips: list[Skip]) -> Itera
                                  "set --text-field"))
         return
     i = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024, use_threads=False):  # see shards.py
         for text in batch.column(0).to_pylist():
             if not isinstance(text, str):
                 what = "null" if text is None else f"a {type(text).__name__}, not a string"

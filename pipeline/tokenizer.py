@@ -112,7 +112,12 @@ class Tokenizer:
     def __init__(self, model_bytes: bytes, source: str = "<bytes>"):
         self.model_bytes = model_bytes
         self.source = source
-        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except RuntimeError as e:   # sentencepiece reports a damaged proto as RuntimeError('INTERNAL: ...')
+            raise ValueError(f"{source}: not a readable sentencepiece model ({len(model_bytes)} bytes: {e}); the "
+                             "file is damaged or not a .model; restore it or retrain it with "
+                             "`python jobs/train_tokenizer.py`") from e
         for i, piece in enumerate(COMMAND_TOKENS):
             if self.sp.id_to_piece(i) != piece:
                 raise ValueError(

@@ -123,3 +123,38 @@ def test_train_from_compressed_files_matches_plain(tmp_path, tok):
     (tmp_path / "w.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(FIXTURE.read_bytes()))
     for name in ("w.txt.gz", "w.txt.zst"):
         assert T.train_from_files([str(tmp_path / name)], 600).fingerprint == tok.fingerprint, name
+
+
+@pytest.mark.ray
+def test_inspect_shards_finds_the_build_tokenizer_from_another_folder(tmp_path, small_corpus):
+    """A build run as `--output shards` records `shards/tokenizer.model`, relative to where it ran; inspecting
+    from another folder, or after moving the shard set, must still find (and verify) that tokenizer."""
+    import os
+    import shutil
+
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    (tmp_path / "proj").mkdir()
+    build = subprocess.run([sys.executable, str(root / "jobs/build_shards.py"), "--input", *small_corpus[:2],
+                            "--output", "shards", "--vocab-size=600", "--seq-len=128", "--variants=1",
+                            "--num-cpus=1", "--validation-fraction=0"], cwd=tmp_path / "proj", env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stdout + build.stderr
+    assert '"path": "shards/tokenizer.model"' in (tmp_path / "proj/shards/train/manifest.json").read_text()
+    shutil.move(tmp_path / "proj/shards", tmp_path / "moved")
+    for cwd, shards in ((tmp_path, "moved/train"), (tmp_path / "moved/train", "."), (root, tmp_path / "moved/train"),
+                        (tmp_path / "moved", "train/manifest.json")):
+        r = subprocess.run([sys.executable, str(root / "jobs/inspect_shards.py"), str(shards), "-n", "1"],
+                           cwd=cwd, capture_output=True, text=True)
+        assert r.returncode == 0 and "Part A:" in r.stdout, (cwd, shards, r.stderr)
+    (tmp_path / "moved/tokenizer.model").write_bytes((tmp_path / "moved/tokenizer.model").read_bytes()[:-50])
+    r = subprocess.run([sys.executable, str(root / "jobs/inspect_shards.py"), str(tmp_path / "moved/train")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "pass it with --tokenizer" in r.stderr, r.stderr
+
+
+def test_damaged_model_file_is_a_clear_error(tmp_path, tok):
+    path = tmp_path / "cut.model"
+    path.write_bytes(tok.model_bytes[: len(tok.model_bytes) // 2])      # an interrupted copy
+    with pytest.raises(ValueError, match=r"cut.model: not a readable sentencepiece model .*restore it or retrain"):
+        T.Tokenizer.load(str(path))
