@@ -25,7 +25,7 @@ import os
 import sys
 
 from pipeline.build import build
-from pipeline.config import BuildConfig, load_config
+from pipeline.config import BuildConfig, describe_fields, load_config
 
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pipeline",
                     "demo.yaml")
@@ -34,7 +34,7 @@ DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(f"{__doc__}\nSettings (--key=value; default, meaning):\n{describe_fields(BuildConfig)}")
         return 0
     try:
         cfg = load_config(BuildConfig, argv, default_yaml=DEMO)

@@ -4,13 +4,17 @@
     python jobs/inspect_shards.py data/shards/train -n 10 --plot /tmp/shards.png
     python jobs/inspect_shards.py s3://bucket/shards/train --storage-options '{endpoint_url: http://...}'
 
-The tokenizer is found from the manifest (`tokenizer.path`) unless --tokenizer is given.
+The tokenizer is found from the manifest (`tokenizer.path`) unless --tokenizer is given: where it was recorded,
+else beside the shard set (its folder, the build's output folder), so a shard set can be inspected from any
+folder and after it was moved; it must match the manifest's fingerprint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import posixpath
 import sys
 
 import fsspec
@@ -34,6 +38,43 @@ def describe(row: dict, tok: Tokenizer) -> str:
         answer = [t for t in tgt[s:e] if t != sp.eop]
         lines.append(f"  blank at A[{pos[s]}] ({tok.decode([ids[pos[s]]])}): {tok.decode(answer)}")
     return "\n".join(lines)
+
+
+def tokenizer_candidates(recorded: str, manifest: str) -> list[str]:
+    """Where the manifest's tokenizer may be. A relative path was written relative to the folder the build ran
+    in, and a shard set may have been moved or copied since, so: the recorded path (when absolute or a URL),
+    else the recorded path relative to the shard-set folder; then its file name in the shard-set folder and in
+    the build's output folder (`<output>/tokenizer.model` is where a build puts the tokenizer it trained);
+    last, a relative path as seen from the current folder."""
+    if "://" not in manifest:
+        manifest = os.path.abspath(manifest)
+    folder = posixpath.dirname(manifest)         # the shard set (…/train)
+    output = posixpath.dirname(folder)           # the build's output folder
+    name = recorded.replace("\\", "/").rsplit("/", 1)[-1]
+    absolute = "://" in recorded or os.path.isabs(recorded)
+    out = [recorded if absolute else f"{folder}/{recorded}", f"{folder}/{name}", f"{output}/{name}"]
+    return list(dict.fromkeys(out + ([] if absolute else [recorded])))
+
+
+def find_tokenizer(recorded: str, manifest: str, fingerprint: str, storage_options: dict) -> Tokenizer:
+    """The first candidate that exists and has the manifest's fingerprint; else a ValueError naming them."""
+    tried = []
+    for path in tokenizer_candidates(recorded, manifest):
+        so = storage_options if "://" in path else {}
+        fs, p = fsspec.core.url_to_fs(path, **so)
+        if not fs.exists(p):
+            tried.append(f"{path} (missing)")
+            continue
+        try:
+            tok = Tokenizer.load(path, so)
+        except ValueError as e:
+            tried.append(f"{path} ({e})")
+            continue
+        if tok.fingerprint == fingerprint:
+            return tok
+        tried.append(f"{path} (fingerprint {tok.fingerprint[:16]})")
+    raise ValueError(f"the shards' tokenizer (fingerprint {fingerprint[:16]}, recorded as {recorded!r}) is not at "
+                     f"any of: {'; '.join(tried)}; pass it with --tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,15 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  skipped inputs: {acc['skipped_count']}")
     for s in acc["skipped"][:20]:
         print(f"    {s['source']}: {s['reason']}")
-    tok_path = a.tokenizer or m.tokenizer.get("path")
     fs, root = fsspec.core.url_to_fs(S.manifest_url(a.shards).rsplit("/", 1)[0], **so)
     lengths, shown = [], 0
     tok = None
     if a.num_samples > 0:
-        tok = Tokenizer.load(tok_path, so if "://" in str(tok_path) else None)
-        if tok.fingerprint != m.tokenizer["fingerprint"]:
-            print(f"error: tokenizer {tok_path} has fingerprint {tok.fingerprint[:16]}, the shards were built with "
-                  f"{m.tokenizer['fingerprint'][:16]}; pass the right --tokenizer", file=sys.stderr)
+        try:
+            if a.tokenizer:
+                tok = Tokenizer.load(a.tokenizer, so if "://" in a.tokenizer else None)
+                if tok.fingerprint != m.tokenizer["fingerprint"]:
+                    raise ValueError(f"tokenizer {a.tokenizer} has fingerprint {tok.fingerprint[:16]}, the shards "
+                                     f"were built with {m.tokenizer['fingerprint'][:16]}; pass the right --tokenizer")
+            else:
+                tok = find_tokenizer(m.tokenizer.get("path") or "tokenizer.model", S.manifest_url(a.shards),
+                                     m.tokenizer["fingerprint"], so)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
     for info in m.shards:
         if shown >= a.num_samples and not a.plot:

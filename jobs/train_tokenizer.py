@@ -1,4 +1,4 @@
-"""Train a sentencepiece tokenizer with the GLM command tokens at fixed ids (pipeline/tokenizer.py).
+r"""Train a sentencepiece tokenizer with the GLM command tokens at fixed ids (pipeline/tokenizer.py).
 
     python jobs/train_tokenizer.py --input 'corpus/*.txt' --output tok/glm.model --vocab-size 8000
     python jobs/train_tokenizer.py --input 's3://bucket/raw/*.txt' --output s3://bucket/tok/glm.model \
@@ -9,7 +9,8 @@
 Writes the .model and, beside it, a small JSON (<output without .model>.json) with the special ids, the
 vocabulary size and the fingerprint. With no --input it trains on the bundled State of the Union corpus.
 Large corpora: --max-sentences caps the lines fed to sentencepiece (a seeded random sample of them) and
---max-files takes every k-th file so about that many files are read.
+--max-files takes every k-th file so about that many files are read. A corpus too small for --vocab-size
+gives a smaller vocabulary; the job then warns with both numbers.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for s in skips:
         print(f"skipped {s.source}: {s.reason}", file=sys.stderr)
-    print(f"wrote {a.output}: vocab {tok.vocab_size}, fingerprint {tok.fingerprint[:16]}, from {len(files)} files "
-          f"({len(skips)} skipped)")
+    short = f" (asked for {a.vocab_size}: the corpus is too small for more)" if tok.vocab_size < a.vocab_size else ""
+    print(f"wrote {a.output}: vocab {tok.vocab_size}{short}, fingerprint {tok.fingerprint[:16]}, "
+          f"from {len(files)} files ({len(skips)} skipped)")
     return 0
 
 

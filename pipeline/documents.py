@@ -6,9 +6,10 @@ Inputs (paths, globs or URLs such as file://, s3://, gs://, memory://):
   *.txt / other text  one document per file (default), or one per blank-line-separated block (text_split)
   *.jsonl / *.json    one JSON object per line; the document is its `text_field`
   *.parquet           the `text_field` column, one document per row
-  any of them .gz/.bz2/.zst/.xz compressed (fsspec infers the codec from the suffix)
+  any of them .gz/.bz2/.xz/.zst compressed (the codec is inferred from the suffix)
 Bad input never disappears silently: every file or document left out is reported as a `Skip` with a reason
-and ends up in the manifest's accounting.
+and ends up in the manifest's accounting. A bad JSONL line (invalid JSON or UTF-8, no text) skips that line; a
+corrupt or truncated file skips the file, or its rest after the documents already read, which are used.
 
 Packing follows the official BlockDataset (spec §2): a chunk starts with [CLS]; documents are appended as
 `[CLS] doc eos` until the chunk is full; a document cut at a chunk's end continues in the next chunk behind
@@ -18,20 +19,27 @@ is thrown away: every token of every document lands in exactly one chunk per mas
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import lzma
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import pyarrow as pa
+import zstandard
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", "")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".xz")
+# What a damaged file raises while being read: I/O and codec errors (gzip/bz2 raise OSError or EOFError, xz and
+# zstd their own), and pyarrow's for a corrupt Parquet file. Each becomes a counted Skip naming the file.
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError, pa.ArrowException)
 MAX_SEGMENT_CHARS = 1 << 16   # long documents are encoded in whitespace-aligned segments of at most this size
 
 # Transcript annotations of the State of the Union corpus and similar speech transcripts: "[Applause]",
@@ -111,22 +119,73 @@ def clean(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 
+class _ZstdReader(io.RawIOBase):
+    """zstd decompression that raises EOFError when the data ends inside a frame. zstandard's stream_reader
+    (fsspec's codec) returns what it decoded so far and no error, so a cut-off .zst would pass as a shorter
+    file, or as an empty one."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.in_frame = False      # bytes of a frame fed that did not complete it yet
+        self.out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self.out:
+            data = self.raw.read(1 << 16)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("zstd data ends inside a frame: the file is truncated")
+                return 0
+            while data:              # a .zst may hold several frames, one after another
+                self.out += self.dobj.decompress(data)
+                self.in_frame = not self.dobj.eof
+                data = self.dobj.unused_data if self.dobj.eof else b""
+                if self.dobj.eof:
+                    self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        n = min(len(buf), len(self.out))
+        buf[:n], self.out = self.out[:n], self.out[n:]
+        return n
+
+
+@contextlib.contextmanager
+def open_input(url: str, storage_options: dict | None = None) -> Iterator:
+    """Open an input file for binary reading, decompressed by its suffix: .gz .bz2 .xz through fsspec, .zst
+    through `_ZstdReader` (which notices truncation)."""
+    if url.lower().endswith(".zst"):
+        with fsspec.open(url, "rb", **(storage_options or {})) as raw:
+            yield io.BufferedReader(_ZstdReader(raw))
+    else:
+        with fsspec.open(url, "rb", compression="infer", **(storage_options or {})) as fh:
+            yield fh
+
+
 def read_documents(f: InputFile, text_field: str, text_split: str, storage_options: dict | None,
                    skips: list[Skip]) -> Iterator[Document]:
-    """Yield the cleaned documents of one file; append a Skip for the file or any document left out."""
+    """Yield the cleaned documents of one file; append a Skip for the file or any document left out. A file
+    that breaks off (truncated, corrupt) after some documents were yielded keeps those: its Skip says how many."""
     kind = _kind(f.url)
+    used = 0
     try:
-        with fsspec.open(f.url, "rb", compression="infer", **(storage_options or {})) as fh:
-            if kind == "parquet":
-                yield from _read_parquet(fh, f, text_field, skips)
-                return
-            if kind == "jsonl":
-                yield from _read_jsonl(fh, f, text_field, skips)
-                return
-            raw = fh.read()
-    except (OSError, EOFError) as e:
-        skips.append(Skip(f.url, f"unreadable: {type(e).__name__}: {e}"))
-        return
+        with open_input(f.url, storage_options) as fh:
+            reader = {"parquet": _read_parquet, "jsonl": _read_jsonl}.get(kind, _read_text)
+            for doc in reader(fh, f, text_field if kind != "text" else text_split, skips):
+                yield doc
+                used += 1
+    except READ_ERRORS as e:
+        if used:
+            skips.append(Skip(f.url, f"truncated or corrupt after {used} documents, which are kept; the rest is "
+                                     f"lost ({type(e).__name__}: {e}); re-fetch or re-compress the file"))
+        else:
+            skips.append(Skip(f.url, f"unreadable ({type(e).__name__}: {e}); check the file (a truncated or "
+                                     "corrupt download?)"))
+
+
+def _read_text(fh, f: InputFile, text_split: str, skips: list[Skip]) -> Iterator[Document]:
+    raw = fh.read()
     if not raw.strip():
         skips.append(Skip(f.url, "empty file"))
         return
@@ -139,28 +198,39 @@ def read_documents(f: InputFile, text_field: str, text_split: str, storage_optio
         skips.append(Skip(f.url, f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}); re-encode "
                                  "the file as UTF-8"))
         return
-    parts = _BLANK_LINES.split(text) if text_split == "blank_lines" else [text]
-    for i, part in enumerate(parts):
-        doc = clean(part)
-        if doc:
+    if text_split != "blank_lines":
+        if doc := clean(text):
+            yield Document(doc, f.url, 0)
+        else:
+            skips.append(Skip(f.url, "empty after cleaning (only annotations and spaces)"))
+        return
+    for i, part in enumerate(_BLANK_LINES.split(text)):
+        if doc := clean(part):
             yield Document(doc, f.url, i)
 
 
 def _read_jsonl(fh, f: InputFile, text_field: str, skips: list[Skip]) -> Iterator[Document]:
-    for i, line in enumerate(io.TextIOWrapper(fh, encoding="utf-8", errors="strict", newline="\n")):
-        if not line.strip():
+    for i, raw in enumerate(fh):        # binary lines: one bad byte costs its line, not the file
+        if not raw.strip():
+            continue
+        where = f"{f.url}#{i}"
+        try:
+            line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+        except UnicodeDecodeError as e:
+            skips.append(Skip(where, f"line {i + 1}: not valid UTF-8 (byte {e.start}: "
+                                     f"{raw[e.start:e.start + 4]!r}); re-encode the file as UTF-8"))
             continue
         try:
-            obj = json.loads(line)
-            text = obj[text_field]
+            text = json.loads(line)[text_field]
             if not isinstance(text, str):
                 raise TypeError(f"field {text_field!r} is {type(text).__name__}, not a string")
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            skips.append(Skip(f"{f.url}#{i}", f"bad JSONL record: {type(e).__name__}: {e}"))
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+            skips.append(Skip(where, f"bad JSONL record (line {i + 1}): {type(e).__name__}: {e}"))
             continue
-        doc = clean(text)
-        if doc:
+        if doc := clean(text):
             yield Document(doc, f.url, i)
+        else:
+            skips.append(Skip(where, f"line {i + 1}: field {text_field!r} is empty after cleaning"))
 
 
 def _read_parquet(fh, f: InputFile, text_field: str, skips: list[Skip]) -> Iterator[Document]:
@@ -172,12 +242,15 @@ def _read_parquet(fh, f: InputFile, text_field: str, skips: list[Skip]) -> Itera
                                  "set --text-field"))
         return
     i = 0
-    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024, use_threads=False):  # see shards.py
         for text in batch.column(0).to_pylist():
-            if isinstance(text, str) and (doc := clean(text)):
+            if not isinstance(text, str):
+                what = "null" if text is None else f"a {type(text).__name__}, not a string"
+                skips.append(Skip(f"{f.url}#{i}", f"row {i}: column {text_field!r} is {what}"))
+            elif doc := clean(text):
                 yield Document(doc, f.url, i)
-            elif text is not None and not isinstance(text, str):
-                skips.append(Skip(f"{f.url}#{i}", f"column {text_field!r} holds {type(text).__name__}"))
+            else:
+                skips.append(Skip(f"{f.url}#{i}", f"row {i}: column {text_field!r} is empty after cleaning"))
             i += 1
 
 

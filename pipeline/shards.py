@@ -206,7 +206,10 @@ def decode_parquet(data: bytes, name: str = "<shard>", columns: tuple[str, ...] 
     if columns is not None:
         columns = tuple(dict.fromkeys(("input_ids", *columns)))
     try:
-        table = pq.read_table(io.BytesIO(data), columns=list(columns) if columns else None)
+        # ParquetFile.read, not pq.read_table: read_table's dataset scanner drops its last reference to the
+        # Python bytes on a background thread, which needs the GIL; at interpreter exit that aborts the process
+        # (rc 134, "terminate called without an active exception").
+        table = pq.ParquetFile(pa.BufferReader(data)).read(columns=list(columns) if columns else None)
     except (pa.ArrowInvalid, OSError) as e:
         raise ShardError(f"shard {name} is not a readable Parquet file ({e}); it is truncated or corrupt — "
                          "rebuild the shard set (jobs/build_shards.py, same command) or restore the file") from e

@@ -42,11 +42,14 @@ import io
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import fsspec
 import sentencepiece as spm
+
+from pipeline.documents import open_input, segments
 
 # Command tokens in id order (ids 0..9). Change this list and every shard set and checkpoint changes meaning;
 # only appending is allowed (tokenizers trained before an append keep loading, see REQUIRED_COMMAND_TOKENS).
@@ -61,6 +64,10 @@ VOCAB_LAYOUT = 2              # 1: command tokens 0..8; 2: + [dBLOCK] at 9 (writ
 MASK_STRINGS = ("[MASK]", "[sMASK]", "[gMASK]")
 # A piece whose string contains one of these ends a sentence (spec §3.4; the official list incl. CJK).
 SENTENCE_END_CHARS = ".?!;:。？！；…\n"
+# Training text is fed to sentencepiece in whitespace-aligned segments of at most this many characters: it drops
+# any "sentence" over max_sentence_length (64 KB) unseen, so a corpus of long single-line documents would leave it
+# nothing to train on. 4096 characters stay under 64 KB in any script (<= 4 bytes per character in UTF-8).
+TRAIN_SEGMENT_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -167,7 +174,12 @@ class Tokenizer:
         self.model_bytes = model_bytes
         self.source = source
         self.commands = commands
-        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except RuntimeError as e:   # sentencepiece reports a damaged proto as RuntimeError('INTERNAL: ...')
+            raise ValueError(f"{source}: not a readable sentencepiece model ({len(model_bytes)} bytes: {e}); the "
+                             "file is damaged or not a .model; restore it or retrain it with "
+                             "`python jobs/train_tokenizer.py`") from e
         n = self.sp.get_piece_size()
         ours = n > REQUIRED_COMMAND_TOKENS and all(
             self.sp.id_to_piece(i) == p for i, p in enumerate(COMMAND_TOKENS[:REQUIRED_COMMAND_TOKENS]))
@@ -207,7 +219,7 @@ class Tokenizer:
                 data = f.read()
         except FileNotFoundError as e:
             raise ValueError(f"tokenizer model {path!r} does not exist; train one with "
-                             "`python jobs/train_tokenizer.py --input ... --output {path}`") from e
+                             f"`python jobs/train_tokenizer.py --input ... --output {path}`") from e
         return cls(data, source=path, commands=commands)
 
     @property
@@ -267,14 +279,14 @@ class Tokenizer:
 
 
 def _iter_text_sources(inputs: Sequence[str]) -> Iterator[str]:
-    """Yield the text of each input file (paths, globs or fsspec URLs)."""
+    """Yield the text of each input file (paths, globs or fsspec URLs; .gz/.bz2/.xz/.zst decompressed)."""
     for spec in inputs:
-        files = fsspec.open_files(spec, "rt", encoding="utf-8", errors="replace", expand=True)
+        files = fsspec.open_files(spec, "rb", expand=True)
         if not files:
             raise ValueError(f"tokenizer input {spec!r} matched no files; check the path or glob")
         for of in files:
-            with of as f:
-                yield f.read()
+            with open_input(of.full_name) as f:
+                yield f.read().decode("utf-8", errors="replace")
 
 
 def train(documents: Iterable[str] | Sequence[str], vocab_size: int, *, model_type: str = "unigram",
@@ -283,20 +295,27 @@ def train(documents: Iterable[str] | Sequence[str], vocab_size: int, *, model_ty
     """Train a sentencepiece model on documents (an iterable of document strings; for files, paths, globs or
     URLs use `train_from_files`).
 
-    Input sampling: at most `max_sentences` lines are fed, chosen by sentencepiece's seeded reservoir
-    (`input_sentence_size` + `shuffle_input_sentence`), so large corpora train in bounded memory.
+    Input sampling: every line is cut into whitespace-aligned segments of at most TRAIN_SEGMENT_CHARS, and at
+    most `max_sentences` of them are fed, chosen by sentencepiece's seeded reservoir (`input_sentence_size` +
+    `shuffle_input_sentence`), so large corpora and long single-line documents train in bounded memory.
+    A corpus with too few distinct pieces yields a smaller vocabulary than asked for (hard_vocab_limit=False);
+    that warns with both numbers.
     """
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type={model_type!r}: choose 'unigram' or 'bpe'")
     if vocab_size <= len(COMMAND_TOKENS) + 16:
         raise ValueError(f"vocab_size={vocab_size} is too small; use at least {len(COMMAND_TOKENS) + 17}")
 
+    fed = {"segments": 0, "chars": 0}
+
     def lines() -> Iterator[str]:
         for doc in documents:
             for line in doc.splitlines():
-                line = line.strip()
-                if line:
-                    yield line
+                for seg in segments(line.strip(), TRAIN_SEGMENT_CHARS):
+                    if seg := seg.strip():
+                        fed["segments"] += 1
+                        fed["chars"] += len(seg)
+                        yield seg
 
     spm.set_random_generator_seed(seed)
     out = io.BytesIO()
@@ -307,7 +326,15 @@ def train(documents: Iterable[str] | Sequence[str], vocab_size: int, *, model_ty
         input_sentence_size=max_sentences, shuffle_input_sentence=True, max_sentence_length=1 << 16,
         num_threads=num_threads, byte_fallback=True, split_digits=True, hard_vocab_limit=False,
         minloglevel=2)
-    return Tokenizer(out.getvalue())
+    tok = Tokenizer(out.getvalue())
+    if tok.vocab_size < vocab_size:
+        sampled = (f"; sentencepiece sampled {max_sentences:,} of them, raise max_sentences"
+                   if fed["segments"] > max_sentences else "")
+        warnings.warn(f"asked for vocab_size={vocab_size}, got {tok.vocab_size} pieces: the training text "
+                      f"({fed['segments']:,} lines, {fed['chars']:,} characters{sampled}) has too few distinct "
+                      "pieces for more (sentencepiece stops short, hard_vocab_limit=False); train on more text or "
+                      f"ask for at most {tok.vocab_size}", stacklevel=2)
+    return tok
 
 
 def train_from_files(inputs: Sequence[str], vocab_size: int, **kw) -> Tokenizer:
