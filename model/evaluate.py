@@ -17,7 +17,7 @@ positions 1, 2, …; the answer tokens are the targets.
     exp(mean over items of the word's total negative log-likelihood). Contexts longer than seq_len lose tokens
     on the left; the word is never cut.
   * Multiple choice: the candidates of an item are scored from ONE forward of the shared context: its KV cache
-    is expanded to the N candidates and their Part Bs run as one batch of N (model.generate.score_candidates).
+    is expanded to the N candidates and their Part Bs run as one batch (`score_choices`, many items at once).
     Reported side by side: accuracy by the summed log-likelihood, per token and per character of the candidate,
     and bits per byte of the right answer (informative while accuracy is still at chance). No eop is scored
     (as the LAMBADA target and the hub's multiple-choice head): the continuation need not end the text.
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.generate import SpecialIds, score_candidates
+from model.generate import SpecialIds
 from model.glm import GLM
 
 # ---- the scorers (token ids in, log-likelihoods out) ----------------------------------------------------------
@@ -59,35 +59,98 @@ def score_targets(model: GLM, rows: Sequence[TargetRow], specials: SpecialIds, m
                   batch_size: int = 8) -> list[tuple[Tensor, bool]]:
     """Per row: log p of each scored target [num_scored] (fp32, CPU) and whether every one is the argmax.
 
-    Rows are right-padded into batches of `batch_size` with a per-row sep: padding sits after each row's causal
-    Part B, so no real token attends to it."""
+    Rows are sorted by length and right-padded into batches of `batch_size` with a per-row sep: padding sits
+    after each row's causal Part B, so no real token attends to it. Logits are computed for scored positions only."""
     device = model.word_embeddings.weight.device
     was_training = model.training
     model.eval()
-    out: list[tuple[Tensor, bool]] = []
+    out: list[tuple[Tensor, bool] | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].context) + len(rows[i].targets))
     try:
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = [rows[i] for i in order[start:start + batch_size]]
             ids, pos, blk, seps, picks = [], [], [], [], []
-            for r in chunk:
+            for j, r in enumerate(chunk):
                 a = [specials.cls, *r.context, mask_id, specials.eos]
                 C, nb = len(a), len(r.targets)
                 ids.append(a + [specials.sop, *r.targets[:-1]])
                 pos.append(list(range(C)) + [C - 2] * nb)
                 blk.append([0] * C + list(range(1, nb + 1)))
                 seps.append(C)
-                picks.append(range(C + nb - r.num_scored, C + nb))   # input index k predicts targets[k - C]
+                picks += [(j, k) for k in range(C + nb - r.num_scored, C + nb)]   # input k predicts targets[k - C]
             T = max(len(x) for x in ids)
-            logits = model(_pad(ids, specials.eos, T, device), _pad(pos, 0, T, device), _pad(blk, 0, T, device),
-                           sep=torch.tensor(seps, device=device))
-            for j, r in enumerate(chunk):
-                sel = logits[j, list(picks[j])].float()                      # [num_scored, V]
-                tgt = torch.tensor(r.targets[len(r.targets) - r.num_scored:], device=device)
-                logp = F.log_softmax(sel, dim=-1).gather(-1, tgt[:, None])[:, 0]
-                out.append((logp.cpu(), bool((sel.argmax(-1) == tgt).all())))
+            hidden = model(_pad(ids, specials.eos, T, device), _pad(pos, 0, T, device), _pad(blk, 0, T, device),
+                           sep=torch.tensor(seps, device=device), return_hidden=True)
+            where = torch.tensor(picks, device=device)
+            logits = _logits(model, hidden[where[:, 0], where[:, 1]])                   # [scored, V] fp32
+            tgt = torch.tensor([t for r in chunk for t in r.targets[len(r.targets) - r.num_scored:]], device=device)
+            logp = F.log_softmax(logits, dim=-1).gather(-1, tgt[:, None])[:, 0].cpu()
+            hit = (logits.argmax(-1) == tgt).cpu()
+            n = 0
+            for i, r in zip(order[start:start + batch_size], chunk):
+                out[i] = (logp[n:n + r.num_scored], bool(hit[n:n + r.num_scored].all()))
+                n += r.num_scored
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def score_choices(model: GLM, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], specials: SpecialIds,
+                  mask_id: int, batch_size: int = 8) -> list[Tensor]:
+    """Σ log p of each candidate (no eop), per group (context ids, candidate ids lists): [num candidates] fp64.
+
+    Groups sorted by length, `batch_size` contexts at a time: ONE forward of their Part As (right-padded; an
+    explicit mask hides the padding), then ONE forward of all their candidates' Part Bs against the cache, each
+    candidate row reading its own context's keys — a context is encoded once however many candidates it has
+    (model.generate.score_candidates does the same for one context). Logits only at real candidate tokens."""
+    device = model.word_embeddings.weight.device
+    was_training = model.training
+    model.eval()
+    out: list[Tensor | None] = [None] * len(groups)
+    order = sorted(range(len(groups)), key=lambda i: (len(groups[i][0]), max(len(c) for c in groups[i][1])))
+    try:
+        for start in range(0, len(groups), batch_size):
+            chunk = [groups[i] for i in order[start:start + batch_size]]
+            parts_a = [[specials.cls, *ctx, mask_id, specials.eos] for ctx, _ in chunk]
+            lens = torch.tensor([len(a) for a in parts_a], device=device)
+            Tc = int(lens.max())
+            key_ok = torch.arange(Tc, device=device)[None, :] < lens[:, None]                  # [k,Tc]
+            _, cache = model(_pad(parts_a, specials.eos, Tc, device),
+                             _pad([list(range(len(a))) for a in parts_a], 0, Tc, device),
+                             torch.zeros(len(chunk), Tc, dtype=torch.long, device=device),
+                             attention_mask=key_ok[:, None, None, :].expand(-1, 1, Tc, Tc), return_mems=True,
+                             return_hidden=True)
+            owner = torch.tensor([i for i, (_, cands) in enumerate(chunk) for _ in cands], device=device)
+            cands = [list(c) for _, cs in chunk for c in cs]
+            Lb = max(len(c) for c in cands)
+            cache = cache.index_select(owner)                                                 # [R,H,Tc,K] per layer
+            inputs = _pad([[specials.sop, *c[:-1]] for c in cands], specials.eos, Lb, device)
+            causal = torch.ones(Lb, Lb, dtype=torch.bool, device=device).tril()
+            mask = torch.cat([key_ok[owner][:, None, None, :].expand(-1, 1, Lb, Tc),
+                              causal.expand(len(cands), 1, Lb, Lb)], dim=-1)                 # [R,1,Lb,Tc+Lb]
+            positions = (lens[owner] - 2)[:, None].expand(-1, Lb)                             # the blank's index
+            blocks = torch.arange(1, Lb + 1, device=device).expand(len(cands), Lb)
+            hidden = model(inputs, positions, blocks, attention_mask=mask, mems=cache, return_hidden=True)
+            real = _pad([[1] * len(c) for c in cands], 0, Lb, device).bool()
+            tgt = torch.tensor([t for c in cands for t in c], device=device)
+            logp = F.log_softmax(_logits(model, hidden[real]), dim=-1).gather(-1, tgt[:, None])[:, 0].double()
+            sums = torch.zeros(len(cands), dtype=torch.float64, device=device).index_add_(
+                0, real.nonzero()[:, 0], logp).cpu()                                          # per candidate
+            for i, (_, cs) in zip(order[start:start + batch_size], chunk):
+                out[i], sums = sums[:len(cs)], sums[len(cs):]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _logits(model: GLM, hidden: Tensor) -> Tensor:
+    """The tied output layer on selected final hidden states [N,D] -> fp32 [N,V] (GLM.forward's last step).
+    Under FSDP2 the word embedding may be sharded between forwards: gather it (every rank calls this in step)."""
+    w = model.word_embeddings.weight
+    if hasattr(w, "full_tensor"):
+        w = w.full_tensor()
+    return F.linear(hidden, w).float()
 
 
 def _pad(rows: list[list[int]], value: int, T: int, device) -> Tensor:
@@ -215,15 +278,14 @@ class TaskEvaluator:
         return s
 
     def _choice(self, model, units, weights) -> Tensor:
+        flat = [(ctx_ids, cands) for groups, _, _, _ in units for ctx_ids, _, cands in groups]
+        scores = iter(score_choices(model, flat, self.specials, self.mask_id, self.batch_size))
         s = torch.zeros(6, dtype=torch.float64)   # items, correct sum / per token / per char, gold bits, gold bytes
         for (groups, gold, chars, nbytes), w in zip(units, weights):
             n = sum(len(idx) for _, idx, _ in groups)
             total, ntok = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-            for ctx_ids, idx, cands in groups:
-                # Part A = [CLS] context M [eos], as the LAMBADA rows (build_context adds the [CLS])
-                scores = score_candidates(model, [*ctx_ids, self.mask_id, self.specials.eos], self.specials, cands,
-                                          include_eop=False)
-                total[idx] = scores.double()
+            for _, idx, cands in groups:
+                total[idx] = next(scores)
                 ntok[idx] = torch.tensor([len(c) for c in cands], dtype=torch.float64)
             per_char = total / torch.tensor(chars, dtype=torch.float64)
             ok = [int(x.argmax()) == gold for x in (total, total / ntok, per_char)]

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from model.config import PRESETS
-from model.evaluate import TargetRow, TaskEvaluator, binomial_interval, lambada_rows, score_targets, text_rows
+from model.evaluate import (
+    TargetRow,
+    TaskEvaluator,
+    binomial_interval,
+    lambada_rows,
+    score_choices,
+    score_targets,
+    text_rows,
+)
 from model.generate import score_candidates
 from model.glm import GLM
 from pipeline import evalsets as E
@@ -46,15 +54,23 @@ def full_forward_logp(model: GLM, context: list[int], mask_id: int, targets: lis
 # ---- scorer correctness -----------------------------------------------------------------------------------------
 
 def test_kv_shared_scorer_equals_one_full_forward_per_candidate():
+    """Several items of different context and candidate lengths, batched 2 contexts at a time (padded Part As,
+    one cache per context, all candidates in one forward) == one unbatched full forward per candidate."""
     model = tiny(seed=1)
     g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(9, 1000, (n,), generator=g).tolist()
     for mask_id in (SP.mask, SP.gmask):
-        ctx = torch.randint(9, 1000, (40,), generator=g).tolist()
-        cands = [torch.randint(9, 1000, (n,), generator=g).tolist() for n in (1, 3, 7, 2)]
-        shared = score_candidates(model, [*ctx, mask_id, SP.eos], SP, cands, include_eop=False)
+        groups = [(rand(40), [rand(n) for n in (1, 3, 7, 2)]), (rand(5), [rand(4), rand(1)]),
+                  (rand(23), [rand(9)]), (rand(0), [rand(2), rand(6), rand(3)])]
+        shared = score_choices(model, groups, SP, mask_id, batch_size=2)
         with torch.no_grad():
-            brute = torch.stack([full_forward_logp(model, ctx, mask_id, c).sum() for c in cands])
-        assert torch.allclose(shared.double(), brute.double(), atol=1e-5), (shared, brute)
+            brute = [torch.stack([full_forward_logp(model, ctx, mask_id, c).sum() for c in cands])
+                     for ctx, cands in groups]
+        for a, b in zip(shared, brute):
+            assert torch.allclose(a, b.double(), atol=1e-5), (a, b)
+        ctx, cands = groups[0]                                   # the one-context scorer of model/generate.py too
+        one = score_candidates(model, [*ctx, mask_id, SP.eos], SP, cands, include_eop=False)
+        assert torch.allclose(one.double(), shared[0], atol=1e-5)
 
 
 def test_batched_padded_rows_equal_unbatched_forwards():
