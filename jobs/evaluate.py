@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,28 +29,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.checkpoint import load_official  # noqa: E402
-from model.evaluate import TaskEvaluator  # noqa: E402
+from model.evaluate import TaskEvaluator, format_table  # noqa: E402
 from pipeline import evalsets as E  # noqa: E402
 from pipeline.tokenizer import Tokenizer  # noqa: E402
-
-
-def format_table(results: dict[str, dict[str, float]]) -> str:
-    """One markdown row per task; accuracies in %, chance beside them."""
-    pct = lambda x: f"{100 * x:.1f}"
-    lines = ["| task | items | accuracy | chance | per token | per char | bits/byte | perplexity |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        items = f"{int(r['items'])}" + (f" (+{int(r['skipped'])} too long)" if r.get("skipped") else "")
-        if "acc_bi" in r:
-            lines.append(f"| {name} (bidirectional) | {items} | {pct(r['acc_bi'])} | 0 | | | | {r['ppl_bi']:.4g} |")
-            lines.append(f"| {name} (unidirectional) | {items} | {pct(r['acc_uni'])} | 0 | | | | {r['ppl_uni']:.4g} |")
-        elif "acc" in r:
-            lines.append(f"| {name} | {items} | {pct(r['acc'])} | {pct(r['chance'])} | {pct(r['acc_per_token'])} | "
-                         f"{pct(r['acc_per_char'])} | {r['bpb_gold']:.3f} (answer) | |")
-        else:
-            lines.append(f"| {name} | {int(r['items'])} docs, {int(r['tokens']):,} tokens | | | | | {r['bpb']:.3f} | "
-                         f"{math.exp(r['bpb'] * math.log(2) * r['bytes_per_token']):.4g} (token) |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -321,6 +321,25 @@ def flat_metrics(results: dict[str, dict[str, float]], prefix: str = "metrics/ze
             if k not in ("items", "skipped", "tokens", "bytes", "chance", "bytes_per_token")}
 
 
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """One markdown row per task; accuracies in %, chance beside them."""
+    pct = lambda x: f"{100 * x:.1f}"
+    lines = ["| task | items | accuracy | chance | per token | per char | bits/byte | perplexity |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        items = f"{int(r['items'])}" + (f" (+{int(r['skipped'])} too long)" if r.get("skipped") else "")
+        if "acc_bi" in r:
+            lines.append(f"| {name} (bidirectional) | {items} | {pct(r['acc_bi'])} | 0 | | | | {r['ppl_bi']:.4g} |")
+            lines.append(f"| {name} (unidirectional) | {items} | {pct(r['acc_uni'])} | 0 | | | | {r['ppl_uni']:.4g} |")
+        elif "acc" in r:
+            lines.append(f"| {name} | {items} | {pct(r['acc'])} | {pct(r['chance'])} | {pct(r['acc_per_token'])} | "
+                         f"{pct(r['acc_per_char'])} | {r['bpb_gold']:.3f} (answer) | |")
+        else:
+            lines.append(f"| {name} | {int(r['items'])} docs, {int(r['tokens']):,} tokens | | | | | {r['bpb']:.3f} | "
+                         f"{math.exp(r['bpb'] * math.log(2) * r['bytes_per_token']):.4g} (token) |")
+    return "\n".join(lines)
+
+
 def binomial_interval(k: float, n: float, z: float = 3.0) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n at z standard deviations (tests, chance-level checks)."""
     if n <= 0:

@@ -310,3 +310,15 @@ def test_zero_shot_callback_logs_through_composer(tokenizer_path, tmp_path):
     assert steps == [2, 3]                                       # the interval, then the end of training
     assert 0.0 <= mem.data["metrics/zeroshot/piqa/acc"][-1][1] <= 1.0
     assert mem.data["metrics/zeroshot/lambada/ppl_bi"][-1][1] > 1.0
+
+
+def test_demo_zero_shot_stage(overfit, small_corpus, capsys):
+    """The demo's last stage on the held-out documents named by validation rows (here: two real speeches)."""
+    from jobs.demo import zero_shot
+
+    model, tok, _, _ = overfit
+    res = zero_shot(model, tok, [{"source": small_corpus[1]}, {"source": small_corpus[2]}, {"source": small_corpus[1]}],
+                    task_mask=True, limit=12)
+    printed = capsys.readouterr().out
+    assert "| lambada (bidirectional) | 12 |" in printed and "| arc_easy | 12 |" in printed and "| piqa |" in printed
+    assert res["bpb: held-out speeches"]["items"] == 2 and "uniform guess over the 1,000-piece vocabulary" in printed
