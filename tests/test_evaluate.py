@@ -322,3 +322,60 @@ def test_demo_zero_shot_stage(overfit, small_corpus, capsys):
     printed = capsys.readouterr().out
     assert "| lambada (bidirectional) | 12 |" in printed and "| arc_easy | 12 |" in printed and "| piqa |" in printed
     assert res["bpb: held-out speeches"]["items"] == 2 and "uniform guess over the 1,000-piece vocabulary" in printed
+
+
+# ---- ranks --------------------------------------------------------------------------------------------------------
+
+def _byte_encode(s: str) -> list[int]:
+    return [9 + b % 900 for b in s.encode("utf-8")]
+
+
+def _rank_tasks():
+    cloze = E.Task("cloze", "cloze", [E.ClozeItem(f"item {i} says the word", f" w{i}") for i in range(7)])
+    choice = E.Task("choice", "choice", [E.ChoiceItem(tuple((f"question {i}?", f" answer {j}{'!' * i}")
+                                                            for j in range(3)), i % 3) for i in range(5)], 1 / 3)
+    text = E.text_task("text", ["A held-out document. " * (9 + i) for i in range(3)])
+    return [cloze, choice, text]
+
+
+def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from model.glm import Block
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = tiny(seed=7)
+        for m in model.modules():
+            if isinstance(m, Block):
+                fully_shard(m)
+        fully_shard(model)
+        evaluator = TaskEvaluator(_rank_tasks(), _byte_encode, SP, SP.gmask, seq_len=64, batch_size=2)
+        res = evaluator(model, rank, world, all_reduce=lambda t: dist.all_reduce(t))
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_split_the_items_under_fsdp2_and_add_up_to_one_process(tmp_path):
+    """Two gloo processes with the model sharded by FSDP2 (as in training): each scores half the items (odd
+    counts: one rank repeats an item at weight 0, so both run the same forwards) and the sums match one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ranks.json"
+    mp.spawn(_fsdp_rank, args=(2, port, str(out)), nprocs=2, join=True)
+    two = json.loads(out.read_text())
+    one = TaskEvaluator(_rank_tasks(), _byte_encode, SP, SP.gmask, seq_len=64, batch_size=2)(tiny(seed=7))
+    assert two.keys() == one.keys()
+    for task in one:
+        for k, v in one[task].items():
+            assert two[task][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (task, k)
+    assert one["cloze"]["items"] == 7 and one["choice"]["items"] == 5
