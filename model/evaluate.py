@@ -202,8 +202,9 @@ class TaskEvaluator:
 
     tasks: objects with .name, .kind ("cloze" | "choice" | "text"), .items, .chance (pipeline/evalsets.Task).
     mask_id: the blank token (specials.gmask for task_mask models, else specials.mask); seq_len: the longest
-    sequence (default: the model's max_position_embeddings); bpb_stride: new tokens per bits-per-byte window
-    (default half a window).
+    sequence, Part A + Part B (normally the model's max_position_embeddings); batch_size: rows (LAMBADA, bits
+    per byte) or contexts (multiple choice) per forward; bpb_stride: new tokens per bits-per-byte window
+    (default half a window). Perplexities are capped at e^50 (an untrained model's word NLL can overflow).
     """
 
     def __init__(self, tasks: Sequence, encode: Callable[[str], list[int]], specials: SpecialIds, mask_id: int,
