@@ -160,6 +160,9 @@ class ZeroShotEval(Callback):
         self._last_step = -1
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:         # the data files' paths, sha256s and package version, once per run
+            logger.log_hyperparameters({"zeroshot_data": self.evaluator.provenance})
+            return
         if not ((event == Event.BATCH_END and self._due(state, event)) or event == Event.FIT_END):
             return
         step = int(state.timestamp.batch)

@@ -214,6 +214,8 @@ class TaskEvaluator:
         self.specials, self.mask_id, self.seq_len, self.batch_size = specials, mask_id, seq_len, batch_size
         self.bpb_stride = bpb_stride or (seq_len - 3) // 2
         self.tasks = [self._encode(t, encode) for t in tasks]
+        # what the numbers were measured on: data files, their sha256, the package version (pipeline/evalsets.py)
+        self.provenance = {t.name: t.provenance() for t in tasks if hasattr(t, "provenance")}
 
     def _encode(self, task, encode) -> _Encoded:
         units, skipped = [], 0

