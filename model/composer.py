@@ -5,7 +5,8 @@
 `model/glm.py` stays plain torch; everything that is about *training* it is decided here, in one place
 (torchtitan style): which modules are FSDP2 units (one per transformer layer; the root GLM, with the tied word
 embedding, is the last unit), which are activation-checkpointed, how parameters are initialised after a
-meta-device construction, and what the loss and metrics are. This is the only model file importing composer.
+meta-device construction, and what the loss and metrics are. This is the only model file importing composer, so
+the zero-shot evaluation callback (`ZeroShotEval`, around model/evaluate.py's TaskEvaluator) lives here too.
 
 Batches are the dicts of `pipeline/stream.py`: input_ids, targets, loss_mask, position_ids, block_position_ids
 [B,T]; sep [B]; objective and sample_key lists [B].
