@@ -381,3 +381,16 @@ def test_ranks_split_the_items_under_fsdp2_and_add_up_to_one_process(tmp_path):
         for k, v in one[task].items():
             assert two[task][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (task, k)
     assert one["cloze"]["items"] == 7 and one["choice"]["items"] == 5
+
+
+def test_bpb_text_files_and_their_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("Held-out text, one document per file.\n")
+    (tmp_path / "b.txt").write_text("   \n")                       # empty: not a document
+    t = E.load_task(f"bpb:{tmp_path}/*.txt")
+    assert t.kind == "text" and t.items == ["Held-out text, one document per file.\n"] and t.num_total == 2
+    assert t.sources[0]["sha256"] == hashlib.sha256((tmp_path / "a.txt").read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="matched no files"):
+        E.load_task(f"bpb:{tmp_path}/*.md")
+    (tmp_path / "c.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(ValueError, match=r"c.txt is not UTF-8"):
+        E.load_task(f"bpb:{tmp_path}/*.txt")
