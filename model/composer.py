@@ -5,7 +5,8 @@
 `model/glm.py` stays plain torch; everything that is about *training* it is decided here, in one place
 (torchtitan style): which modules are FSDP2 units (one per transformer layer; the root GLM, with the tied word
 embedding, is the last unit), which are activation-checkpointed, how parameters are initialised after a
-meta-device construction, and what the loss and metrics are. This is the only model file importing composer.
+meta-device construction, and what the loss and metrics are. This is the only model file importing composer, so
+the zero-shot evaluation callback (`ZeroShotEval`, around model/evaluate.py's TaskEvaluator) lives here too.
 
 Batches are the dicts of `pipeline/stream.py`: input_ids, targets, loss_mask, position_ids, block_position_ids
 [B,T]; sep [B]; objective and sample_key lists [B].
@@ -14,11 +15,16 @@ Batches are the dicts of `pipeline/stream.py`: input_ids, targets, loss_mask, po
 from __future__ import annotations
 
 import torch
+from composer import Callback, Event, Logger, State
+from composer.core.precision import get_precision_context
 from composer.models import ComposerModel
+from composer.utils import dist
+from composer.utils.misc import create_interval_scheduler
 from torch import Tensor
 from torchmetrics import Metric
 
 from model.config import GLMConfig
+from model.evaluate import flat_metrics
 from model.glm import GLM, Block, glm_loss
 
 OBJECTIVES = ("bert", "sentence", "gpt")
@@ -114,3 +120,38 @@ class GLMComposer(ComposerModel):
     def flops_per_batch(self, batch: dict) -> int:
         b, t = batch["input_ids"].shape
         return self.config.flops_per_token(t) * b * t
+
+
+class ZeroShotEval(Callback):
+    """Zero-shot tasks inside training (model/evaluate.py): runs a TaskEvaluator every `interval` and at the end
+    of training, logs `metrics/zeroshot/<task>/<metric>` through Composer's logger (metrics.jsonl, TensorBoard).
+
+    Every rank runs its share of the items with the same number of forwards (FSDP2 all-gathers need every rank),
+    and the sums are added over ranks."""
+
+    def __init__(self, evaluator, interval: str = "50ba"):
+        self.evaluator = evaluator
+        self._due = create_interval_scheduler(interval, include_end_of_training=False, checkpoint_events=False)
+        self._last_step = -1
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.FIT_START:         # the data files' paths, sha256s and package version, once per run
+            logger.log_hyperparameters({"zeroshot_data": self.evaluator.provenance})
+            return
+        if not ((event == Event.BATCH_END and self._due(state, event)) or event == Event.FIT_END):
+            return
+        step = int(state.timestamp.batch)
+        if step == self._last_step:          # FIT_END right after an interval evaluation of the same step
+            return
+        self._last_step = step
+        glm = state.model.model
+        device = next(glm.parameters()).device
+
+        def all_reduce(t: Tensor) -> None:
+            on_device = t.to(device)
+            dist.all_reduce(on_device, reduce_operation="SUM")
+            t.copy_(on_device.cpu())
+
+        with get_precision_context(state.precision):
+            results = self.evaluator(glm, dist.get_global_rank(), dist.get_world_size(), all_reduce)
+        logger.log_metrics(flat_metrics(results))
