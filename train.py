@@ -49,10 +49,12 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from model.checkpoint import UnsafeCheckpointError, read_trainer_state, safe_checkpoint_loading
-from model.composer import OBJECTIVES, GLMComposer
+from model.composer import OBJECTIVES, GLMComposer, ZeroShotEval
 from model.config import PRESETS, GLMConfig
 from pipeline.config import load_config
+from pipeline.shards import manifest_url
 from pipeline.stream import ShardStream, StreamConfig, StreamLoader
+from pipeline.tokenizer import Tokenizer, find_tokenizer
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -107,6 +109,9 @@ class TrainConfig:
     eval_batch_size: int = 0              # 0 = batch_size
     eval_interval: str = "50ba"           # how often to evaluate (and at the end)
     eval_batches: int = 4                 # batches per evaluation (-1: the whole validation set)
+    eval_tasks: str = ""                  # zero-shot tasks every eval_interval, e.g. "lambada,arc_easy,bpb" ("" = none)
+    eval_tasks_limit: int = 200           # items per zero-shot task in training: a fixed seeded subset (0 = all: slow)
+    eval_tokenizer: str = ""              # tokenizer for eval_tasks; "" = the train manifest's (found beside it)
     precision: str = "auto"               # auto (amp_bf16 on GPU, fp32 on CPU) | fp32 | amp_bf16
     save_interval: str = "100ba"          # checkpoint interval
     keep_checkpoints: int = 2             # checkpoints kept (-1: all)
@@ -413,7 +418,35 @@ def build_logging(cfg: TrainConfig, run: Run, data: Data) -> tuple[list[LoggerDe
         callbacks.append(SampleRecorder(run.log_folder))
     if cfg.wall_clock_limit_s > 0:
         callbacks.append(WallClockStop(cfg.wall_clock_limit_s))
+    if cfg.eval_tasks:
+        callbacks.append(zero_shot_callback(cfg, data))
     return loggers, callbacks
+
+
+def zero_shot_callback(cfg: TrainConfig, data: Data) -> Callback:
+    """GLM's zero-shot tasks (model/evaluate.py) every eval_interval and at the end of training, logged as
+    metrics/zeroshot/<task>/<metric> (metrics.jsonl, TensorBoard); every rank scores its share of the items."""
+    from model.evaluate import TaskEvaluator
+    from pipeline.evalsets import load_tasks
+
+    m, fp = data.manifest, data.fingerprint["tokenizer_fingerprint"]
+    commands = m.config.get("tokenizer_commands", "ours")
+    if cfg.eval_tokenizer:
+        tok = Tokenizer.load(cfg.eval_tokenizer, cfg.storage_options, commands=commands)
+        if fp and tok.fingerprint != fp:
+            raise ValueError(f"eval_tokenizer {cfg.eval_tokenizer!r} (fingerprint {tok.fingerprint[:12]}) is not the "
+                             f"tokenizer the shards were built with ({fp[:12]}); pass that one with --eval-tokenizer")
+    elif fp:
+        tok = find_tokenizer((m.tokenizer or {}).get("path") or "tokenizer.model", manifest_url(cfg.data), fp,
+                             cfg.storage_options, commands)
+    else:
+        raise ValueError("eval_tasks needs the tokenizer: the train manifest records none; pass --eval-tokenizer")
+    sp = tok.specials
+    mask_id = sp.gmask if m.config.get("task_mask", True) else sp.mask   # the build's task_mask decides the blank
+    evaluator = TaskEvaluator(load_tasks(cfg.eval_tasks, cfg.eval_tasks_limit, cfg.seed), tok.encode, sp, mask_id,
+                              data.model_config.max_position_embeddings,
+                              batch_size=cfg.eval_batch_size or cfg.batch_size)
+    return ZeroShotEval(evaluator, interval=cfg.eval_interval)
 
 
 # ---- where to start: autoresume, checked before Composer sees a checkpoint ----

@@ -177,7 +177,15 @@ def plot(metrics_path: str, png: str, entropy: float) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("GLM demo on the State of the Union corpus")
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    zs = [(r["step"], r["metrics/zeroshot/bpb/bpb"]) for r in rows if "metrics/zeroshot/bpb/bpb" in r]
+    if zs:   # eval_tasks in configs/train/demo.yaml: bits per byte during training, on a second axis
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*zs), "s--", color="tab:green", label="zero-shot bits per byte (LAMBADA text)")
+        ax2.set_ylabel("bits per byte")
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 

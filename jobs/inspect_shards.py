@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import posixpath
 import sys
 
 import fsspec
@@ -22,7 +20,7 @@ import numpy as np
 import yaml
 
 from pipeline import shards as S
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import Tokenizer, find_tokenizer
 
 
 def describe(row: dict, tok: Tokenizer) -> str:
@@ -38,43 +36,6 @@ def describe(row: dict, tok: Tokenizer) -> str:
         answer = [t for t in tgt[s:e] if t != sp.eop]
         lines.append(f"  blank at A[{pos[s]}] ({tok.decode([ids[pos[s]]])}): {tok.decode(answer)}")
     return "\n".join(lines)
-
-
-def tokenizer_candidates(recorded: str, manifest: str) -> list[str]:
-    """Where the manifest's tokenizer may be. A relative path was written relative to the folder the build ran
-    in, and a shard set may have been moved or copied since, so: the recorded path (when absolute or a URL),
-    else the recorded path relative to the shard-set folder; then its file name in the shard-set folder and in
-    the build's output folder (`<output>/tokenizer.model` is where a build puts the tokenizer it trained);
-    last, a relative path as seen from the current folder."""
-    if "://" not in manifest:
-        manifest = os.path.abspath(manifest)
-    folder = posixpath.dirname(manifest)         # the shard set (…/train)
-    output = posixpath.dirname(folder)           # the build's output folder
-    name = recorded.replace("\\", "/").rsplit("/", 1)[-1]
-    absolute = "://" in recorded or os.path.isabs(recorded)
-    out = [recorded if absolute else f"{folder}/{recorded}", f"{folder}/{name}", f"{output}/{name}"]
-    return list(dict.fromkeys(out + ([] if absolute else [recorded])))
-
-
-def find_tokenizer(recorded: str, manifest: str, fingerprint: str, storage_options: dict) -> Tokenizer:
-    """The first candidate that exists and has the manifest's fingerprint; else a ValueError naming them."""
-    tried = []
-    for path in tokenizer_candidates(recorded, manifest):
-        so = storage_options if "://" in path else {}
-        fs, p = fsspec.core.url_to_fs(path, **so)
-        if not fs.exists(p):
-            tried.append(f"{path} (missing)")
-            continue
-        try:
-            tok = Tokenizer.load(path, so)
-        except ValueError as e:
-            tried.append(f"{path} ({e})")
-            continue
-        if tok.fingerprint == fingerprint:
-            return tok
-        tried.append(f"{path} (fingerprint {tok.fingerprint[:16]})")
-    raise ValueError(f"the shards' tokenizer (fingerprint {fingerprint[:16]}, recorded as {recorded!r}) is not at "
-                     f"any of: {'; '.join(tried)}; pass it with --tokenizer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,14 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     tok = None
     if a.num_samples > 0:
         try:
+            commands = m.config.get("tokenizer_commands", "ours")   # where a brought model's command tokens sit
             if a.tokenizer:
-                tok = Tokenizer.load(a.tokenizer, so if "://" in a.tokenizer else None)
+                tok = Tokenizer.load(a.tokenizer, so if "://" in a.tokenizer else None, commands=commands)
                 if tok.fingerprint != m.tokenizer["fingerprint"]:
                     raise ValueError(f"tokenizer {a.tokenizer} has fingerprint {tok.fingerprint[:16]}, the shards "
                                      f"were built with {m.tokenizer['fingerprint'][:16]}; pass the right --tokenizer")
             else:
                 tok = find_tokenizer(m.tokenizer.get("path") or "tokenizer.model", S.manifest_url(a.shards),
-                                     m.tokenizer["fingerprint"], so)
+                                     m.tokenizer["fingerprint"], so, commands)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -41,6 +41,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import re
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -351,3 +352,42 @@ def save(tok: Tokenizer, path: str) -> None:
     with fsspec.open(path, "wb") as f:
         f.write(tok.model_bytes)
     tok.save_specials_json(re.sub(r"\.model$", "", path) + ".json")
+
+
+def tokenizer_candidates(recorded: str, manifest: str) -> list[str]:
+    """Where the manifest's tokenizer may be. A relative path was written relative to the folder the build ran
+    in, and a shard set may have been moved or copied since, so: the recorded path (when absolute or a URL),
+    else the recorded path relative to the shard-set folder; then its file name in the shard-set folder and in
+    the build's output folder (`<output>/tokenizer.model` is where a build puts the tokenizer it trained);
+    last, a relative path as seen from the current folder."""
+    if "://" not in manifest:
+        manifest = os.path.abspath(manifest)
+    folder = posixpath.dirname(manifest)         # the shard set (…/train)
+    output = posixpath.dirname(folder)           # the build's output folder
+    name = recorded.replace("\\", "/").rsplit("/", 1)[-1]
+    absolute = "://" in recorded or os.path.isabs(recorded)
+    out = [recorded if absolute else f"{folder}/{recorded}", f"{folder}/{name}", f"{output}/{name}"]
+    return list(dict.fromkeys(out + ([] if absolute else [recorded])))
+
+
+def find_tokenizer(recorded: str, manifest: str, fingerprint: str, storage_options: dict,
+                   commands: str = "ours") -> Tokenizer:
+    """The first candidate that exists and has the manifest's fingerprint; else a ValueError naming them.
+    `commands` is the build's tokenizer_commands (where the command tokens sit in a model you brought)."""
+    tried = []
+    for path in tokenizer_candidates(recorded, manifest):
+        so = storage_options if "://" in path else {}
+        fs, p = fsspec.core.url_to_fs(path, **so)
+        if not fs.exists(p):
+            tried.append(f"{path} (missing)")
+            continue
+        try:
+            tok = Tokenizer.load(path, so, commands=commands)
+        except ValueError as e:
+            tried.append(f"{path} ({e})")
+            continue
+        if tok.fingerprint == fingerprint:
+            return tok
+        tried.append(f"{path} (fingerprint {tok.fingerprint[:16]})")
+    raise ValueError(f"the shards' tokenizer (fingerprint {fingerprint[:16]}, recorded as {recorded!r}) is not at "
+                     f"any of: {'; '.join(tried)}; pass it with --tokenizer")

@@ -561,3 +561,21 @@ def test_load_weights_only_starts_a_new_schedule_from_the_weights(shards, run4, 
     trainer.fit()
     assert int(trainer.state.timestamp.batch) == 2
     trainer.close()
+
+
+def test_zero_shot_tasks_in_training_are_logged(shards, tmp_path):
+    """eval_tasks: GLM's zero-shot tasks every eval_interval and at the end, in metrics.jsonl; the tokenizer is
+    found beside the shard set from the manifest; a mistyped task is refused before training."""
+    import train
+
+    folder = tmp_path / "zs"
+    args = tiny_args(shards, str(folder), "--max-duration=4ba", "--eval-interval=2ba", "--eval-data=none",
+                     "--eval-tasks-limit=4")
+    train.main(train.parse_args([*args, "--eval-tasks=copa,bpb"])).close()
+    rows = metrics(str(folder))
+    got = [(r["step"], r["metrics/zeroshot/copa/acc"]) for r in rows if "metrics/zeroshot/copa/acc" in r]
+    assert [s for s, _ in got] == [2, 4] and all(0 <= a <= 1 for _, a in got)
+    assert any("metrics/zeroshot/bpb/bpb" in r for r in rows)
+    with pytest.raises(ValueError, match="unknown task 'lambda'"):
+        train.main(train.parse_args([*tiny_args(shards, str(tmp_path / "zs2"), "--eval-data=none"),
+                                     "--eval-tasks=lambda"]))
