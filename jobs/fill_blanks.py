@@ -22,13 +22,12 @@ appended, as in the original generate_samples.py.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
 import torch
 
-from model.checkpoint import DCP_METADATA, load_checkpoint, read_trainer_state
+from model.checkpoint import load_checkpoint, trained_data_fingerprint
 from model.generate import STRATEGIES, fill_blanks
 from pipeline.tokenizer import MASK_STRINGS, Tokenizer
 
@@ -38,6 +37,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("text", help='text with [MASK], [sMASK] or [gMASK] blanks (quote it)')
     ap.add_argument("--checkpoint", required=True, help="hub/official folder, weights file or Composer .pt")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece .model trained by pipeline/tokenizer.py")
+    ap.add_argument("--tokenizer-commands", default="ours", choices=("ours", "appended", "appended_unfixed"),
+                    help="where the GLM command tokens sit: ours (a model trained here) or appended (a model you "
+                         "brought, built with that tokenizer_commands)")
     ap.add_argument("--config", default=None, help="config.json or preset name, when the checkpoint has none")
     ap.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="per blank")
@@ -52,9 +54,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
 
-    tok = Tokenizer.load(args.tokenizer)
+    tok = Tokenizer.load(args.tokenizer, commands=args.tokenizer_commands)
     model = load_checkpoint(args.checkpoint, args.config, device=args.device).eval()
-    check_tokenizer(args.checkpoint, args.tokenizer, tok)
+    tok.check_trained_with(trained_data_fingerprint(args.checkpoint), args.checkpoint)
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size={tok.vocab_size}: "
                          "this checkpoint was not trained with this tokenizer")
@@ -74,20 +76,6 @@ def main(argv: list[str] | None = None) -> str:
     filled = "".join(next(decoded) if p in MASK_STRINGS else p for p in parts)
     print(filled)
     return filled
-
-
-def check_tokenizer(checkpoint: str, tokenizer: str, tok: Tokenizer) -> None:
-    """Refuse a tokenizer other than the one a checkpoint of our trainer was trained with (DataFingerprint)."""
-    path = os.path.realpath(checkpoint)
-    ours = os.path.isfile(os.path.join(path, DCP_METADATA)) or (os.path.isfile(path) and path.endswith(".pt"))
-    saved = (read_trainer_state(path, "state.callbacks.DataFingerprint").get("state", {}).get("callbacks", {})
-             .get("DataFingerprint", {}) if ours else {})
-    want = saved.get("tokenizer_fingerprint")
-    if want and want != tok.fingerprint:
-        raise ValueError(f"tokenizer {tokenizer!r} (fingerprint {tok.fingerprint[:12]}…, {tok.vocab_size} pieces) is "
-                         f"not the one {checkpoint!r} was trained with (fingerprint {want[:12]}…, "
-                         f"{saved.get('vocab_size')} pieces): pass the tokenizer.model of the shard set the run "
-                         "trained on (its manifest names the same fingerprint)")
 
 
 if __name__ == "__main__":

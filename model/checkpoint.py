@@ -381,3 +381,14 @@ if __name__ == "__main__":
     args = ap.parse_args()
     m = load_checkpoint(args.source, args.config)
     print(f"wrote {save_hub(m, args.out_dir, safetensors=args.safetensors)} ({m.num_params / 1e6:.1f}M params)")
+
+
+def trained_data_fingerprint(checkpoint: str | os.PathLike) -> dict:
+    """What a checkpoint of our trainer records about its data (train.py DataFingerprint: tokenizer_fingerprint,
+    vocab_size, seq_len); {} for other checkpoints (official, hub, plain weights)."""
+    path = os.path.realpath(checkpoint)
+    ours = os.path.isfile(os.path.join(path, DCP_METADATA)) or (os.path.isfile(path) and path.endswith(".pt"))
+    if not ours:
+        return {}
+    state = read_trainer_state(path, "state.callbacks.DataFingerprint").get("state", {})
+    return state.get("callbacks", {}).get("DataFingerprint", {})

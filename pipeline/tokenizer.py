@@ -212,6 +212,16 @@ class Tokenizer:
         self.command_strings = self.specials.command_strings()
         self.command_ids = frozenset(self.command_strings)
 
+    def check_trained_with(self, saved: dict, checkpoint: str) -> None:
+        """Refuse to decode a model's ids with another vocabulary: `saved` is what the checkpoint records about its
+        data (model.checkpoint.trained_data_fingerprint; {} when it records nothing)."""
+        want = saved.get("tokenizer_fingerprint")
+        if want and want != self.fingerprint:
+            raise ValueError(f"tokenizer {self.source!r} (fingerprint {self.fingerprint[:12]}…, {self.vocab_size} "
+                             f"pieces) is not the one {checkpoint!r} was trained with (fingerprint {want[:12]}…, "
+                             f"{saved.get('vocab_size')} pieces): pass the tokenizer.model of the shard set the run "
+                             "trained on (its manifest names the same fingerprint)")
+
     @classmethod
     def load(cls, path: str, storage_options: dict | None = None, commands: str = "ours") -> Tokenizer:
         """Load a `.model` from a local path or any fsspec URL (storage_options: e.g. {endpoint_url: ...})."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.checkpoint import load_checkpoint
 from model.config import PRESETS
 from model.evaluate import (
     TargetRow,
@@ -270,7 +271,7 @@ def test_official_checkpoint_through_the_python_api(tv):
     and scored through the Python API with a byte-level encoder: positions never exceed its 32-row table."""
     from types import SimpleNamespace
 
-    model = GLM.from_official(tv["state_dict"], tv["config"]).eval()
+    model = load_checkpoint(tv["state_dict"], tv["config"]).eval()
     specials = SimpleNamespace(cls=1, eos=0, sop=2, eop=3, mask=4, smask=5, gmask=6)
     encode = lambda s: [10 + b % 200 for b in s.encode("utf-8")]
     tasks = [E.load_task("copa", limit=6), E.load_task("lambada", limit=4)]

@@ -579,3 +579,16 @@ def test_zero_shot_tasks_in_training_are_logged(shards, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'lambda'"):
         train.main(train.parse_args([*tiny_args(shards, str(tmp_path / "zs2"), "--eval-data=none"),
                                      "--eval-tasks=lambda"]))
+
+
+def test_jobs_refuse_a_tokenizer_the_checkpoint_was_not_trained_with(run4, tokenizer_path):
+    """fill_blanks.py and evaluate.py read the checkpoint's DataFingerprint: another vocabulary would decode the
+    model's ids into the wrong words, so it is refused, naming both fingerprints."""
+    from jobs import evaluate, fill_blanks
+
+    ckpt = os.path.join(run4, "latest-rank0.pt")
+    with pytest.raises(ValueError, match=r"is not the one .* was trained with"):
+        fill_blanks.main(["--checkpoint", ckpt, "--config", "tiny", "--tokenizer", tokenizer_path, "A [MASK] day."])
+    with pytest.raises(ValueError, match=r"is not the one .* was trained with"):
+        evaluate.main(["--checkpoint", ckpt, "--config", "tiny", "--tokenizer", tokenizer_path, "--tasks", "copa",
+                       "--limit", "2"])
