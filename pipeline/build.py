@@ -14,7 +14,7 @@ read -> clean -> tokenize -> pack -> infill -> write, with memory bounded by one
 never by corpus size. Each sample's seed is SeedSequence(seed, split, group, variant, chunk index), so the
 bytes are the same for any worker count, order or timing. A group is done when its receipt
 (`_receipts/gNNNNN.json`) is committed after its shards; a rerun skips done groups whose shards still match
-their receipts (size + sha256) and rewrites the others identically; `manifest.json` of each split is assembled
+their receipts (size + sha256) and rewrites the others identically; `_manifest.json` of each split is assembled
 from the receipts and written last. Ray retries a group whose worker died; its deterministic output makes the
 retry harmless. What else lives in the output — the build record, the lock, which files --overwrite may
 delete — is `pipeline/output.py`.
@@ -350,7 +350,7 @@ def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> dict | Non
             record["tokenizer"]["trained"] = old["tokenizer"]["trained"]
     elif fs.exists(path):
         raise ValueError(f"output {cfg.output} has an unreadable {O.BUILD_RECORD}; pass --overwrite to rebuild")
-    elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
+    elif any(fs.exists(f"{root}/train/{n}") for n in O.MANIFEST_NAMES):
         raise ValueError(f"output {cfg.output} holds shards without a build record; pass --overwrite")
     elif not cfg.tokenizer and fs.exists(f"{root}/tokenizer.model"):
         raise ValueError(f"output {cfg.output} holds a tokenizer.model that no build of this output trained; pass "
@@ -460,9 +460,13 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, files: list[D.I
             config=config, config_hash=S.config_hash(config),
             shards=sorted(shards, key=lambda s: (s.variant, s.group, s.name)), accounting=acc)
         manifests[split] = m
-    # Written last, validation first: train/manifest.json present means the whole build is complete.
+    # Written last, validation first: train/_manifest.json present means the whole build is complete. A manifest of
+    # schema 1 (`manifest.json`, from a build before) goes: Parquet dataset readers would take it for a shard.
     for split in ("validation", "train"):
         S.atomic_write(fs, f"{root}/{split}/{S.MANIFEST_NAME}", manifests[split].to_json().encode())
+        legacy = f"{root}/{split}/{S.LEGACY_MANIFEST_NAME}"
+        if fs.exists(legacy):
+            fs.rm(legacy)
     return manifests
 
 
@@ -628,7 +632,7 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
         print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
               f"{len(todo)} to build -> {cfg.output}", flush=True)
         if todo:   # the output is incomplete until _assemble: drop a manifest left by an earlier, finished run
-            manifests = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]
+            manifests = [f"{root}/{s}/{n}" for s in ("train", "validation") for n in O.MANIFEST_NAMES]
             present = [p for p in manifests if fs.exists(p)]
             if present:
                 fs.rm(present)

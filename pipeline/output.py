@@ -29,6 +29,7 @@ LOCK_TIMEOUT_S = 300      # a lock whose heartbeat is older than this is stale (
 LOCK_SETTLE_S = 1.0       # object stores: wait this long after writing the lock, then read it back to confirm
 SHARD_NAME = re.compile(r"g\d{5}-v\d{2}-\d{4}\.(parquet|tar)")   # ShardWriter's names: the only ones we write
 RECEIPT_NAME = re.compile(r"g\d{5}\.json")
+MANIFEST_NAMES = (S.MANIFEST_NAME, S.LEGACY_MANIFEST_NAME)   # a split's manifest, now and before schema 2
 TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")                 # shards.atomic_write's temp files
 
 
@@ -195,7 +196,7 @@ def our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
         return [], []
     files = sorted(fs.find(root))
     record = read_json(fs, f"{root}/{BUILD_RECORD}")
-    manifests = [read_json(fs, f"{root}/{s}/{S.MANIFEST_NAME}") for s in SPLITS]
+    manifests = [read_json(fs, f"{root}/{s}/{n}") for s in SPLITS for n in MANIFEST_NAMES]
     ours_build = record is not None or any(m is not None for m in manifests)
     trained_here = bool((record or {}).get("tokenizer", {}).get("trained")) or any(
         (m or {}).get("tokenizer", {}).get("path") == f"{url.rstrip('/')}/tokenizer.model" for m in manifests)
@@ -211,7 +212,7 @@ def our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
             if parts[0] == RECEIPTS:
                 return bool(RECEIPT_NAME.fullmatch(name))
             if parts[0] in SPLITS:
-                return name == S.MANIFEST_NAME or bool(SHARD_NAME.fullmatch(name))
+                return name in MANIFEST_NAMES or bool(SHARD_NAME.fullmatch(name))
         return False
 
     ours = [p for p in files if mine(p)]
@@ -239,7 +240,7 @@ def clear(fs, root: str, url: str) -> None:
             f"{_names(foreign)}. --overwrite deletes only a previous build's own files (its _build.json, "
             "_receipts, manifests, shards and trained tokenizer); move the other files away or choose an --output "
             "folder of its own. Nothing was deleted.")
-    first = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]   # no longer 'complete' first
+    first = [f"{root}/{s}/{n}" for s in ("train", "validation") for n in MANIFEST_NAMES]   # not 'complete' first
     ordered = [p for p in first if p in ours] + [p for p in ours if p not in first and not is_lock(root, p)]
     if ordered:
         print(f"[build] --overwrite: deleting {len(ordered)} files of the previous build in {url}", flush=True)

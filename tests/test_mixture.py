@@ -1,0 +1,266 @@
+"""pipeline/mixture.py + MixedStream (pipeline/stream.py): weighted source mixtures.
+
+    .venv/bin/python -m pytest -q tests/test_mixture.py
+
+Order tests read small shard sets written with the real shard writer (pipeline/shards.py encode + manifest), one
+per source, so that every sample's source, variant and position can be checked; the build and travel tests use
+the real builder (pipeline/build.py on a local Ray) and moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import fsspec
+import numpy as np
+import pytest
+
+from pipeline import mixture as X
+from pipeline.shards import SCHEMA_VERSION, SUFFIX, Manifest, ShardInfo, ShardSamples, atomic_write, encode, sha256
+from pipeline.stream import MixedStream, StreamConfig, StreamLoader
+
+SEQ_LEN = 16
+
+
+def _row(variant: int, shard: int, i: int) -> dict:
+    n = 6 + (i % 5)
+    ids = np.arange(n, dtype=np.int32) + 10 + variant
+    return {"input_ids": ids, "targets": ids, "loss_mask": np.r_[np.zeros(3), np.ones(n - 3)].astype(np.uint8),
+            "position_ids": np.arange(n, dtype=np.int32), "block_position_ids": np.zeros(n, dtype=np.int32),
+            "sep": 3, "objective": "bert", "layout": "bert", "variant": variant, "source": "synthetic",
+            "doc_index": i, "chunk_index": i, "sample_key": f"train/{shard}/{variant}/{i}"}
+
+
+def write_source(url: str, rows: tuple[int, ...], variants: int = 2, tag: str = "") -> str:
+    """A shard set of len(rows) shards per variant, written by the real writer; returns its folder."""
+    fs, root = fsspec.core.url_to_fs(url)
+    infos = []
+    for v in range(variants):
+        for s, n in enumerate(rows):
+            data = encode(ShardSamples.from_rows([_row(v, s, i) for i in range(n)]), "parquet")
+            name = f"s{s:03d}-v{v}{tag}{SUFFIX['parquet']}"
+            atomic_write(fs, f"{root}/{name}", data)
+            infos.append(ShardInfo(name=name, rows=n, bytes=len(data), sha256=sha256(data), variant=v, group=s))
+    m = Manifest(schema_version=SCHEMA_VERSION, format="parquet", split="train", seq_len=SEQ_LEN, vocab_size=100,
+                 tokenizer={"fingerprint": "tok-a"}, specials={}, variants=variants, seed=0, config={},
+                 config_hash="", shards=infos)
+    atomic_write(fs, f"{root}/_manifest.json", m.to_json().encode())
+    return url
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, str]:
+    """Three sources of different sizes: big (60 samples per pass), mid (30), small (12)."""
+    d = tmp_path_factory.mktemp("sources")
+    return {"big": write_source(str(d / "big"), (20, 25, 15)),
+            "mid": write_source(str(d / "mid"), (10, 12, 8)),
+            "small": write_source(str(d / "small"), (5, 7))}
+
+
+def spec(sources: dict, weights: dict, **extra) -> dict:
+    return {"sources": {n: {"path": sources[n], "weight": w, **extra.pop(n, {})} for n, w in weights.items()},
+            **extra}
+
+
+def stream(mix, batch_size=4, rank=0, world=1, workers=0, **kw) -> MixedStream:
+    return MixedStream(mix, batch_size, seed=7, rank=rank, world_size=world,
+                       config=StreamConfig(shuffle_window=8, num_workers=workers), **kw)
+
+
+def keys(loader) -> list[list[str]]:
+    return [b["sample_key"] for b in loader]
+
+
+def global_order(mix, *, world, batch_size, workers=0, epochs=1) -> list[str]:
+    per_rank = []
+    for r in range(world):
+        loader = StreamLoader(stream(mix, batch_size, r, world, workers))
+        per_rank.append([k for _ in range(epochs) for k in keys(loader)])
+    assert len({len(p) for p in per_rank}) == 1, "every rank must get the same number of batches"
+    return [k for step in zip(*per_rank) for batch in step for k in batch]
+
+
+# ------------------------------------------------------------------------------------------------ the spec
+
+def test_weights_are_normalised_and_mistakes_named(sources, tmp_path):
+    a = X.load_mixture(spec(sources, {"big": 3, "mid": 1}))
+    b = X.load_mixture(spec(sources, {"big": 0.75, "mid": 0.25}))
+    assert a.quanta.tolist() == b.quanta.tolist() and a.quanta.sum() == X.QUANTUM
+    assert np.allclose(a.shares, [0.75, 0.25])
+    assert stream(a).fingerprint == stream(b).fingerprint
+    path = tmp_path / "mix.yaml"
+    path.write_text(f"sources:\n  big: {{path: {sources['big']}, weight: 3}}\n  mid: {{path: {sources['mid']}}}\n")
+    assert X.is_mixture(str(path)) and not X.is_mixture(sources["big"])
+    assert X.load_mixture(str(path)).shares.tolist() == [0.75, 0.25]
+    for bad, match in [({"sources": {}}, "needs `sources:`"),
+                       (spec(sources, {"big": -1}), "weight=-1"),
+                       (spec(sources, {"big": 0}), "every weight is 0"),
+                       ({"sources": {"big": {"weight": 1}}}, "needs `path:`"),
+                       ({"sources": {"big": {"path": "x", "wieght": 1}}}, r"unknown keys \['wieght'\]"),
+                       ({"sources": {"a/b": {"path": "x"}}}, "source name 'a/b'"),
+                       (spec(sources, {"big": 1}, big={"max_repeats": 0}), "max_repeats=0")]:
+        with pytest.raises(ValueError, match=match):
+            X.load_mixture(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        X.load_mixture(str(tmp_path / "nope.yaml"))
+
+
+def test_schedule_within_one_percent_in_every_window_of_1000():
+    rng = np.random.default_rng(0)
+    for weights in ([3, 1], [0.5, 0.3, 0.2], rng.random(7), [1000, 1, 1]):
+        shares = np.asarray(weights, float) / np.sum(weights)
+        sched = X.Schedule(X.quantise(shares), start=123, base=[5] * len(shares))
+        g = np.arange(123, 123 + 3 * X.QUANTUM // 2)   # across a period boundary
+        src, j = sched.locate(g)
+        for i, w in enumerate(X.quantise(shares) / X.QUANTUM):
+            hits = np.concatenate([[0], np.cumsum(src == i)])
+            window = hits[1000:] - hits[:-1000]           # every window of 1,000 consecutive samples
+            assert np.abs(window / 1000 - w).max() <= 0.01, (weights, i)
+            # each source's samples are numbered 5, 6, 7, ... in order: none repeated, none skipped
+            assert (j[src == i] == 5 + np.arange(int((src == i).sum()))).all()
+        assert (sched.counts(g[-1] + 1) == 5 + np.bincount(src, minlength=len(shares))).all()
+
+
+def test_stream_proportions_within_one_percent(sources):
+    mix = spec(sources, {"big": 5, "mid": 3, "small": 2}, samples_per_epoch=3000)
+    ds = stream(mix, batch_size=50)
+    names = [n for b in StreamLoader(ds) for n in b["mixture_source"]]
+    assert len(names) == 3000
+    for n, w in {"big": 0.5, "mid": 0.3, "small": 0.2}.items():
+        hits = np.concatenate([[0], np.cumsum([x == n for x in names])])
+        assert np.abs((hits[1000:] - hits[:-1000]) / 1000 - w).max() <= 0.01, n
+    p = ds.progress()
+    assert abs(p["small"]["share"] - 0.2) < 1e-3 and p["small"]["samples"] == names.count("small")
+    assert p["small"]["passes"] == pytest.approx(names.count("small") / 12)
+
+
+# ------------------------------------------------------------------------------------------------ order
+
+def test_global_order_independent_of_world_size_and_workers(sources):
+    mix = spec(sources, {"big": 2, "mid": 1, "small": 1})
+    ref = global_order(mix, world=1, batch_size=4, epochs=2)
+    assert len(ref) == 2 * (102 // 4 * 4) and len(set(ref[:60])) == 60
+    assert {k.split(":")[0] for k in ref} == {"big", "mid", "small"}
+    assert global_order(mix, world=2, batch_size=2, epochs=2) == ref
+    assert global_order(mix, world=2, batch_size=2, workers=2, epochs=2) == ref
+    # the sequence itself does not depend on the batch: with another global batch it is a prefix of the same one
+    other = global_order(mix, world=1, batch_size=5, epochs=2)
+    assert other == ref[:len(other)] or ref == other[:len(ref)]
+
+
+def test_exact_mid_epoch_resume(sources):
+    mix = spec(sources, {"big": 2, "mid": 1, "small": 1})
+    ds = stream(mix, 2, rank=1, world=2, workers=2)
+    loader = StreamLoader(ds)
+    full = [keys(loader) for _ in range(2)]
+    ds2 = stream(mix, 2, rank=1, world=2)
+    loader2 = StreamLoader(ds2)
+    keys(loader2)
+    it = iter(loader2)
+    [next(it) for _ in range(3)]
+    state = ds2.state_dict(num_samples=3 * 4)   # Composer passes the GLOBAL count: 3 steps x 2 ranks x 2
+    consumed = ds2.schedule.counts(ds2.samples_per_epoch + 12)
+    assert state["epoch"] == 1 and state["consumed"] == {n: int(c) for n, c in zip(ds2.names, consumed)}
+    ds3 = stream(mix, 2, rank=1, world=2, workers=2)
+    ds3.load_state_dict(state)
+    assert keys(StreamLoader(ds3)) == full[1][3:]
+    # ... and with another world size (same global batch) the global order continues exactly
+    ref = global_order(mix, world=2, batch_size=2, epochs=2)
+    out = []
+    for r in range(4):
+        d = stream(mix, 1, rank=r, world=4)
+        d.load_state_dict(state)
+        out.append(keys(StreamLoader(d)))
+    assert [k for step in zip(*out) for b in step for k in b] == ref[len(ref) // 2 + 12:]
+
+
+# ------------------------------------------------------------------------------------------------ changes
+
+def test_changed_mixture_is_refused_with_a_diff(sources, tmp_path):
+    ds = stream(spec(sources, {"big": 3, "mid": 1}))
+    state = ds.state_dict(num_samples=8)
+    with pytest.raises(ValueError, match=r"another mixture: source big: share 0.7500 -> 0.5000; source mid: share "
+                                         r"0.2500 -> 0.5000.*allow_change"):
+        stream(spec(sources, {"big": 1, "mid": 1})).load_state_dict(state)
+    with pytest.raises(ValueError, match="source small added"):
+        stream(spec(sources, {"big": 3, "mid": 1, "small": 0.001})).load_state_dict(state)
+    # the same mixture written otherwise (0.75:0.25) is the same mixture
+    stream(spec(sources, {"big": 0.75, "mid": 0.25})).load_state_dict(state)
+    # a rebuilt shard set under the same name is a change too
+    moved = dict(sources, mid=write_source(str(tmp_path / "mid2"), (10, 12, 8), tag="x"))
+    with pytest.raises(ValueError, match=r"source mid: shard set changed"):
+        stream(spec(moved, {"big": 3, "mid": 1})).load_state_dict(state)
+
+
+def source_sequence(sources, name: str, n: int) -> list[str]:
+    """The first n samples of one source on its own (a one-source mixture under the same seed)."""
+    ds = stream(spec(sources, {name: 1}, samples_per_epoch=n), batch_size=n)
+    return [k for b in StreamLoader(ds) for k in b["sample_key"]]
+
+
+def test_allow_change_neither_repeats_nor_skips(sources, caplog):
+    before = stream(spec(sources, {"big": 3, "mid": 1}))
+    it = iter(StreamLoader(before))
+    seen = [k for _ in range(6) for k in next(it)["sample_key"]]      # 24 samples under 3:1
+    state = before.state_dict(num_samples=24)
+    after = stream(spec(sources, {"big": 1, "mid": 2, "small": 1}), allow_change=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+        after.load_state_dict(state)
+    assert "changed mixture (allow_change)" in caplog.text and "source small added" in caplog.text
+    rest = [k for b in StreamLoader(after) for k in b["sample_key"]]
+    tail = rest[:40]
+    names = [k.split(":")[0] for k in tail]
+    assert abs(names.count("mid") / 40 - 0.5) <= 0.05   # the new shares apply from the resumed step
+    for n in ("big", "mid", "small"):
+        mine = [k for k in seen + rest if k.startswith(n + ":")]
+        assert mine == source_sequence(sources, n, len(mine)), n   # each source: its own sequence, no gap, no repeat
+    # the new state carries the new segment: resuming it again (no further change) continues identically
+    again = stream(spec(sources, {"big": 1, "mid": 2, "small": 1}))
+    mid_state = after.state_dict(num_samples=24 + 8)
+    again.load_state_dict(mid_state)
+    assert [k for b in StreamLoader(again) for k in b["sample_key"]] == rest[8:]
+
+
+# ------------------------------------------------------------------------------------------------ budget, repeats
+
+def test_exhaustion_is_refused_up_front(sources):
+    mix = spec(sources, {"big": 1, "small": 1}, small={"max_repeats": 2})
+    ds = stream(mix, batch_size=4)
+    ok = ds.check_budget("6ba")     # 24 samples: 12 of small = one pass
+    assert ok["small"] == {"samples": 12, "passes": 1.0, "pass_samples": 12, "masks_reused": False}
+    with pytest.raises(ValueError, match=r"source small \(share 0.5000\) would be read 4.00 times \(48 of the 96 "
+                                         r"training samples; its shard set holds 12 per pass\) > max_repeats=2; "
+                                         r"lower its weight to a share <= 0.2500"):
+        ds.check_budget("24ba")
+    with pytest.raises(ValueError, match="would be read"):
+        ds.check_budget(f"{96 * SEQ_LEN}tok")   # tokens: samples x seq_len, as Composer counts them
+    with pytest.raises(ValueError, match="max_duration='soon'"):
+        ds.check_budget("soon")
+
+
+def test_repeats_read_the_next_variant_in_a_new_order_then_say_so(sources, caplog):
+    mix = spec(sources, {"big": 1, "small": 1}, samples_per_epoch=24)
+    ds = stream(mix, batch_size=4)
+    loader = StreamLoader(ds)
+    small = []
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+        for _ in range(3):
+            small += [k.split(":")[1] for b in loader for k in b["sample_key"] if k.startswith("small:")]
+    passes = [small[i:i + 12] for i in range(0, 36, 12)]
+    assert [{k.split("/")[2] for k in p} for p in passes] == [{"0"}, {"1"}, {"0"}]   # variant = pass mod K
+    assert len(set(passes[0])) == 12 and sorted(passes[0]) == sorted(passes[2])
+    strip = [[k.split("/", 3)[1] + "/" + k.split("/", 3)[3] for k in p] for p in passes]   # (shard, row)
+    assert strip[0] != strip[1] and strip[0] != strip[2]   # a new order on every pass
+    said = [r for r in caplog.records if "reuse masks" in r.getMessage() and "small" in r.getMessage()]
+    assert len(said) == 1 and ds.progress()["small"]["masks_reused"] and not ds.progress()["big"]["masks_reused"]
+    with caplog.at_level(logging.WARNING, logger="pipeline.stream"):
+        budget = stream(mix, batch_size=4).check_budget("15ba")   # 30 samples of small: 2.5 passes
+    assert "K=2 stored mask variants" in caplog.text and budget["small"]["masks_reused"]
+
+
+def test_sources_must_share_tokenizer_and_seq_len(sources, tmp_path):
+    other = write_source(str(tmp_path / "other"), (5,))
+    p = tmp_path / "other" / "_manifest.json"
+    p.write_text(p.read_text().replace('"tok-a"', '"tok-b"'))
+    with pytest.raises(ValueError, match=r"source other .* tokenizer fingerprint tok-b but source big has tok-a"):
+        stream({"sources": {"big": {"path": sources["big"]}, "other": {"path": other}}})
