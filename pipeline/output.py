@@ -22,7 +22,8 @@ from pipeline import shards as S
 SPLITS = ("train", "validation")
 RECEIPTS = "_receipts"
 BUILD_RECORD = "_build.json"
-BUILD_FORMAT = 2    # shape of _build.json and the receipts (2: input stamps, tokenizer settings, build_format key)
+BUILD_FORMAT = 3    # shape of _build.json and the receipts (2: input stamps, tokenizer settings, build_format key;
+#                     3: inputs named without the building machine's folders: input_names)
 LOCK = "_lock.json"
 LOCK_HEARTBEAT_S = 30     # the lock owner rewrites its heartbeat this often
 LOCK_TIMEOUT_S = 300      # a lock whose heartbeat is older than this is stale (its owner died elsewhere)
@@ -199,7 +200,8 @@ def our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
     manifests = [read_json(fs, f"{root}/{s}/{n}") for s in SPLITS for n in MANIFEST_NAMES]
     ours_build = record is not None or any(m is not None for m in manifests)
     trained_here = bool((record or {}).get("tokenizer", {}).get("trained")) or any(
-        (m or {}).get("tokenizer", {}).get("path") == f"{url.rstrip('/')}/tokenizer.model" for m in manifests)
+        (m or {}).get("tokenizer", {}).get("path") in (f"{url.rstrip('/')}/tokenizer.model", "../tokenizer.model")
+        for m in manifests)
 
     def mine(path: str) -> bool:
         parts = path[len(root) + 1:].split("/")
@@ -263,11 +265,34 @@ def _stamp(info: dict) -> str | None:
     return None
 
 
+def input_names(files: list[D.InputFile]) -> dict[str, str]:
+    """How records, receipts, skip lists and the shards' `source` column name each input: an object-store URL as it
+    is (it names a bucket, not a machine); a local file by its path below the deepest folder holding every local
+    input of the build (`1790-Washington-1.txt`, `wiki/part-001.jsonl`), never by an absolute path of this machine,
+    so a shard set and its records travel. Moving the corpus folder as a whole leaves the names unchanged."""
+    local = {f.url: f.url.split("://", 1)[1] if f.url.startswith("file://") else f.url
+             for f in files if f.url.startswith("file://") or "://" not in f.url}
+    root = os.path.commonpath([os.path.dirname(p) for p in local.values()]) if local else ""
+    return {f.url: os.path.relpath(local[f.url], root) if f.url in local else f.url for f in files}
+
+
+def portable_skip(skip: dict, names: dict[str, str]) -> dict:
+    """A skip entry ({source, reason}) with its input named as input_names does (also inside the reason)."""
+    url, hash_, rest = skip["source"].partition("#")
+    name = names.get(url, url)
+    reason = skip["reason"]
+    if url != name:
+        local = url.split("://", 1)[1] if url.startswith("file://") else url
+        reason = reason.replace(url, name).replace(local, name)
+    return {**skip, "source": name + hash_ + rest, "reason": reason}
+
+
 def input_record(files: list[D.InputFile], storage_options: dict) -> list[list]:
+    names = input_names(files)
     out = []
     for f in files:
         fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
-        out.append([f.url, f.size, _stamp(fs.info(path))])
+        out.append([names[f.url], f.size, _stamp(fs.info(path))])
     return out
 
 

@@ -9,15 +9,22 @@ the real builder (pipeline/build.py on a local Ray) and moto's S3 server.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pytest
 
 from pipeline import mixture as X
+from pipeline import shards as S
+from pipeline.build import build
+from pipeline.config import BuildConfig
 from pipeline.shards import SCHEMA_VERSION, SUFFIX, Manifest, ShardInfo, ShardSamples, atomic_write, encode, sha256
 from pipeline.stream import MixedStream, StreamConfig, StreamLoader
+from pipeline.tokenizer import Tokenizer
 
 SEQ_LEN = 16
 
@@ -264,3 +271,119 @@ def test_sources_must_share_tokenizer_and_seq_len(sources, tmp_path):
     p.write_text(p.read_text().replace('"tok-a"', '"tok-b"'))
     with pytest.raises(ValueError, match=r"source other .* tokenizer fingerprint tok-b but source big has tok-a"):
         stream({"sources": {"big": {"path": sources["big"]}, "other": {"path": other}}})
+
+
+# ------------------------------------------------------------------------------------------------ many sources
+
+def _older(files):
+    return [f for f in files if int(os.path.basename(f)[:4]) < 1900]
+
+
+def _newer(files):
+    return [f for f in files if int(os.path.basename(f)[:4]) >= 1900]
+
+
+def build_cfg(out, sources: dict, **kw) -> BuildConfig:
+    base = dict(output=str(out), sources=sources, vocab_size=600, seq_len=64, variants=2, seed=7,
+                group_bytes=60_000, samples_per_shard=200, validation_fraction=0.1, tokenizer_max_sentences=20_000)
+    base.update(kw)
+    return BuildConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def two_source_build(tmp_path_factory, small_corpus, ray_local) -> tuple[str, dict]:
+    """The speeches before and after 1900 as two sources of one build, with a tokenizer trained across both."""
+    out = tmp_path_factory.mktemp("multi") / "mix"
+    sources = {"old": {"input": _older(small_corpus)[:3]},
+               "new": {"input": _newer(small_corpus)[:3], "text_split": "blank_lines", "variants": 3}}
+    stats: dict = {}
+    ms = build(build_cfg(out, sources), stats)
+    assert set(ms) == set(stats["sources"]) == {"old", "new"}
+    return str(out), sources
+
+
+def test_multi_source_build_shares_one_tokenizer(two_source_build, small_corpus, capsys):
+    out, sources = two_source_build
+    tok = Tokenizer.load(f"{out}/tokenizer.model")
+    for name, variants in (("old", 2), ("new", 3)):
+        for split in ("train", "validation"):
+            m = S.read_manifest(f"{out}/{name}/{split}")
+            assert m.tokenizer["fingerprint"] == tok.fingerprint and m.seq_len == 64
+            assert m.tokenizer["path"] == "../../tokenizer.model"
+            assert S.tokenizer_url(f"{out}/{name}/{split}/{S.MANIFEST_NAME}", m) == f"{out}/tokenizer.model"
+        assert S.read_manifest(f"{out}/{name}/train").variants == variants
+    assert S.read_manifest(f"{out}/new/train").config["text_split"] == "blank_lines"
+    # a rerun skips both; adding a source builds only that one
+    stats: dict = {}
+    more = dict(sources, late={"input": _newer(small_corpus)[3:5]})
+    ms = build(build_cfg(out, more), stats)
+    assert set(stats["sources"]) == {"late"} and set(ms) == {"old", "new", "late"}
+    said = capsys.readouterr().out
+    assert "source old: already built" in said and "source new: already built" in said
+    assert json.loads(Path(out, "_sources.json").read_text())["sources"] == ["late", "new", "old"]
+    # the built sources mix at load time
+    ds = MixedStream({"sources": {n: {"path": f"{out}/{n}/train", "weight": w} for n, w in
+                                  (("old", 1), ("new", 2), ("late", 1))}}, 4, rank=0, world_size=1)
+    b = next(iter(StreamLoader(ds)))
+    assert b["input_ids"].shape == (4, 64) and set(b["mixture_source"]) <= {"old", "new", "late"}
+
+
+def test_multi_source_mistakes_are_named(tmp_path, small_corpus):
+    with pytest.raises(ValueError, match=r"source books: give its input"):
+        build(build_cfg(tmp_path / "o", {"books": {}}))
+    with pytest.raises(ValueError, match=r"source books: settings \['seq_len'\] cannot be set per source"):
+        build(build_cfg(tmp_path / "o", {"books": {"input": small_corpus[:1], "seq_len": 128}}))
+    with pytest.raises(ValueError, match="input=.* and sources= are both given"):
+        build(build_cfg(tmp_path / "o", {"books": {"input": small_corpus[:1]}}, input=small_corpus[:1]))
+    with pytest.raises(ValueError, match="source name 'train'"):
+        build(build_cfg(tmp_path / "o", {"train": {"input": small_corpus[:1]}}))
+
+
+# ------------------------------------------------------------------------------------------------ travel
+
+def test_shard_sets_travel_and_open_as_parquet_datasets(two_source_build, small_corpus, s3_bucket, tmp_path):
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import s3fs
+
+    out, _ = two_source_build
+    machine = (str(Path(out).parent), os.path.dirname(small_corpus[0]), "file://")   # output and input folders
+    for p in Path(out).rglob("*.json"):   # manifests, receipts, build records, the sources record
+        assert not [m for m in machine if m in p.read_text()], f"{p} names a path of the building machine"
+    # a shard folder is a plain Parquet dataset (the manifest's leading underscore keeps readers off it)
+    folder = f"{out}/old/train"
+    m = S.read_manifest(folder)
+    assert pads.dataset(folder, format="parquet").count_rows() == m.num_samples
+    table = pd.read_parquet(folder, columns=["sample_key", "source"])
+    assert len(table) == m.num_samples
+    assert set(table["source"]) <= {os.path.basename(f) for f in small_corpus}   # provenance without the folder
+    # copied to a bucket, the mixture reads there exactly as here
+    bucket, so = s3_bucket
+    fs = s3fs.S3FileSystem(**so)
+    fs.put(out, f"{bucket}/copied", recursive=True)
+    mix = {n: 1 for n in ("old", "new")}
+    local = MixedStream({"sources": {n: {"path": f"{out}/{n}/train", "weight": w} for n, w in mix.items()}}, 4,
+                        rank=0, world_size=1)
+    remote = MixedStream({"sources": {n: {"path": f"s3://{bucket}/copied/{n}/train", "weight": w}
+                                      for n, w in mix.items()}}, 4, rank=0, world_size=1, storage_options=so,
+                         config=StreamConfig(cache_dir=str(tmp_path / "cache")))
+    assert remote.fingerprint == local.fingerprint    # the same mixture wherever it lies
+    a, b = (list(StreamLoader(d)) for d in (local, remote))
+    assert [x["sample_key"] for x in a] == [x["sample_key"] for x in b] and len(a) > 2
+    assert all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(a, b))
+    m2 = S.read_manifest(f"s3://{bucket}/copied/new/train", so)
+    tok = Tokenizer.load(S.tokenizer_url(f"s3://{bucket}/copied/new/train/{S.MANIFEST_NAME}", m2), so)
+    assert tok.fingerprint == m2.tokenizer["fingerprint"]
+
+
+def test_old_manifest_name_is_still_read(sources, tmp_path):
+    import shutil
+
+    old = tmp_path / "v1"
+    shutil.copytree(sources["mid"], old)
+    text = (old / S.MANIFEST_NAME).read_text().replace(f'"schema_version": {S.SCHEMA_VERSION}', '"schema_version": 1')
+    (old / S.MANIFEST_NAME).unlink()
+    (old / S.LEGACY_MANIFEST_NAME).write_text(text)
+    assert S.read_manifest(str(old)).schema_version == 1
+    ds = stream(spec({"mid": str(old)}, {"mid": 1}))
+    assert len(sum(keys(StreamLoader(ds)), [])) == 28
