@@ -38,7 +38,7 @@ def describe(row: dict, tok: Tokenizer) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", help="shard-set folder or its manifest.json (path or URL)")
+    p.add_argument("shards", help="shard-set folder or its _manifest.json (path or URL)")
     p.add_argument("-n", "--num-samples", type=int, default=3, help="samples to decode")
     p.add_argument("--tokenizer", default=None, help=".model to decode with (default: from the manifest)")
     p.add_argument("--plot", default=None, help="write span-length and sample-length histograms to this PNG")
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  skipped inputs: {acc['skipped_count']}")
     for s in acc["skipped"][:20]:
         print(f"    {s['source']}: {s['reason']}")
-    tok_path = a.tokenizer or m.tokenizer.get("path")
+    tok_path = a.tokenizer or S.tokenizer_url(S.manifest_url(a.shards), m)   # (recorded relative to the set)
     fs, root = fsspec.core.url_to_fs(S.manifest_url(a.shards).rsplit("/", 1)[0], **so)
     lengths, shown = [], 0
     tok = None

@@ -336,8 +336,7 @@ def _tokenizer_spec(cfg: BuildConfig) -> dict:
     """With --tokenizer only its fingerprint matters; a tokenizer trained here is also fixed by its settings,
     so a rerun with another vocab_size is refused before anything is trained."""
     if cfg.tokenizer:
-        return {"given": portable_path(cfg.tokenizer, cfg.output) or os.path.basename(cfg.tokenizer),
-                "fingerprint": None}
+        return {"given": portable_path(cfg.tokenizer, cfg.output), "fingerprint": None}
     return {"trained": {"vocab_size": cfg.vocab_size, "tokenizer_model_type": cfg.tokenizer_model_type,
                         "tokenizer_max_sentences": cfg.tokenizer_max_sentences}, "fingerprint": None}
 
@@ -426,21 +425,22 @@ def _train_tokenizer(cfg: BuildConfig, fs, path: str, inputs: list[tuple[BuildCo
     return tok
 
 
-def portable_path(target: str, folder: str) -> str | None:
-    """How a manifest or record names `target` (a tokenizer) seen from `folder` without an absolute path of this
-    machine: relative ("../tokenizer.model") when target lies in folder or one of its ancestors; an object-store URL
-    as it is (it names a bucket, not a machine); else None (a local file elsewhere: pass --tokenizer to readers)."""
-    if "://" in target or "://" in folder:
-        if target.split("://")[0] != folder.split("://")[0] or target.startswith("file://"):
-            return target if "://" in target and not target.startswith("file://") else None
-        t, f = target.split("://", 1)[1], folder.split("://", 1)[1]
-    else:
-        t, f = os.path.abspath(os.path.expanduser(target)), os.path.abspath(os.path.expanduser(folder))
-    t, f = t.rstrip("/"), f.rstrip("/")
+def portable_path(target: str, folder: str) -> str:
+    """How a manifest or record names `target` (a tokenizer) seen from `folder`, without an absolute path of this
+    machine: a local file relative to a local folder ("../tokenizer.model"; a shard set copied together with its
+    build output keeps finding it); an object-store URL relative when it lies in folder or one of its ancestors,
+    else as it is (it names a bucket, not a machine); a local file seen from an object store by its file name."""
+    t_remote, f_remote = "://" in target and not target.startswith("file://"), "://" in folder
+    if not t_remote and not f_remote:
+        t = os.path.abspath(os.path.expanduser(target.removeprefix("file://")))
+        return os.path.relpath(t, os.path.abspath(os.path.expanduser(folder))).replace(os.sep, "/")
+    if not t_remote:
+        return os.path.basename(target.removeprefix("file://"))
+    t, f = target.rstrip("/"), folder.rstrip("/")
     parent = t.rsplit("/", 1)[0]
-    if f == parent or f.startswith(parent + "/"):
-        return "../" * (f[len(parent):].count("/")) + t.rsplit("/", 1)[1]
-    return target if "://" in target else None
+    if f_remote and (f == parent or f.startswith(parent + "/")):
+        return "../" * f[len(parent):].count("/") + t.rsplit("/", 1)[1]
+    return target
 
 
 # ------------------------------------------------------------------------------------------- assembly

@@ -360,14 +360,15 @@ def manifest_url(url: str) -> str:
 
 
 def tokenizer_url(manifest_where: str, manifest: Manifest) -> str | None:
-    """Where the manifest's tokenizer is: its `path` joined to the manifest's folder when relative (version 2)."""
+    """Where the manifest's tokenizer is: its `path` joined to the manifest's folder when relative (version 2;
+    version 1 recorded it as the build saw it)."""
     path = (manifest.tokenizer or {}).get("path")
-    if not path or "://" in path or path.startswith("/"):
+    if not path or "://" in path or path.startswith("/") or manifest.schema_version < 2:
         return path
     folder = manifest_where.rsplit("/", 1)[0]
-    while path.startswith("../"):
+    while path.startswith("../") and "/" in folder:
         folder, path = folder.rsplit("/", 1)[0], path[3:]
-    return f"{folder}/{path}"
+    return f"{folder}/{path.removeprefix('./')}"
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
