@@ -612,6 +612,12 @@ class MixedStream(IterableDataset):
         self._epoch, self._started, self._skip, self._iter_skip = 0, False, 0, 0
         self._epoch_start, self._epoch_end = 0, self.samples_per_epoch
         self._warned: set[str] = set()
+        self._decoded: OrderedDict | None = None   # per process (see __iter__); never sent to workers
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_decoded"] = None
+        return d
 
     # ---- derived figures --------------------------------------------------------------------------------
     @property
@@ -767,26 +773,35 @@ class MixedStream(IterableDataset):
         start = self._epoch_start
         num_steps = (self._epoch_end - start) // gb
         first = self._iter_skip // gb
-        decoded: OrderedDict[tuple[int, str], ShardSamples] = OrderedDict()
+        # decoded shards (small LRU), kept across epochs in this process: mixture epochs are cuts through one
+        # continuous sequence, so the next epoch starts inside the shards the last one was reading
+        if self._decoded is None:
+            self._decoded = OrderedDict()
+        decoded: OrderedDict[tuple[int, str], ShardSamples] = self._decoded
         keep = sum(max(2, self.config.shuffle_window // max(1, min(s.rows for s in r.manifest.shards)) + 2)
                    for r in self.readers)
         orders: dict = {}
-        for step in range(first + worker, num_steps, num_workers):
-            g = np.arange(start + step * gb + self.rank * b, start + step * gb + (self.rank + 1) * b)
-            pairs, names = [], []
-            for i, shard, r in self.locate(g, orders):
-                key = (i, shard.name)
-                if key not in decoded:
-                    decoded[key] = self.readers[i].read(shard)
-                    while len(decoded) > keep:
-                        decoded.popitem(last=False)
-                decoded.move_to_end(key)
-                pairs.append((decoded[key], r))
-                names.append(self.names[i])
-            batch = self.readers[0].make_batch(pairs)
-            batch["sample_key"] = [f"{n}:{k}" for n, k in zip(names, batch["sample_key"])]
-            batch["mixture_source"] = names
-            yield batch
+        steps = list(range(first + worker, num_steps, num_workers))
+        block = 32   # steps located together: the numpy work per call is amortised over 32 batches
+        for s0 in range(0, len(steps), block):
+            todo = np.array(steps[s0:s0 + block], dtype=np.int64)
+            g = (start + todo[:, None] * gb + self.rank * b + np.arange(b)[None, :]).reshape(-1)
+            located = self.locate(g, orders)
+            for k in range(len(todo)):
+                pairs, names = [], []
+                for i, shard, r in located[k * b:(k + 1) * b]:
+                    key = (i, shard.name)
+                    if key not in decoded:
+                        decoded[key] = self.readers[i].read(shard)
+                        while len(decoded) > keep:
+                            decoded.popitem(last=False)
+                    decoded.move_to_end(key)
+                    pairs.append((decoded[key], r))
+                    names.append(self.names[i])
+                batch = self.readers[0].make_batch(pairs)
+                batch["sample_key"] = [f"{n}:{key}" for n, key in zip(names, batch["sample_key"])]
+                batch["mixture_source"] = names
+                yield batch
 
 
 def _as_is(batch: dict) -> dict:
