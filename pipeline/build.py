@@ -709,7 +709,12 @@ def _build_sources(cfg: BuildConfig, stats: dict | None) -> dict[str, dict[str, 
     lock = O.OutputLock(fs, root, cfg.output)
     lock.acquire()
     try:
-        files = {n: D.list_inputs(sub.input, cfg.storage_options) for n, sub in subs.items()}
+        files = {}
+        for n, sub in subs.items():
+            try:
+                files[n] = D.list_inputs(sub.input, cfg.storage_options)
+            except ValueError as e:
+                raise ValueError(f"source {n}: {e}") from e
         record_path = f"{root}/{SOURCES_RECORD}"
         old = O.read_json(fs, record_path)
         spec = _tokenizer_spec(cfg)

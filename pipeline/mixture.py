@@ -83,14 +83,25 @@ class Mixture:
 
 
 def is_mixture(data) -> bool:
-    """A mixture spec (a dict with `sources`, or a .yaml/.yml file) rather than one shard set's folder or URL."""
-    return isinstance(data, dict) or (isinstance(data, str) and data.endswith((".yaml", ".yml")))
+    """A mixture spec — a dict with `sources`, inline YAML text (`{sources: {...}}`, as --data takes it) or a
+    .yaml/.yml file — rather than one shard set's folder or URL."""
+    return isinstance(data, dict) or (isinstance(data, str) and (data.lstrip().startswith("{")
+                                                                 or data.rstrip().endswith((".yaml", ".yml"))))
 
 
 def load_mixture(spec) -> Mixture:
-    """A mixture from an inline dict or a YAML file path; every mistake raises ValueError naming it and the fix."""
+    """A mixture from a dict, inline YAML text or a YAML file path; every mistake raises ValueError naming it and
+    the fix."""
     where = "mixture"
-    if isinstance(spec, str):
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        import yaml
+
+        try:
+            spec = yaml.safe_load(spec)
+        except yaml.YAMLError as e:
+            raise ValueError(f"mixture {spec!r} is not valid YAML ({e}); write it as "
+                             "'{sources: {wiki: {path: data/mix/wiki/train, weight: 3}}}'") from e
+    elif isinstance(spec, str):
         import fsspec
         import yaml
 
@@ -288,6 +299,18 @@ def check_budget(mixture: Mixture, schedule: Schedule, pass_samples: dict[str, i
                        "max_duration, raise its max_repeats, or add data to it")
     if bad:
         raise ValueError(f"{mixture.where}: the requested training exhausts sources: " + "; ".join(bad))
+    return out
+
+
+def validation_of(mixture: Mixture) -> dict[str, str]:
+    """Each source's validation shard set: the sibling `validation` of its train set (<output>/<source>/validation
+    of a multi-source build), for one evaluator per source."""
+    out = {}
+    for s in mixture.sources:
+        path = s.path.rstrip("/")
+        if path.endswith(".json"):
+            path = path.rsplit("/", 1)[0]
+        out[s.name] = f"{path.rsplit('/', 1)[0]}/validation"
     return out
 
 

@@ -27,6 +27,9 @@ LRU eviction under a byte bound, no shared memory; a full disk evicts, else serv
 transient store errors (network, timeouts, unreachable endpoints, 5xx) are retried with capped exponential backoff,
 each retry logged; a missing, truncated or corrupt shard raises `ShardError` naming it.
 `ShardStream.check(...)` refuses a shard set that does not fit the model.
+
+`MixedStream` reads a weighted mixture of shard sets with the same contract (order, ranks, workers, resume); the
+mixture itself — spec, weights, schedule, fingerprint, budget — is `pipeline/mixture.py`.
 """
 
 from __future__ import annotations

@@ -99,13 +99,17 @@ def test_weights_are_normalised_and_mistakes_named(sources, tmp_path):
     path.write_text(f"sources:\n  big: {{path: {sources['big']}, weight: 3}}\n  mid: {{path: {sources['mid']}}}\n")
     assert X.is_mixture(str(path)) and not X.is_mixture(sources["big"])
     assert X.load_mixture(str(path)).shares.tolist() == [0.75, 0.25]
+    inline = f"{{sources: {{big: {{path: {sources['big']}, weight: 3}}, mid: {{path: {sources['mid']}}}}}}}"
+    assert X.is_mixture(inline) and X.load_mixture(inline).quanta.tolist() == a.quanta.tolist()
+    assert X.validation_of(a) == {n: f"{os.path.dirname(sources[n])}/validation" for n in ("big", "mid")}
     for bad, match in [({"sources": {}}, "needs `sources:`"),
                        (spec(sources, {"big": -1}), "weight=-1"),
                        (spec(sources, {"big": 0}), "every weight is 0"),
                        ({"sources": {"big": {"weight": 1}}}, "needs `path:`"),
                        ({"sources": {"big": {"path": "x", "wieght": 1}}}, r"unknown keys \['wieght'\]"),
                        ({"sources": {"a/b": {"path": "x"}}}, "source name 'a/b'"),
-                       (spec(sources, {"big": 1}, big={"max_repeats": 0}), "max_repeats=0")]:
+                       (spec(sources, {"big": 1}, big={"max_repeats": 0}), "max_repeats=0"),
+                       ("{sources: {big: [}", "not valid YAML")]:
         with pytest.raises(ValueError, match=match):
             X.load_mixture(bad)
     with pytest.raises(ValueError, match="does not exist"):
