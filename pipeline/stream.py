@@ -395,6 +395,10 @@ class ShardStream(IterableDataset):
                 "global_batch_size": self.global_batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if "mixture" in state:
+            names = ", ".join(state["mixture"]["sources"])
+            raise ValueError(f"the checkpoint was trained on a mixture of sources ({names}), not on the one shard "
+                             f"set {self.url}; resume with the same mixture as --data")
         n = int(state["sample_in_epoch"])
         if n % self.global_batch_size:
             raise ValueError(f"resume at sample {n} of epoch {state['epoch']} is not a whole number of global "

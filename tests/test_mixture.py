@@ -23,7 +23,7 @@ from pipeline import shards as S
 from pipeline.build import build
 from pipeline.config import BuildConfig
 from pipeline.shards import SCHEMA_VERSION, SUFFIX, Manifest, ShardInfo, ShardSamples, atomic_write, encode, sha256
-from pipeline.stream import MixedStream, StreamConfig, StreamLoader
+from pipeline.stream import MixedStream, ShardStream, StreamConfig, StreamLoader
 from pipeline.tokenizer import Tokenizer
 
 SEQ_LEN = 16
@@ -197,6 +197,11 @@ def test_changed_mixture_is_refused_with_a_diff(sources, tmp_path):
         stream(spec(sources, {"big": 3, "mid": 1, "small": 0.001})).load_state_dict(state)
     # the same mixture written otherwise (0.75:0.25) is the same mixture
     stream(spec(sources, {"big": 0.75, "mid": 0.25})).load_state_dict(state)
+    # a mixture's state does not resume a single shard set, nor the other way round
+    with pytest.raises(ValueError, match="trained on a mixture of sources \\(big, mid\\), not on the one shard set"):
+        ShardStream(sources["big"], 4, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="state is of a single shard set, not a mixture"):
+        ds.load_state_dict(ShardStream(sources["big"], 4, rank=0, world_size=1).state_dict(8))
     # a rebuilt shard set under the same name is a change too
     moved = dict(sources, mid=write_source(str(tmp_path / "mid2"), (10, 12, 8), tag="x"))
     with pytest.raises(ValueError, match=r"source mid: shard set changed"):
