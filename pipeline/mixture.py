@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -315,28 +316,37 @@ def validation_of(mixture: Mixture) -> dict[str, str]:
 
 
 def pass_samples(manifest) -> int:
-    """Samples of one pass over a shard set (its first mask variant; variants hold the same chunks)."""
-    first = min((s.variant for s in manifest.shards), default=0)
-    return sum(s.rows for s in manifest.shards if s.variant == first)
+    """Samples of one pass over a shard set: the mean over its mask variants (each holds every chunk once; their
+    counts differ by a few samples, as each variant's objective draws fit chunks differently)."""
+    variants = {s.variant for s in manifest.shards}
+    return int(sum(s.rows for s in manifest.shards) / max(1, len(variants)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.shards import read_manifest
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("mixture", help="YAML file of the mixture")
     p.add_argument("--max-duration", default="1ep", help="Composer time string: 600ba, 2ep, 100000sp, 5000000tok")
     p.add_argument("--global-batch-size", type=int, default=1)
     a = p.parse_args(argv)
-    mix = load_mixture(a.mixture)
+    try:
+        return _report(a.mixture, a.max_duration, a.global_batch_size)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _report(spec: str, max_duration: str, global_batch_size: int) -> int:
+    from pipeline.shards import read_manifest
+
+    mix = load_mixture(spec)
     manifests = {s.name: read_manifest(s.path) for s in mix.sources}
     per = {n: pass_samples(m) for n, m in manifests.items()}
     spe = mix.samples_per_epoch or sum(per.values())
     seq_len = next(iter(manifests.values())).seq_len
-    end = samples_for_duration(a.max_duration, seq_len=seq_len, global_batch_size=a.global_batch_size,
+    end = samples_for_duration(max_duration, seq_len=seq_len, global_batch_size=global_batch_size,
                                samples_per_epoch=spe)
     budget = check_budget(mix, Schedule(mix.quanta), per, {n: m.variants for n, m in manifests.items()}, end)
-    print(f"{mix.where}: {end:,} training samples for max_duration={a.max_duration}")
+    print(f"{mix.where}: {end:,} training samples for max_duration={max_duration}")
     for i, s in enumerate(mix.sources):
         b = budget[s.name]
         print(f"{s.name:>16}: share {mix.shares[i]:.4f}  samples {b['samples']:,}  passes {b['passes']:.2f} of "

@@ -671,7 +671,7 @@ class MixedStream(IterableDataset):
         repeats will reuse stored masks (more passes than K variants)."""
         end = X.samples_for_duration(max_duration, seq_len=self.seq_len, global_batch_size=self.global_batch_size,
                                      samples_per_epoch=self.samples_per_epoch)
-        per = {n: int(p.mean()) for n, p in zip(self.names, self.pass_sizes)}
+        per = {n: X.pass_samples(r.manifest) for n, r in zip(self.names, self.readers)}
         budget = X.check_budget(self.mixture, self.schedule, per, {n: len(v) for n, v in
                                                                    zip(self.names, self.variants)}, end)
         for n, b in budget.items():
