@@ -396,3 +396,21 @@ def test_old_manifest_name_is_still_read(sources, tmp_path):
     assert S.read_manifest(str(old)).schema_version == 1
     ds = stream(spec({"mid": str(old)}, {"mid": 1}))
     assert len(sum(keys(StreamLoader(ds)), [])) == 28
+
+
+def test_schema_1_output_is_migrated_by_overwrite(tmp_path, small_corpus, tokenizer_path, ray_local):
+    """An output of the previous builder (manifest.json, build format 2) is refused by a plain rerun with the fix,
+    and rebuilt by --overwrite into _manifest.json with no manifest.json left among the shards."""
+    out = tmp_path / "old"
+    cfg = dict(input=small_corpus[:2], output=str(out), tokenizer=tokenizer_path, seq_len=64, variants=1,
+               validation_fraction=0.0)
+    build(BuildConfig(**cfg))
+    for split in ("train", "validation"):   # what the previous version left
+        (out / split / S.MANIFEST_NAME).rename(out / split / S.LEGACY_MANIFEST_NAME)
+    record = json.loads((out / "_build.json").read_text())
+    (out / "_build.json").write_text(json.dumps({**record, "build_format": 2}))
+    assert S.read_manifest(str(out / "train")).num_samples > 0      # still read under the old name
+    with pytest.raises(ValueError, match=r"older version of this builder.*--overwrite"):
+        build(BuildConfig(**cfg))
+    build(BuildConfig(**cfg, overwrite=True))
+    assert (out / "train" / S.MANIFEST_NAME).exists() and not (out / "train" / S.LEGACY_MANIFEST_NAME).exists()
