@@ -414,3 +414,65 @@ def test_schema_1_output_is_migrated_by_overwrite(tmp_path, small_corpus, tokeni
         build(BuildConfig(**cfg))
     build(BuildConfig(**cfg, overwrite=True))
     assert (out / "train" / S.MANIFEST_NAME).exists() and not (out / "train" / S.LEGACY_MANIFEST_NAME).exists()
+
+
+# ------------------------------------------------------------------------------------------------ with Composer
+
+def _composer_run(folder, mixture, stop: int | None = None, allow_change: bool = False) -> list[list[str]]:
+    """A tiny GLM trained by the real Composer Trainer on a MixedStream for 16 batches with a checkpoint every 3
+    (autoresume from `folder`), stopped after batch `stop`; returns the sample keys of every batch it trained."""
+    import dataclasses
+
+    import torch
+    from composer import Callback, Trainer
+
+    from model.composer import GLMComposer
+    from model.config import PRESETS
+
+    class Run(Callback):
+        def __init__(self):
+            self.keys = []
+
+        def batch_end(self, state, logger):
+            self.keys.append(list(state.batch["sample_key"]))
+            if stop is not None and int(state.timestamp.batch) == stop:
+                state.stop_training()
+
+    torch.manual_seed(0)
+    model = GLMComposer(dataclasses.replace(PRESETS["tiny"], vocab_size=128, max_position_embeddings=SEQ_LEN,
+                                            n_layer=1))
+    ds = stream(mixture, 4, allow_change=allow_change)
+    run = Run()
+    trainer = Trainer(model=model, train_dataloader=StreamLoader(ds), max_duration="16ba", save_folder=str(folder),
+                      save_interval="3ba", save_overwrite=True, autoresume=True, run_name="mix", callbacks=[run],
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.01), progress_bar=False, device="cpu",
+                      seed=3, loggers=[], device_train_microbatch_size=4)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return run.keys
+
+
+def test_composer_checkpoints_resume_a_mixture_exactly_and_guard_changes(sources, tmp_path):
+    mix = spec(sources, {"big": 2, "mid": 1, "small": 1}, samples_per_epoch=24)   # 6 batches per epoch
+    full = _composer_run(tmp_path / "full", mix)
+    assert len(full) == 16
+    first = _composer_run(tmp_path / "cut", mix, stop=8)          # stops in epoch 1, after checkpoint 6
+    assert first == full[:8]
+    resumed = _composer_run(tmp_path / "cut", mix)                # autoresume from the latest checkpoint
+    done = 16 - len(resumed)
+    assert 6 <= done <= 8 and resumed == full[done:]              # across the epoch boundary at 12, too
+    # another mixture: refused at resume, before any step; with allow_change no sample is repeated or skipped
+    other = spec(sources, {"big": 1, "mid": 1, "small": 2}, samples_per_epoch=24)
+    _composer_run(tmp_path / "change", mix, stop=8)
+    with pytest.raises(ValueError, match=r"another mixture: source big: share 0.5000 -> 0.2500.*allow_change"):
+        _composer_run(tmp_path / "change", other)
+    after = _composer_run(tmp_path / "change", other, allow_change=True)
+    done = 16 - len(after)
+    seen = sum(full[:done] + after, [])
+    assert [k.split(":")[0] for k in sum(after, [])].count("small") > [
+        k.split(":")[0] for k in sum(full[done:], [])].count("small")   # the new weights apply
+    for n in ("big", "mid", "small"):
+        mine = [k for k in seen if k.startswith(n + ":")]
+        assert mine == source_sequence(sources, n, len(mine)), n
