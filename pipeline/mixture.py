@@ -241,7 +241,7 @@ class Schedule:
         due = (2 * k + 1) / (2.0 * self.quanta[src])   # exact order: distinct rationals differ by >> one ulp
         order = np.lexsort((src, due))
         self.period = src[order].astype(np.int32)       # source of each position in the period
-        self.rank = k[order].astype(np.int64)           # its occurrence index among its source's in the period
+        self.rank = k[order].astype(np.int32)           # its occurrence index among its source's in the period
 
     def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global sample indices (>= start) -> (source index, sample index within that source)."""

@@ -418,10 +418,13 @@ def test_schema_1_output_is_migrated_by_overwrite(tmp_path, small_corpus, tokeni
 
 # ------------------------------------------------------------------------------------------------ with Composer
 
-def _composer_run(folder, mixture, stop: int | None = None, allow_change: bool = False) -> list[list[str]]:
+def _composer_run(folder, mixture, stop: int | None = None, allow_change: bool = False,
+                  keys_file: str | None = None, pause_s: float = 0.0) -> list[list[str]]:
     """A tiny GLM trained by the real Composer Trainer on a MixedStream for 16 batches with a checkpoint every 3
-    (autoresume from `folder`), stopped after batch `stop`; returns the sample keys of every batch it trained."""
+    (autoresume from `folder`), stopped after batch `stop`; returns the sample keys of every batch it trained
+    (also appended to `keys_file`, one JSON line per batch, when given; `pause_s` after each batch)."""
     import dataclasses
+    import time
 
     import torch
     from composer import Callback, Trainer
@@ -435,6 +438,10 @@ def _composer_run(folder, mixture, stop: int | None = None, allow_change: bool =
 
         def batch_end(self, state, logger):
             self.keys.append(list(state.batch["sample_key"]))
+            if keys_file:
+                with open(keys_file, "a") as f:
+                    f.write(json.dumps(self.keys[-1]) + "\n")
+            time.sleep(pause_s)
             if stop is not None and int(state.timestamp.batch) == stop:
                 state.stop_training()
 
@@ -476,3 +483,37 @@ def test_composer_checkpoints_resume_a_mixture_exactly_and_guard_changes(sources
     for n in ("big", "mid", "small"):
         mine = [k for k in seen if k.startswith(n + ":")]
         assert mine == source_sequence(sources, n, len(mine)), n
+
+
+KILLED_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_mixture import _composer_run
+_composer_run(sys.argv[2], json.loads(sys.argv[3]), keys_file=sys.argv[4], pause_s=0.3)
+"""
+
+
+def test_sigkill_then_autoresume_gives_the_same_sample_keys(sources, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mix = spec(sources, {"big": 2, "mid": 1, "small": 1}, samples_per_epoch=24)
+    full = _composer_run(tmp_path / "full", mix)
+    folder, keys = tmp_path / "killed", tmp_path / "keys.jsonl"
+    p = subprocess.Popen([sys.executable, "-c", KILLED_RUN, os.path.dirname(__file__), str(folder), json.dumps(mix),
+                          str(keys)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(folder.glob("ep*-ba6-*")) and time.time() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert list(folder.glob("ep*-ba6-*")), "the run wrote its checkpoint at batch 6"
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    trained = [json.loads(x) for x in keys.read_text().splitlines()]
+    assert 6 <= len(trained) < 16 and trained == full[:len(trained)]
+    resumed = _composer_run(folder, mix)
+    done = 16 - len(resumed)
+    assert done >= 6 and resumed == full[done:]
