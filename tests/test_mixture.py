@@ -311,6 +311,7 @@ def two_source_build(tmp_path_factory, small_corpus, ray_local) -> tuple[str, di
     return str(out), sources
 
 
+@pytest.mark.ray
 def test_multi_source_build_shares_one_tokenizer(two_source_build, small_corpus, capsys):
     out, sources = two_source_build
     tok = Tokenizer.load(f"{out}/tokenizer.model")
@@ -350,6 +351,8 @@ def test_multi_source_mistakes_are_named(tmp_path, small_corpus):
 
 # ------------------------------------------------------------------------------------------------ travel
 
+@pytest.mark.ray
+@pytest.mark.s3
 def test_shard_sets_travel_and_open_as_parquet_datasets(two_source_build, small_corpus, s3_bucket, tmp_path):
     import pandas as pd
     import pyarrow.dataset as pads
@@ -398,6 +401,7 @@ def test_old_manifest_name_is_still_read(sources, tmp_path):
     assert len(sum(keys(StreamLoader(ds)), [])) == 28
 
 
+@pytest.mark.ray
 def test_schema_1_output_is_migrated_by_overwrite(tmp_path, small_corpus, tokenizer_path, ray_local):
     """An output of the previous builder (manifest.json, build format 2) is refused by a plain rerun with the fix,
     and rebuilt by --overwrite into _manifest.json with no manifest.json left among the shards."""
