@@ -40,7 +40,7 @@ def describe(row: dict, tok: Tokenizer) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("shards", help="shard-set folder or its manifest.json (path or URL)")
+    p.add_argument("shards", help="shard-set folder or its _manifest.json (path or URL)")
     p.add_argument("-n", "--num-samples", type=int, default=3, help="samples to decode")
     p.add_argument("--tokenizer", default=None, help=".model to decode with (default: from the manifest)")
     p.add_argument("--plot", default=None, help="write span-length and sample-length histograms to this PNG")

@@ -14,7 +14,7 @@ read -> clean -> tokenize -> pack -> infill -> write, with memory bounded by one
 never by corpus size. Each sample's seed is SeedSequence(seed, split, group, variant, chunk index), so the
 bytes are the same for any worker count, order or timing. A group is done when its receipt
 (`_receipts/gNNNNN.json`) is committed after its shards; a rerun skips done groups whose shards still match
-their receipts (size + sha256) and rewrites the others identically; `manifest.json` of each split is assembled
+their receipts (size + sha256) and rewrites the others identically; `_manifest.json` of each split is assembled
 from the receipts and written last. Ray retries a group whose worker died; its deterministic output makes the
 retry harmless. What else lives in the output — the build record, the lock, which files --overwrite may
 delete — is `pipeline/output.py`.
@@ -341,8 +341,11 @@ def _tokenizer(model_bytes: bytes, commands: str = "ours") -> T.Tokenizer:
     return _TOKENIZERS[key]
 
 
-def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_bytes: bytes) -> dict:
-    """Build every shard of one packing group and commit its receipt. Pure function of its arguments."""
+def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_bytes: bytes,
+                  names: dict[str, str] | None = None) -> dict:
+    """Build every shard of one packing group and commit its receipt. Pure function of its arguments. `names`:
+    how the shards and the receipt name each input (output.input_names; default: its URL)."""
+    names = names or {f.url: f.url for f in files}
     t0 = time.time()
     tok = _tokenizer(model_bytes, cfg.tokenizer_commands)
     specials = tok.specials
@@ -374,7 +377,7 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
             framed[0], framed[-1] = specials.cls, specials.eos
             framed[1:-1] = toks
             for p in packers[split]:
-                p.push(framed, doc.source, doc.index)
+                p.push(framed, names.get(doc.source, doc.source), doc.index)
 
     batch: list[tuple[D.Document, list[str]]] = []
     pending = 0
@@ -394,8 +397,8 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
             w.flush()
 
     receipt = {
-        "build_format": O.BUILD_FORMAT, "group": group, "files": [f.url for f in files],
-        "skips": [k.to_json() for k in skips],
+        "build_format": O.BUILD_FORMAT, "group": group, "files": [names[f.url] for f in files],
+        "skips": [O.portable_skip(k.to_json(), names) for k in skips],
         "splits": {s: {"accounting": accs[s],
                        "shards": [dataclasses.asdict(i) for w in writers[s] for i in w.shards]} for s in O.SPLITS},
     }
@@ -417,7 +420,7 @@ def _tokenizer_spec(cfg: BuildConfig) -> dict:
     """With --tokenizer only its fingerprint matters; a tokenizer trained here is also fixed by its settings,
     so a rerun with another vocab_size is refused before anything is trained."""
     if cfg.tokenizer:
-        return {"given": cfg.tokenizer, "fingerprint": None}
+        return {"given": portable_path(cfg.tokenizer, cfg.output), "fingerprint": None}
     return {"trained": {"vocab_size": cfg.vocab_size, "tokenizer_model_type": cfg.tokenizer_model_type,
                         "tokenizer_max_sentences": cfg.tokenizer_max_sentences}, "fingerprint": None}
 
@@ -434,7 +437,7 @@ def _prepare_output(cfg: BuildConfig, fs, root: str, record: dict) -> dict | Non
             record["tokenizer"]["trained"] = old["tokenizer"]["trained"]
     elif fs.exists(path):
         raise ValueError(f"output {cfg.output} has an unreadable {O.BUILD_RECORD}; pass --overwrite to rebuild")
-    elif fs.exists(f"{root}/train/{S.MANIFEST_NAME}"):
+    elif any(fs.exists(f"{root}/train/{n}") for n in O.MANIFEST_NAMES):
         raise ValueError(f"output {cfg.output} holds shards without a build record; pass --overwrite")
     elif not cfg.tokenizer and fs.exists(f"{root}/tokenizer.model"):
         raise ValueError(f"output {cfg.output} holds a tokenizer.model that no build of this output trained; pass "
@@ -466,20 +469,29 @@ def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.Inpu
     path = f"{root}/tokenizer.model"
     if fs.exists(path):   # resuming a build that trained its tokenizer already (the record matched its settings)
         return T.Tokenizer(fs.cat_file(path), source=path)
-    # Input sampling: every k-th file, so about 64 MB of text is read; sentencepiece then samples at most
-    # tokenizer_max_sentences lines of it.
-    total = sum(f.size for f in files)
-    budget = 64 << 20
-    step = max(1, int(np.ceil(total / budget)))
-    sample = files[::step]
+    return _train_tokenizer(cfg, fs, path, [(cfg, files)])
+
+
+def _train_tokenizer(cfg: BuildConfig, fs, path: str, inputs: list[tuple[BuildConfig, list[D.InputFile]]]
+                     ) -> T.Tokenizer:
+    """Train on a sample of every (reading settings, files) pair, commit it at `path` (+ tokenizer.json beside).
+
+    Input sampling: every k-th file of each, so about 64 MB of text is read in all (an equal part per source of a
+    multi-source build); sentencepiece then samples at most tokenizer_max_sentences lines of it."""
+    budget = (64 << 20) // len(inputs)
+    sample = []
+    for reader, files in inputs:
+        step = max(1, int(np.ceil(sum(f.size for f in files) / budget)))
+        sample += [(reader, f) for f in files[::step]]
+    total = sum(len(files) for _, files in inputs)
     print(f"[build] training a {cfg.tokenizer_model_type} tokenizer (vocab {cfg.vocab_size}) on "
-          f"{len(sample)}/{len(files)} files", flush=True)
+          f"{len(sample)}/{total} files{f' of {len(inputs)} sources' if len(inputs) > 1 else ''}", flush=True)
     skips: list[D.Skip] = []
     read = [0]
 
     def docs():
-        for f in sample:
-            for d in D.read_documents(f, cfg.text_field, cfg.text_split, cfg.storage_options, skips):
+        for reader, f in sample:
+            for d in D.read_documents(f, reader.text_field, reader.text_split, cfg.storage_options, skips):
                 read[0] += 1
                 yield d.text
 
@@ -495,6 +507,24 @@ def _load_or_train_tokenizer(cfg: BuildConfig, fs, root: str, files: list[D.Inpu
     S.atomic_write(fs, path, tok.model_bytes)
     tok.save_specials_json(f"{cfg.output.rstrip('/')}/tokenizer.json", cfg.storage_options)
     return tok
+
+
+def portable_path(target: str, folder: str) -> str:
+    """How a manifest or record names `target` (a tokenizer) seen from `folder`, without an absolute path of this
+    machine: a local file relative to a local folder ("../tokenizer.model"; a shard set copied together with its
+    build output keeps finding it); an object-store URL relative when it lies in folder or one of its ancestors,
+    else as it is (it names a bucket, not a machine); a local file seen from an object store by its file name."""
+    t_remote, f_remote = "://" in target and not target.startswith("file://"), "://" in folder
+    if not t_remote and not f_remote:
+        t = os.path.abspath(os.path.expanduser(target.removeprefix("file://")))
+        return os.path.relpath(t, os.path.abspath(os.path.expanduser(folder))).replace(os.sep, "/")
+    if not t_remote:
+        return os.path.basename(target.removeprefix("file://"))
+    t, f = target.rstrip("/"), folder.rstrip("/")
+    parent = t.rsplit("/", 1)[0]
+    if f_remote and (f == parent or f.startswith(parent + "/")):
+        return "../" * f[len(parent):].count("/") + t.rsplit("/", 1)[1]
+    return target
 
 
 # ------------------------------------------------------------------------------------------- assembly
@@ -539,14 +569,19 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, files: list[D.I
         m = S.Manifest(
             schema_version=S.SCHEMA_VERSION, format=cfg.format, split=split, seq_len=cfg.seq_len,
             vocab_size=tok.vocab_size,
-            tokenizer={"fingerprint": tok.fingerprint, "path": tokenizer_path},
+            tokenizer={"fingerprint": tok.fingerprint,
+                       "path": portable_path(tokenizer_path, f"{cfg.output.rstrip('/')}/{split}")},
             specials=tok.specials.to_json(), variants=cfg.variants if split == "train" else 1, seed=cfg.seed,
             config=config, config_hash=S.config_hash(config),
             shards=sorted(shards, key=lambda s: (s.variant, s.group, s.name)), accounting=acc)
         manifests[split] = m
-    # Written last, validation first: train/manifest.json present means the whole build is complete.
+    # Written last, validation first: train/_manifest.json present means the whole build is complete. A manifest of
+    # schema 1 (`manifest.json`, from a build before) goes: Parquet dataset readers would take it for a shard.
     for split in ("validation", "train"):
         S.atomic_write(fs, f"{root}/{split}/{S.MANIFEST_NAME}", manifests[split].to_json().encode())
+        legacy = f"{root}/{split}/{S.LEGACY_MANIFEST_NAME}"
+        if fs.exists(legacy):
+            fs.rm(legacy)
     return manifests
 
 
@@ -663,19 +698,152 @@ def storage_error(e: BaseException) -> str | None:
 
 # ------------------------------------------------------------------------------------------- driver
 
-def build(cfg: BuildConfig, stats: dict | None = None) -> dict[str, S.Manifest]:
-    """Build (or resume) the shard sets of cfg; returns {split: Manifest}. `stats`, when given, receives this
-    run's figures: tokens, seconds (excluding Ray start-up), peak RSS (MB) of each worker process.
+def build(cfg: BuildConfig, stats: dict | None = None) -> dict:
+    """Build (or resume) the shard sets of cfg; returns {split: Manifest}, or for a multi-source build (cfg.sources)
+    {source: {split: Manifest}}. `stats`, when given, receives this run's figures: tokens, seconds (excluding Ray
+    start-up), peak RSS (MB) of each worker process.
 
     Object-store errors that mean missing credentials or a wrong endpoint are raised as ValueError naming the
     fix."""
     try:
-        return _build(cfg, stats)
+        return _build_sources(cfg, stats) if cfg.sources else _build(cfg, stats)
     except Exception as e:   # (also a ValueError from reading inputs that wraps the store's error)
         hint = storage_error(e)
         if hint:
             raise ValueError(hint) from e
         raise
+
+
+# ------------------------------------------------------------------------------------------- many sources
+
+SOURCES_RECORD = "_sources.json"
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")   # a folder name and a mixture source name
+# what a source may set for itself; the tokenizer, seq_len and where/how to run are the build's, shared by all
+SOURCE_SETTINGS = ("input", "format", "variants", "seed", "objectives", "task_mask", "gpt_min_ratio",
+                   "gpt_infill_prob", "shuffle_spans", "block_position_encoding", "validation_fraction",
+                   "text_field", "text_split", "min_doc_tokens", "samples_per_shard", "group_bytes")
+
+
+def source_configs(cfg: BuildConfig) -> dict[str, BuildConfig]:
+    """The build config of every source of a multi-source build: the build's settings, the source's own on top,
+    output <output>/<name>, tokenizer the shared one. Mistakes raise ValueError naming the source and the fix."""
+    from pipeline.config import apply_overrides
+
+    if cfg.input:
+        raise ValueError(f"input={cfg.input} and sources= are both given: with sources every source names its own "
+                         "input (sources: {wiki: {input: 's3://b/wiki/*.jsonl'}, ...}); drop --input")
+    if not isinstance(cfg.sources, dict) or not cfg.sources:
+        raise ValueError(f"sources={cfg.sources!r}: give a mapping of source names to their settings, e.g. "
+                         "{wiki: {input: 'wiki/*.jsonl'}, books: {input: 'books/*.txt', text_split: blank_lines}}")
+    root = cfg.output.rstrip("/")
+    shared = cfg.tokenizer or f"{root}/tokenizer.model"
+    out = {}
+    for name, spec in sorted(cfg.sources.items()):
+        name = str(name)
+        if not SOURCE_NAME.fullmatch(name) or name in O.SPLITS:
+            raise ValueError(f"source name {name!r}: use letters, digits, '_', '.', '-' (up to 64, starting with a "
+                             f"letter or digit), not {' or '.join(O.SPLITS)}: it names the folder <output>/{name}")
+        if not isinstance(spec, dict) or not spec.get("input"):
+            raise ValueError(f"source {name}: give its input, e.g. sources: {{{name}: {{input: 'corpus/*.txt'}}}}")
+        bad = sorted(set(spec) - set(SOURCE_SETTINGS))
+        if bad:
+            raise ValueError(f"source {name}: settings {bad} cannot be set per source; per source: "
+                             f"{', '.join(SOURCE_SETTINGS)} (the tokenizer, seq_len and run settings are shared)")
+        sub = dataclasses.replace(cfg, sources={}, input=[], output=f"{root}/{name}", tokenizer=shared,
+                                  objectives=dict(cfg.objectives), storage_options=dict(cfg.storage_options))
+        spec = dict(spec)
+        inputs = spec.pop("input")
+        sub.input = [inputs] if isinstance(inputs, str) else list(inputs)
+        try:
+            apply_overrides(sub, spec, prefix=f"sources.{name}.")
+            sub.validate()
+        except ValueError as e:
+            raise ValueError(f"source {name}: {e}") from e
+        out[name] = sub
+    return out
+
+
+def _finished_source(sub: BuildConfig, files: list[D.InputFile], fingerprint: str) -> dict | None:
+    """The manifests of a source whose build is complete with these settings, inputs and tokenizer, else None."""
+    fs, root = fsspec.core.url_to_fs(sub.output, **sub.storage_options)
+    old = O.read_json(fs, f"{root}/{O.BUILD_RECORD}")
+    if old is None or (old.get("tokenizer") or {}).get("fingerprint") != fingerprint:
+        return None
+    try:
+        O.check_record(sub.output, old, {"build_format": O.BUILD_FORMAT, "config": _byte_config(sub),
+                                         "tokenizer": _tokenizer_spec(sub),
+                                         "inputs": O.input_record(files, sub.storage_options)})
+        return {split: S.read_manifest(f"{sub.output.rstrip('/')}/{split}", sub.storage_options)
+                for split in O.SPLITS}
+    except (ValueError, S.ShardError):   # other settings or inputs, or unfinished: its own build says what to do
+        return None
+
+
+def _build_sources(cfg: BuildConfig, stats: dict | None) -> dict[str, dict[str, S.Manifest]]:
+    """Build every source of cfg.sources into <output>/<source>/{train,validation}, one after the other, with ONE
+    tokenizer: the given one, or one trained here on a sample across all sources (<output>/tokenizer.model). A
+    source already built with the same settings, inputs and tokenizer is skipped without reading its shards;
+    adding a source later builds only that one; an interrupted source resumes as a single build does."""
+    subs = source_configs(cfg)
+    _check_job_paths(cfg)
+    for sub in subs.values():
+        _check_job_paths(sub)
+    fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
+    root = root.rstrip("/")
+    lock = O.OutputLock(fs, root, cfg.output)
+    lock.acquire()
+    try:
+        files = {}
+        for n, sub in subs.items():
+            try:
+                files[n] = D.list_inputs(sub.input, cfg.storage_options)
+            except ValueError as e:
+                raise ValueError(f"source {n}: {e}") from e
+        record_path = f"{root}/{SOURCES_RECORD}"
+        old = O.read_json(fs, record_path)
+        spec = _tokenizer_spec(cfg)
+        tok_path = f"{root}/tokenizer.model"
+        if cfg.tokenizer:
+            tok = T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
+        elif fs.exists(tok_path) and old is not None and old["tokenizer"].get("trained") == spec["trained"]:
+            tok = T.Tokenizer(fs.cat_file(tok_path), source=tok_path)
+        elif fs.exists(tok_path) and not cfg.overwrite:
+            why = ("was trained with other settings " + json.dumps((old or {}).get("tokenizer", {}).get("trained"))
+                   if old is not None else "was not trained by a multi-source build of this output")
+            raise ValueError(f"output {cfg.output} holds a tokenizer.model that {why}; pass --tokenizer "
+                             f"{cfg.output.rstrip('/')}/tokenizer.model to use it, --overwrite to rebuild every "
+                             "source with a new one, or choose another --output")
+        else:
+            if cfg.overwrite and fs.exists(tok_path):
+                fs.rm(tok_path)
+            tok = _train_tokenizer(cfg, fs, tok_path, [(subs[n], files[n]) for n in subs])
+        spec["fingerprint"] = tok.fingerprint
+        names = sorted(set(subs) | set((old or {}).get("sources", [])))
+        S.atomic_write(fs, record_path, json.dumps({"build_format": O.BUILD_FORMAT, "tokenizer": spec,
+                                                    "sources": names}, sort_keys=True, indent=1).encode())
+        out = {}
+        for name, sub in subs.items():
+            done = None if cfg.overwrite else _finished_source(sub, files[name], tok.fingerprint)
+            if done is not None:
+                print(f"[build] source {name}: already built ({done['train'].num_samples} train samples), skipped",
+                      flush=True)
+                out[name] = done
+                continue
+            print(f"[build] source {name} -> {sub.output}", flush=True)
+            lock.check()
+            sub_stats: dict = {}
+            out[name] = _build(sub, sub_stats)
+            if stats is not None:
+                stats.setdefault("sources", {})[name] = sub_stats
+                for k in ("tokens", "seconds"):
+                    stats[k] = stats.get(k, 0) + sub_stats.get(k, 0)
+    finally:
+        lock.release()
+    print(f"[build] {len(out)} sources in {cfg.output}: " + ", ".join(
+        f"{n} {m['train'].num_samples} train / {m['validation'].num_samples} validation" for n, m in out.items())
+        + "; train on a mixture of them: --data='{sources: {" + ", ".join(
+            f"{n}: {{path: {cfg.output.rstrip('/')}/{n}/train, weight: 1}}" for n in out) + "}}'", flush=True)
+    return out
 
 
 def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
@@ -715,7 +883,7 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
         print(f"[build] {len(files)} files in {len(groups)} packing groups; {len(done)} already done, "
               f"{len(todo)} to build -> {cfg.output}", flush=True)
         if todo:   # the output is incomplete until _assemble: drop a manifest left by an earlier, finished run
-            manifests = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]
+            manifests = [f"{root}/{s}/{n}" for s in ("train", "validation") for n in O.MANIFEST_NAMES]
             present = [p for p in manifests if fs.exists(p)]
             if present:
                 fs.rm(present)
@@ -747,7 +915,9 @@ def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenize
     remote = ray.remote(max_retries=3, num_cpus=1)(process_group)
     model_ref = ray.put(tok.model_bytes)
     cfg_ref = ray.put(cfg)
-    pending = [remote.remote(cfg_ref, g, groups[g], model_ref) for g in todo]
+    names = O.input_names([f for g in groups for f in g])
+    pending = [remote.remote(cfg_ref, g, groups[g], model_ref, {f.url: names[f.url] for f in groups[g]})
+               for g in todo]
     bar = tqdm(total=len(todo), desc="packing groups", unit="group", file=sys.stdout, mininterval=1.0)
     try:
         while pending:

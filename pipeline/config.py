@@ -46,6 +46,8 @@ class BuildConfig:
                                                     # blank-line-separated block
     min_doc_tokens: int = 8                         # shorter documents are skipped and counted as such
     samples_per_shard: int = 2048                   # rows per shard file (~4 MB of Parquet at seq_len 512)
+    sources: dict = field(default_factory=dict)     # multi-source build: {name: {input: ..., <setting>: ...}} ->
+                                                    # <output>/<name>/{train,validation}, one shared tokenizer
     group_bytes: int = 16 << 20                     # packing group = contiguous input files of about this size
     overwrite: bool = False                         # replace an existing output built with other settings
     num_cpus: int | None = None                     # CPUs for a Ray started here (null: all); ignored on a cluster

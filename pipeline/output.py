@@ -22,13 +22,15 @@ from pipeline import shards as S
 SPLITS = ("train", "validation")
 RECEIPTS = "_receipts"
 BUILD_RECORD = "_build.json"
-BUILD_FORMAT = 2    # shape of _build.json and the receipts (2: input stamps, tokenizer settings, build_format key)
+BUILD_FORMAT = 3    # shape of _build.json and the receipts (2: input stamps, tokenizer settings, build_format key;
+#                     3: inputs named without the building machine's folders: input_names)
 LOCK = "_lock.json"
 LOCK_HEARTBEAT_S = 30     # the lock owner rewrites its heartbeat this often
 LOCK_TIMEOUT_S = 300      # a lock whose heartbeat is older than this is stale (its owner died elsewhere)
 LOCK_SETTLE_S = 1.0       # object stores: wait this long after writing the lock, then read it back to confirm
 SHARD_NAME = re.compile(r"g\d{5}-v\d{2}-\d{4}\.(parquet|tar)")   # ShardWriter's names: the only ones we write
 RECEIPT_NAME = re.compile(r"g\d{5}\.json")
+MANIFEST_NAMES = (S.MANIFEST_NAME, S.LEGACY_MANIFEST_NAME)   # a split's manifest, now and before schema 2
 TEMP_NAME = re.compile(r"\.(.+)\.tmp-[0-9a-f]{32}")                 # shards.atomic_write's temp files
 
 
@@ -195,10 +197,11 @@ def our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
         return [], []
     files = sorted(fs.find(root))
     record = read_json(fs, f"{root}/{BUILD_RECORD}")
-    manifests = [read_json(fs, f"{root}/{s}/{S.MANIFEST_NAME}") for s in SPLITS]
+    manifests = [read_json(fs, f"{root}/{s}/{n}") for s in SPLITS for n in MANIFEST_NAMES]
     ours_build = record is not None or any(m is not None for m in manifests)
     trained_here = bool((record or {}).get("tokenizer", {}).get("trained")) or any(
-        (m or {}).get("tokenizer", {}).get("path") == f"{url.rstrip('/')}/tokenizer.model" for m in manifests)
+        (m or {}).get("tokenizer", {}).get("path") in (f"{url.rstrip('/')}/tokenizer.model", "../tokenizer.model")
+        for m in manifests)
 
     def mine(path: str) -> bool:
         parts = path[len(root) + 1:].split("/")
@@ -211,7 +214,7 @@ def our_files(fs, root: str, url: str) -> tuple[list[str], list[str]]:
             if parts[0] == RECEIPTS:
                 return bool(RECEIPT_NAME.fullmatch(name))
             if parts[0] in SPLITS:
-                return name == S.MANIFEST_NAME or bool(SHARD_NAME.fullmatch(name))
+                return name in MANIFEST_NAMES or bool(SHARD_NAME.fullmatch(name))
         return False
 
     ours = [p for p in files if mine(p)]
@@ -239,7 +242,7 @@ def clear(fs, root: str, url: str) -> None:
             f"{_names(foreign)}. --overwrite deletes only a previous build's own files (its _build.json, "
             "_receipts, manifests, shards and trained tokenizer); move the other files away or choose an --output "
             "folder of its own. Nothing was deleted.")
-    first = [f"{root}/{s}/{S.MANIFEST_NAME}" for s in ("train", "validation")]   # no longer 'complete' first
+    first = [f"{root}/{s}/{n}" for s in ("train", "validation") for n in MANIFEST_NAMES]   # not 'complete' first
     ordered = [p for p in first if p in ours] + [p for p in ours if p not in first and not is_lock(root, p)]
     if ordered:
         print(f"[build] --overwrite: deleting {len(ordered)} files of the previous build in {url}", flush=True)
@@ -262,11 +265,34 @@ def _stamp(info: dict) -> str | None:
     return None
 
 
+def input_names(files: list[D.InputFile]) -> dict[str, str]:
+    """How records, receipts, skip lists and the shards' `source` column name each input: an object-store URL as it
+    is (it names a bucket, not a machine); a local file by its path below the deepest folder holding every local
+    input of the build (`1790-Washington-1.txt`, `wiki/part-001.jsonl`), never by an absolute path of this machine,
+    so a shard set and its records travel. Moving the corpus folder as a whole leaves the names unchanged."""
+    local = {f.url: f.url.split("://", 1)[1] if f.url.startswith("file://") else f.url
+             for f in files if f.url.startswith("file://") or "://" not in f.url}
+    root = os.path.commonpath([os.path.dirname(p) for p in local.values()]) if local else ""
+    return {f.url: os.path.relpath(local[f.url], root) if f.url in local else f.url for f in files}
+
+
+def portable_skip(skip: dict, names: dict[str, str]) -> dict:
+    """A skip entry ({source, reason}) with its input named as input_names does (also inside the reason)."""
+    url, hash_, rest = skip["source"].partition("#")
+    name = names.get(url, url)
+    reason = skip["reason"]
+    if url != name:
+        local = url.split("://", 1)[1] if url.startswith("file://") else url
+        reason = reason.replace(url, name).replace(local, name)
+    return {**skip, "source": name + hash_ + rest, "reason": reason}
+
+
 def input_record(files: list[D.InputFile], storage_options: dict) -> list[list]:
+    names = input_names(files)
     out = []
     for f in files:
         fs, path = fsspec.core.url_to_fs(f.url, **storage_options)
-        out.append([f.url, f.size, _stamp(fs.info(path))])
+        out.append([names[f.url], f.size, _stamp(fs.info(path))])
     return out
 
 

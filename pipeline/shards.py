@@ -3,8 +3,16 @@
 Writer (`pipeline/build.py`) and reader (`pipeline/stream.py`, `jobs/inspect_shards.py`) import this one module;
 no other file spells a column name or dtype.
 
-A shard set is a folder (local or any fsspec URL) holding shard files and `manifest.json`, which is written
-LAST: a folder without a manifest is an incomplete build. One row = one GLM training sample, stored unpadded
+A shard set is a folder (local or any fsspec URL) holding shard files and `_manifest.json`, which is written
+LAST: a folder without a manifest is an incomplete build. The leading underscore makes Parquet dataset readers
+(`pyarrow.dataset`, `pandas.read_parquet(folder)`, DuckDB) skip it, so a Parquet shard folder opens as a plain
+dataset. Nothing in a manifest names a path of the building machine: the tokenizer is named relative to the shard
+folder (`../tokenizer.model`), so a shard set copied elsewhere (another disk, a bucket) reads as it is.
+
+Schema versions: 2 (this) = `_manifest.json`, no absolute paths; 1 = `manifest.json`, `tokenizer.path` absolute.
+Both are read (the old name is looked for when the new one is absent); the columns are the same.
+
+One row = one GLM training sample, stored unpadded
 (the reader right-pads to `seq_len` with zeros, as the official collate does, spec §3.2):
 
     column              type           meaning
@@ -43,8 +51,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)          # 1: the same columns; `manifest.json`, an absolute tokenizer path
+MANIFEST_NAME = "_manifest.json"    # dataset readers skip names starting with '_' or '.'
+LEGACY_MANIFEST_NAME = "manifest.json"
 # Rows per Parquet row group. Our readers fetch and decode whole shard files (only the columns they need), never
 # one row group, so this only sets the unit of compression for us and of row-group reads for other Parquet tools.
 ROW_GROUP_SIZE = 256
@@ -295,7 +305,7 @@ class Manifest:
     split: str                       # train | validation
     seq_len: int                     # every sample has at most seq_len tokens (the reader pads to it)
     vocab_size: int                  # tokenizer vocabulary size (model vocab must be >= this)
-    tokenizer: dict                  # {"fingerprint": sha256 of the .model, "path": where it was, ...}
+    tokenizer: dict                  # {"fingerprint": sha256 of the .model, "path": relative to this folder, or a URL}
     specials: dict                   # Specials.to_json() of the tokenizer
     variants: int                    # independently masked versions of every chunk
     seed: int                        # global seed of the build
@@ -318,9 +328,10 @@ class Manifest:
     def from_json(cls, text: str, where: str = "manifest") -> Manifest:
         d = json.loads(text)
         v = d.get("schema_version")
-        if v != SCHEMA_VERSION:
-            raise ShardError(f"{where}: schema_version {v} but this code reads version {SCHEMA_VERSION}; "
-                             "rebuild the shard set with this version of jobs/build_shards.py")
+        if v not in READABLE_VERSIONS:
+            raise ShardError(f"{where}: schema_version {v} but this code reads version {SCHEMA_VERSION}; rebuild the "
+                             "shard set with this version of jobs/build_shards.py (readable versions: "
+                             f"{', '.join(map(str, READABLE_VERSIONS))})")
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
         m = cls(**d)
         m.check_entries(where)
@@ -346,19 +357,42 @@ def config_hash(config: dict) -> str:
 
 
 def manifest_url(url: str) -> str:
-    """Accept a shard-set folder or its manifest.json; return the manifest URL."""
+    """Accept a shard-set folder or its manifest file; return the manifest URL (of the current name)."""
     url = url.rstrip("/")
     return url if url.endswith(".json") else f"{url}/{MANIFEST_NAME}"
+
+
+def tokenizer_url(manifest_where: str, manifest: Manifest) -> str | None:
+    """Where the manifest's tokenizer is: its `path` joined to the manifest's folder when relative (version 2;
+    version 1 recorded it as the build saw it)."""
+    path = (manifest.tokenizer or {}).get("path")
+    if not path or "://" in path or path.startswith("/") or manifest.schema_version < 2:
+        return path
+    folder = manifest_where.rsplit("/", 1)[0]
+    while path.startswith("../") and "/" in folder:
+        folder, path = folder.rsplit("/", 1)[0], path[3:]
+    return f"{folder}/{path.removeprefix('./')}"
 
 
 def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     murl = manifest_url(url)
     fs, path = fsspec.core.url_to_fs(murl, **(storage_options or {}))
+    if murl.endswith("/" + MANIFEST_NAME) and not fs.exists(path):   # a shard set of schema version 1
+        legacy = f"{path[:-len(MANIFEST_NAME)]}{LEGACY_MANIFEST_NAME}"
+        if fs.exists(legacy):
+            path, murl = legacy, f"{murl[:-len(MANIFEST_NAME)]}{LEGACY_MANIFEST_NAME}"
     if not fs.exists(path):
         folder = murl.rsplit("/", 1)[0]
         parent, _, leaf = folder.rpartition("/")
-        if fs.exists(f"{path.rsplit('/', 1)[0]}/train/{MANIFEST_NAME}"):   # pointed at a build's --output
+        here = path.rsplit('/', 1)[0]
+        sources = sorted(p.split("/")[-3] for p in fs.glob(f"{here}/*/train/*manifest.json")
+                         if p.rsplit("/", 1)[-1] in (MANIFEST_NAME, LEGACY_MANIFEST_NAME))
+        if any(fs.exists(f"{here}/train/{n}") for n in (MANIFEST_NAME, LEGACY_MANIFEST_NAME)):   # a build's --output
             hint = f"{folder} is the output folder of a build; point to its shard set {folder}/train (or /validation)"
+        elif sources:   # the output of a multi-source build
+            hint = (f"{folder} is the output folder of a multi-source build (sources {', '.join(sources)}); point to "
+                    f"one source's shard set ({folder}/{sources[0]}/train) or train on a mixture of them: "
+                    f"--data='{{sources: {{{sources[0]}: {{path: {folder}/{sources[0]}/train, weight: 1}}, ...}}}}'")
         elif leaf in ("train", "validation") and parent:
             hint = (f"run jobs/build_shards.py --output {parent} (it writes {parent}/train and {parent}/validation; "
                     "rerunning resumes an interrupted build)")

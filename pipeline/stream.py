@@ -27,6 +27,9 @@ LRU eviction under a byte bound, no shared memory; a full disk evicts, else serv
 transient store errors (network, timeouts, unreachable endpoints, 5xx) are retried with capped exponential backoff,
 each retry logged; a missing, truncated or corrupt shard raises `ShardError` naming it.
 `ShardStream.check(...)` refuses a shard set that does not fit the model.
+
+`MixedStream` reads a weighted mixture of shard sets with the same contract (order, ranks, workers, resume); the
+mixture itself — spec, weights, schedule, fingerprint, budget — is `pipeline/mixture.py`.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -45,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import mixture as X
 from pipeline.shards import (
     ARRAY_COLUMNS,
     SCALAR_COLUMNS,
@@ -390,6 +395,10 @@ class ShardStream(IterableDataset):
                 "global_batch_size": self.global_batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
+        if "mixture" in state:
+            names = ", ".join(state["mixture"]["sources"])
+            raise ValueError(f"the checkpoint was trained on a mixture of sources ({names}), not on the one shard "
+                             f"set {self.url}; resume with the same mixture as --data")
         n = int(state["sample_in_epoch"])
         if n % self.global_batch_size:
             raise ValueError(f"resume at sample {n} of epoch {state['epoch']} is not a whole number of global "
@@ -544,6 +553,264 @@ class ShardStream(IterableDataset):
             yield self.make_batch(pairs)
 
 
+# ------------------------------------------------------------------------------------------------ mixtures
+
+class MixedStream(IterableDataset):
+    """Per-rank batches from a weighted mixture of shard sets (pipeline/mixture.py: the spec, the schedule, the
+    meaning of a weight). Same contract as ShardStream: the global sample sequence is a pure function of
+    (manifests, mixture, seed) — one endless sequence, never dependent on world size, batch size or worker count;
+    epoch e is its samples [e E, (e+1) E) with E = samples_per_epoch rounded down to whole global batches (nothing
+    is dropped: the next epoch continues the sequence); ranks and workers split each global batch as in ShardStream;
+    resume is exact mid-epoch at any world size. Batches carry `mixture_source` [B] (the source's name) and
+    `sample_key` prefixed with it ("<source>:<key>", unique across sources).
+
+    The checkpoint state holds the mixture's description (manifest fingerprints, shares) and each source's consumed
+    count; `load_state_dict` refuses another mixture unless allow_change (then: pipeline/mixture.py, SEGMENT)."""
+
+    def __init__(self, mixture, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 config: StreamConfig | None = None, storage_options: dict | None = None,
+                 rank: int | None = None, world_size: int | None = None, allow_change: bool = False):
+        super().__init__()
+        self.mixture = mixture if isinstance(mixture, X.Mixture) else X.load_mixture(mixture)
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: must be >= 1 (samples per device per step)")
+        self.config = config or StreamConfig()
+        self.batch_size, self.seed, self.shuffle, self.allow_change = batch_size, seed, shuffle, allow_change
+        env_rank, env_world = _dist_env()
+        self.rank = env_rank if rank is None else rank
+        self.world_size = env_world if world_size is None else world_size
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={self.rank} is outside world_size={self.world_size}")
+        self.global_batch_size = batch_size * self.world_size
+        # one reader per source: its manifest, cache and retries (a one-sample "batch" never drops anything)
+        self.readers = [ShardStream(s.path, 1, seed=seed, shuffle=shuffle, config=self.config,
+                                    storage_options=storage_options, rank=0, world_size=1)
+                        for s in self.mixture.sources]
+        self.names = self.mixture.names
+        manifests = {n: r.manifest for n, r in zip(self.names, self.readers)}
+        first = self.readers[0].manifest
+        for n, r in zip(self.names, self.readers):
+            m = r.manifest
+            for what, a, b in (("seq_len", m.seq_len, first.seq_len), ("split", m.split, first.split),
+                               ("tokenizer fingerprint", (m.tokenizer or {}).get("fingerprint"),
+                                (first.tokenizer or {}).get("fingerprint"))):
+                if a != b:
+                    raise ValueError(f"{self.mixture.where}: source {n} ({r.url}) has {what} {a} but source "
+                                     f"{self.names[0]} has {b}; every source of a mixture must be built with the same "
+                                     "tokenizer and seq_len (a multi-source build does that: jobs/build_shards.py "
+                                     "with `sources:`), and all train or all validation sets")
+        self.manifest = first        # what train.py derives vocab_size and seq_len from (the same for every source)
+        self.seq_len = self.max_seq_len = first.seq_len
+        self.variants = [sorted({s.variant for s in r.manifest.shards}) for r in self.readers]
+        self.pass_sizes = [np.array([sum(s.rows for s in r.manifest.shards if s.variant == v) for v in vs], np.int64)
+                           for r, vs in zip(self.readers, self.variants)]
+        self.cycle_starts = [np.concatenate([[0], np.cumsum(p)]) for p in self.pass_sizes]
+        # each source's own order seed: the same source under the same seed reads the same sequence in any mixture
+        self.source_seeds = [int(np.random.SeedSequence([seed, zlib.crc32(n.encode())]).generate_state(1)[0])
+                             for n in self.names]
+        self.description = X.describe(self.mixture, manifests)
+        self.fingerprint = X.fingerprint(self.description)
+        self.schedule = X.Schedule(self.mixture.quanta)
+        raw = self.mixture.samples_per_epoch or int(sum(p[0] for p in self.pass_sizes))
+        self.samples_per_epoch = raw // self.global_batch_size * self.global_batch_size
+        if self.samples_per_epoch == 0:
+            raise ValueError(f"{self.mixture.where}: {raw} samples per epoch are fewer than one global batch "
+                             f"({self.global_batch_size}); lower the batch size or raise samples_per_epoch")
+        self._epoch, self._started, self._skip, self._iter_skip = 0, False, 0, 0
+        self._epoch_start, self._epoch_end = 0, self.samples_per_epoch
+        self._warned: set[str] = set()
+        self._decoded: OrderedDict | None = None   # per process (see __iter__); never sent to workers
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_decoded"] = None
+        return d
+
+    # ---- derived figures --------------------------------------------------------------------------------
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self._epoch_end - self._epoch_start) // self.global_batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def check(self, **kw) -> None:
+        """ShardStream.check for every source."""
+        for r in self.readers:
+            r.check(**kw)
+
+    def _pass_of(self, i: int, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices j of source i -> (pass, index within that pass)."""
+        cs = self.cycle_starts[i]
+        c, rem = np.divmod(j, cs[-1])
+        v = np.searchsorted(cs, rem, side="right") - 1
+        return c * len(self.pass_sizes[i]) + v, rem - cs[v]
+
+    def progress(self, num_samples: int | None = None) -> dict[str, dict]:
+        """Per source at global sample `epoch start + num_samples` (Composer's sample_in_epoch; None = the end of
+        the current epoch): samples consumed, realised and target share, passes, and whether masks are reused."""
+        g = self._epoch_end if num_samples is None else self._epoch_start + int(num_samples)
+        counts = self.schedule.counts(g)
+        total = max(1, int(counts.sum()))
+        out = {}
+        for i, n in enumerate(self.names):
+            c = int(counts[i])
+            last_pass = int(self._pass_of(i, np.array([max(c - 1, 0)]))[0][0]) + 1 if c else 0   # 1-based
+            out[n] = {"samples": c, "share": c / total, "target": float(self.mixture.shares[i]),
+                      "passes": round(c / float(self.pass_sizes[i].mean()), 4), "pass": last_pass,
+                      "masks_reused": last_pass > len(self.variants[i])}
+        return out
+
+    def check_budget(self, max_duration: str) -> dict[str, dict]:
+        """Refuse up front (ValueError naming source and numbers) a run that would read a source more than its
+        max_repeats times; returns per source the samples and passes the run needs. Warns once per source whose
+        repeats will reuse stored masks (more passes than K variants)."""
+        end = X.samples_for_duration(max_duration, seq_len=self.seq_len, global_batch_size=self.global_batch_size,
+                                     samples_per_epoch=self.samples_per_epoch)
+        per = {n: X.pass_samples(r.manifest) for n, r in zip(self.names, self.readers)}
+        budget = X.check_budget(self.mixture, self.schedule, per, {n: len(v) for n, v in
+                                                                   zip(self.names, self.variants)}, end)
+        for n, b in budget.items():
+            if b["masks_reused"] and n not in self._warned:
+                self._warned.add(n)
+                k = len(self.variants[self.names.index(n)])
+                log.warning("mixture source %s will be read %.2f times but has K=%d stored mask variants: passes "
+                            "beyond %d reuse a variant's masks (in a new order); build it with more --variants for "
+                            "fresh masks on every repeat", n, b["passes"], k, k)
+        return budget
+
+    # ---- epochs and resume (Composer's dataset protocol, as ShardStream) ----------------------------------
+    def begin_epoch(self) -> None:
+        if self._started:
+            self._epoch += 1
+            self._epoch_start, self._epoch_end = self._epoch_end, self._epoch_end + self.samples_per_epoch
+            self._skip = 0
+        self._started = True
+        self._iter_skip, self._skip = self._skip, 0
+        for n, p in self.progress().items():   # said once per source, in the main process
+            if p["masks_reused"] and n not in self._warned:
+                self._warned.add(n)
+                k = len(self.variants[self.names.index(n)])
+                log.warning("mixture source %s reaches pass %d by the end of epoch %d but has only K=%d stored mask "
+                            "variants: from pass %d on its repeats reuse masks (in a new order); build it with more "
+                            "--variants for fresh masks on every repeat", n, p["pass"], self._epoch, k, k + 1)
+
+    def state_dict(self, num_samples: int, from_beginning: bool = True) -> dict:
+        """num_samples: GLOBAL samples consumed in the current epoch (Composer sums over ranks)."""
+        if not from_beginning:
+            num_samples += self._iter_skip if self._started else self._skip
+        epoch, start = self._epoch, self._epoch_start
+        if num_samples == 0 and self._started:   # after the epoch rolled over
+            epoch, start = epoch + 1, self._epoch_end
+        g = start + int(num_samples)
+        consumed = self.schedule.counts(g)
+        return {"epoch": epoch, "sample_in_epoch": int(num_samples), "epoch_start": start,
+                "samples_per_epoch": self.samples_per_epoch, "world_size": self.world_size,
+                "global_batch_size": self.global_batch_size, "seed": self.seed,
+                "mixture": self.description, "fingerprint": self.fingerprint,
+                "segment": {"start": self.schedule.start,
+                            "base": {n: int(b) for n, b in zip(self.names, self.schedule.base)}},
+                "consumed": {n: int(c) for n, c in zip(self.names, consumed)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = int(state["sample_in_epoch"])
+        if n % self.global_batch_size:
+            raise ValueError(f"resume at sample {n} of epoch {state['epoch']} is not a whole number of global "
+                             f"batches of {self.global_batch_size}; resume with batch_size x world_size = "
+                             f"{state.get('global_batch_size')} (as saved)")
+        if "mixture" not in state:
+            raise ValueError("the checkpoint's data state is of a single shard set, not a mixture; resume with "
+                             "the shard set it was trained on (--data=<its folder>)")
+        if state.get("seed", self.seed) != self.seed:
+            log.warning("resuming a mixture saved with seed %s under seed %s: the order changes", state["seed"],
+                        self.seed)
+        start = int(state["epoch_start"])
+        g = start + n
+        if X.check_change(state["mixture"], self.description, self.allow_change):
+            consumed = state["consumed"]
+            log.warning("resuming with a changed mixture (allow_change): %s; the new shares apply from global "
+                        "sample %d, every source continues after the samples it has consumed: %s",
+                        "; ".join(X.diff(state["mixture"], self.description)), g, consumed)
+            self.schedule = X.Schedule(self.mixture.quanta, start=g,
+                                       base=[int(consumed.get(name, 0)) for name in self.names])
+        else:
+            seg = state["segment"]
+            self.schedule = X.Schedule(self.mixture.quanta, start=int(seg["start"]),
+                                       base=[int(seg["base"][name]) for name in self.names])
+        end = start + self.samples_per_epoch
+        if end <= g:   # a shorter epoch now (changed mixture or batch): the resumed epoch runs one epoch more
+            end = g + self.samples_per_epoch
+        self._epoch, self._skip, self._started = int(state["epoch"]), n, False
+        self._epoch_start, self._epoch_end = start, end
+
+    # ---- reading ------------------------------------------------------------------------------------------
+    def _order(self, cache: dict, i: int, p: int) -> EpochOrder:
+        key = (i, p)
+        if key not in cache:
+            if len(cache) > 4 * len(self.names):
+                cache.pop(next(iter(cache)))
+            cache[key] = EpochOrder(self.readers[i].manifest, p, self.source_seeds[i], self.shuffle,
+                                    self.config.shuffle_window, 1)
+        return cache[key]
+
+    def locate(self, g: np.ndarray, orders: dict | None = None) -> list[tuple[int, ShardInfo, int]]:
+        """Global sample indices -> [(source index, shard entry, row)]."""
+        orders = {} if orders is None else orders
+        src, j = self.schedule.locate(g)
+        out: list = [None] * len(src)
+        for i in np.unique(src).tolist():
+            m = np.flatnonzero(src == i)
+            passes, idx = self._pass_of(i, j[m])
+            for p in np.unique(passes).tolist():
+                mm = passes == p
+                order = self._order(orders, i, p)
+                ks, rows = order.locate(idx[mm])
+                for pos, k, r in zip(m[mm].tolist(), ks.tolist(), rows.tolist()):
+                    out[pos] = (i, order.shards[k], r)
+        return out
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        gb, b = self.global_batch_size, self.batch_size
+        start = self._epoch_start
+        num_steps = (self._epoch_end - start) // gb
+        first = self._iter_skip // gb
+        # decoded shards (small LRU), kept across epochs in this process: mixture epochs are cuts through one
+        # continuous sequence, so the next epoch starts inside the shards the last one was reading
+        if self._decoded is None:
+            self._decoded = OrderedDict()
+        decoded: OrderedDict[tuple[int, str], ShardSamples] = self._decoded
+        keep = sum(max(2, self.config.shuffle_window // max(1, min(s.rows for s in r.manifest.shards)) + 2)
+                   for r in self.readers)
+        orders: dict = {}
+        steps = list(range(first + worker, num_steps, num_workers))
+        block = 32   # steps located together: the numpy work per call is amortised over 32 batches
+        for s0 in range(0, len(steps), block):
+            todo = np.array(steps[s0:s0 + block], dtype=np.int64)
+            g = (start + todo[:, None] * gb + self.rank * b + np.arange(b)[None, :]).reshape(-1)
+            located = self.locate(g, orders)
+            for k in range(len(todo)):
+                pairs, names = [], []
+                for i, shard, r in located[k * b:(k + 1) * b]:
+                    key = (i, shard.name)
+                    if key not in decoded:
+                        decoded[key] = self.readers[i].read(shard)
+                        while len(decoded) > keep:
+                            decoded.popitem(last=False)
+                    decoded.move_to_end(key)
+                    pairs.append((decoded[key], r))
+                    names.append(self.names[i])
+                batch = self.readers[0].make_batch(pairs)
+                batch["sample_key"] = [f"{n}:{key}" for n, key in zip(names, batch["sample_key"])]
+                batch["mixture_source"] = names
+                yield batch
+
+
 def _as_is(batch: dict) -> dict:
     """StreamLoader's collate_fn (module level so that worker processes can unpickle it)."""
     return batch
@@ -555,7 +822,8 @@ class StreamLoader(DataLoader):
     Workers are not persistent, so every epoch re-sends the dataset (with its epoch and resume offset) to them.
     """
 
-    def __init__(self, dataset: ShardStream, num_workers: int | None = None, prefetch_factor: int | None = None):
+    def __init__(self, dataset: ShardStream | MixedStream, num_workers: int | None = None,
+                 prefetch_factor: int | None = None):
         n = dataset.config.num_workers if num_workers is None else num_workers
         pf = dataset.config.prefetch_factor if prefetch_factor is None else prefetch_factor
         # its own generator: creating an iterator must not draw from the global torch RNG (dropout masks after

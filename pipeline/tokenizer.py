@@ -364,6 +364,12 @@ def save(tok: Tokenizer, path: str) -> None:
     tok.save_specials_json(re.sub(r"\.model$", "", path) + ".json")
 
 
+def _join(folder: str, relative: str) -> str:
+    """folder/relative with `..` resolved, also in a URL (object stores do not resolve it)."""
+    scheme, sep, rest = folder.rpartition("://")
+    return f"{scheme}{sep}{posixpath.normpath(posixpath.join(rest, relative))}"
+
+
 def tokenizer_candidates(recorded: str, manifest: str) -> list[str]:
     """Where the manifest's tokenizer may be. A relative path was written relative to the folder the build ran
     in, and a shard set may have been moved or copied since, so: the recorded path (when absolute or a URL),
@@ -376,7 +382,7 @@ def tokenizer_candidates(recorded: str, manifest: str) -> list[str]:
     output = posixpath.dirname(folder)           # the build's output folder
     name = recorded.replace("\\", "/").rsplit("/", 1)[-1]
     absolute = "://" in recorded or os.path.isabs(recorded)
-    out = [recorded if absolute else f"{folder}/{recorded}", f"{folder}/{name}", f"{output}/{name}"]
+    out = [recorded if absolute else _join(folder, recorded), f"{folder}/{name}", f"{output}/{name}"]
     return list(dict.fromkeys(out + ([] if absolute else [recorded])))
 
 

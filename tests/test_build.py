@@ -225,7 +225,7 @@ def test_s3_input_and_output(s3_bucket, small_corpus, tokenizer_path, reference,
     assert len(rows) == len(ref_rows)
     assert [r["input_ids"].tolist() for r in rows] == [r["input_ids"].tolist() for r in ref_rows], \
         "same corpus and settings give the same samples from S3 as from local disk"
-    assert fs.exists(f"{bucket}/shards/validation/manifest.json") and ms["train"].accounting["pad_fraction"] < 0.02
+    assert fs.exists(f"{bucket}/shards/validation/_manifest.json") and ms["train"].accounting["pad_fraction"] < 0.02
     assert not [p for p in fs.find(f"{bucket}/shards") if ".tmp-" in p]
     with pytest.raises(ValueError, match="no-such-bucket"):
         build(cfg_for(["s3://no-such-bucket/raw/*.txt"], f"s3://{bucket}/x", tokenizer_path, storage_options=so))
@@ -267,7 +267,7 @@ def test_driver_killed_midway_then_rerun_is_identical(reference, small_corpus, t
     os.killpg(p.pid, signal.SIGKILL)     # the driver, its in-process Ray and every worker
     p.wait()
     done = len(list(receipts.glob("*.json")))
-    assert not (out / "train" / "manifest.json").exists(), "killed before the end: no manifest yet"
+    assert not (out / "train" / "_manifest.json").exists(), "killed before the end: no manifest yet"
     killed_pid = p.pid
     p = _subprocess_build(out, small_corpus, tokenizer_path, "--group-bytes=20000")
     log, _ = p.communicate(timeout=300)

@@ -58,7 +58,7 @@ def test_overwrite_removes_only_what_a_build_wrote(tmp_path, small_corpus, token
     listed = {f"{split}/{s.name}" for split in ("train", "validation") for s in read_all(str(own), split)[0].shards}
     left = {str(p.relative_to(own)) for p in own.rglob("*") if p.is_file()}
     receipts = {p for p in left if p.startswith("_receipts/")}
-    assert left == listed | receipts | {"_build.json", "train/manifest.json", "validation/manifest.json"}
+    assert left == listed | receipts | {"_build.json", "train/_manifest.json", "validation/_manifest.json"}
 
 
 def test_rerun_rebuilds_damaged_shards(tmp_path, small_corpus, tokenizer_path, ray_local, capsys):
@@ -131,7 +131,7 @@ def test_zero_samples_is_an_error_and_zst_inputs_build(tmp_path, small_corpus, t
     (bad / "tiny.txt").write_text("Hi.")
     with pytest.raises(ValueError, match=r"0 training samples.*binary.*empty"):
         build(cfg_for([str(bad)], tmp_path / "o2", tokenizer_path))
-    assert not (tmp_path / "o2" / "train" / "manifest.json").exists()
+    assert not (tmp_path / "o2" / "train" / "_manifest.json").exists()
     with pytest.raises(ValueError, match=r"no text to train a tokenizer on.*binary"):
         build(cfg_for([str(bad / "binary.txt"), str(bad / "empty.txt")], tmp_path / "o3", None))
 
@@ -167,7 +167,7 @@ def test_s3_overwrite_and_lock(s3_bucket, small_corpus, tokenizer_path, ray_loca
     build(cfg_for(inputs, out, tokenizer_path, storage_options=so))
     with pytest.raises(ValueError, match=rf"--overwrite refused.*{bucket}/raw/"):
         build(cfg_for(inputs, out, tokenizer_path, storage_options=so, seq_len=96, overwrite=True))
-    assert len(fs.ls(f"{bucket}/raw")) == 3 and fs.exists(f"{bucket}/train/manifest.json")
+    assert len(fs.ls(f"{bucket}/raw")) == 3 and fs.exists(f"{bucket}/train/_manifest.json")
 
     fs.pipe_file(f"{bucket}/_lock.json", _lock_text("gpu-node-7", 4242, age_s=5).encode())
     with pytest.raises(ValueError, match=r"being built by build f+ \(pid 4242 on host gpu-node-7.*delete "

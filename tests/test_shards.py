@@ -21,8 +21,9 @@ from pipeline.tokenizer import Tokenizer
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "washington_1790_state_of_the_union.txt"
 
-# (SCHEMA_VERSION, sha256 of shards.canonical_schema()) as of the last deliberate schema change.
-SNAPSHOT = (1, "66ff96f58afb3c5fc427092dbb7255434222597559c4f7ba51a8f742bb92efd0")
+# (SCHEMA_VERSION, sha256 of shards.canonical_schema()) as of the last deliberate schema change (2: same columns,
+# `_manifest.json` and no absolute paths in the manifest).
+SNAPSHOT = (2, "66ff96f58afb3c5fc427092dbb7255434222597559c4f7ba51a8f742bb92efd0")
 
 
 def snapshot_problem(version: int, schema_text: str) -> str | None:

@@ -368,7 +368,7 @@ def test_store_outage_is_retried_then_named(proxied_set, tmp_path, caplog):
                                          r"\(now 1\).*--stream.retry_backoff_max_s"):
         next(iter(StreamLoader(ds2)))
     # an endpoint that does not answer at start-up: the manifest URL and the endpoint_url fix, no raw traceback
-    with pytest.raises(ShardError, match=rf"reading {url}/manifest.json failed \(1 attempts.*endpoint_url: https"):
+    with pytest.raises(ShardError, match=rf"reading {url}/_manifest.json failed \(1 attempts.*endpoint_url: https"):
         ShardStream(url, 4, storage_options=via, config=dataclasses.replace(cfg2, retries=0))
 
 
@@ -380,7 +380,7 @@ def test_missing_credentials_are_named(s3_bucket, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    with pytest.raises(ShardError, match=rf"s3://{bucket}/set/manifest.json: no credentials.*AWS_ACCESS_KEY_ID"):
+    with pytest.raises(ShardError, match=rf"s3://{bucket}/set/_manifest.json: no credentials.*AWS_ACCESS_KEY_ID"):
         ShardStream(f"s3://{bucket}/set", 4, storage_options={**so, "skip_instance_cache": True})
 
 

@@ -54,7 +54,7 @@ def shards(tmp_path_factory, sotu_files) -> str:
     out = str(tmp_path_factory.mktemp("shards") / "set")
     subprocess.run([PY, "-c", BUILD, out, *sotu_files[-12:]], check=True, env=_env(), cwd=REPO, timeout=300,
                    stdout=subprocess.DEVNULL)
-    assert os.path.exists(f"{out}/train/manifest.json") and os.path.exists(f"{out}/validation/manifest.json")
+    assert os.path.exists(f"{out}/train/_manifest.json") and os.path.exists(f"{out}/validation/_manifest.json")
     return out
 
 
@@ -117,10 +117,10 @@ def test_mismatches_are_refused(shards, tmp_path):
         train.main(train.parse_args(tiny_args(shards, str(tmp_path / "a"), "--model.vocab_size=512")))
     other = tmp_path / "other-validation"
     shutil.copytree(f"{shards}/validation", other)
-    m = json.loads((other / "manifest.json").read_text())
+    m = json.loads((other / "_manifest.json").read_text())
     real = m["tokenizer"]["fingerprint"]
     m["tokenizer"]["fingerprint"] = "0" * 64  # shards tokenized by another tokenizer
-    (other / "manifest.json").write_text(json.dumps(m))
+    (other / "_manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=f"tokenizer fingerprint {'0' * 64} but the run expects {real}"):
         train.main(train.parse_args(tiny_args(shards, str(tmp_path / "b"), f"--eval-data={other}")))
 
