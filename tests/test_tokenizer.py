@@ -127,7 +127,7 @@ def test_train_from_compressed_files_matches_plain(tmp_path, tok):
 
 @pytest.mark.ray
 def test_inspect_shards_finds_the_build_tokenizer_from_another_folder(tmp_path, small_corpus):
-    """A build run as `--output shards` records `shards/tokenizer.model`, relative to where it ran; inspecting
+    """A build run as `--output shards` records its tokenizer relative to the shard set; inspecting
     from another folder, or after moving the shard set, must still find (and verify) that tokenizer."""
     import os
     import shutil
@@ -140,10 +140,10 @@ def test_inspect_shards_finds_the_build_tokenizer_from_another_folder(tmp_path, 
                             "--num-cpus=1", "--validation-fraction=0"], cwd=tmp_path / "proj", env=env,
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stdout + build.stderr
-    assert '"path": "shards/tokenizer.model"' in (tmp_path / "proj/shards/train/manifest.json").read_text()
+    assert '"path": "../tokenizer.model"' in (tmp_path / "proj/shards/train/_manifest.json").read_text()
     shutil.move(tmp_path / "proj/shards", tmp_path / "moved")
     for cwd, shards in ((tmp_path, "moved/train"), (tmp_path / "moved/train", "."), (root, tmp_path / "moved/train"),
-                        (tmp_path / "moved", "train/manifest.json")):
+                        (tmp_path / "moved", "train/_manifest.json")):
         r = subprocess.run([sys.executable, str(root / "jobs/inspect_shards.py"), str(shards), "-n", "1"],
                            cwd=cwd, capture_output=True, text=True)
         assert r.returncode == 0 and "Part A:" in r.stdout, (cwd, shards, r.stderr)
