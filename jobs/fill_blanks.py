@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> str:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams, length_penalty=args.length_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, min_length=args.min_length,
-        generator=torch.Generator().manual_seed(args.seed))
+        generator=torch.Generator().manual_seed(args.seed), vocab_size=tok.vocab_size)
 
     # Put each decoded answer where its blank was (the blanks are in text order, as fill_blanks returns them).
     parts = re.split("(" + "|".join(re.escape(m) for m in MASK_STRINGS) + ")", args.text)

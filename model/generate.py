@@ -53,7 +53,8 @@ def build_context(ids: Sequence[int], specials: SpecialIds) -> tuple[list[int], 
 def fill_blanks(model: GLM, ids: Sequence[int], specials: SpecialIds, strategy: str = "greedy",
                 max_new_tokens: int = 32, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                 num_beams: int = 4, length_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
-                min_length: int = 0, generator: torch.Generator | None = None, seed: int = 0) -> list[list[int]]:
+                min_length: int = 0, generator: torch.Generator | None = None, seed: int = 0,
+                vocab_size: int = 0) -> list[list[int]]:
     """Fill every [MASK]/[sMASK]/[gMASK] in `ids`; returns one answer (ids, without sop/eop) per blank, in order.
 
     strategy "greedy" (argmax), "sample" (temperature, then top_k, then top_p nucleus; `generator`, else a
@@ -61,6 +62,8 @@ def fill_blanks(model: GLM, ids: Sequence[int], specials: SpecialIds, strategy: 
     seq2seq configs' --select-topk, hypothesis score Σlogp / len^length_penalty with len counting eop, early
     stopping off). no_repeat_ngram_size bans repeating an n-gram of the blank's own tokens (sop included);
     min_length forbids eop/eos before that many answer tokens. At most max_new_tokens tokens per blank.
+    vocab_size: the tokenizer's size when the model's embedding is padded beyond it (train.py pads to a multiple):
+    ids past it are never chosen (no tokenizer could decode them); 0 = every row of the model's output.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}")
@@ -76,6 +79,7 @@ def fill_blanks(model: GLM, ids: Sequence[int], specials: SpecialIds, strategy: 
                          f"{rows}-row position tables; shorten the text or lower max_new_tokens")
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
+    limit = vocab_size or None            # a slice bound: logits[..., :limit]
     was_training = model.training
     model.eval()
     try:
@@ -85,13 +89,14 @@ def fill_blanks(model: GLM, ids: Sequence[int], specials: SpecialIds, strategy: 
             more = n + 1 < len(blanks)
             if strategy == "beam":
                 answer = _beam_search(model, cache, p, specials, num_beams, max_new_tokens, length_penalty,
-                                      no_repeat_ngram_size, min_length)
+                                      no_repeat_ngram_size, min_length, limit)
                 if more:  # put the chosen answer in the cache for the later blanks
                     _, cache = _forward(model, [specials.sop, *answer], [p] * (len(answer) + 1),
                                         list(range(1, len(answer) + 2)), sep=0, cache=cache)
             else:
                 answer, cache = _sample_blank(model, cache, p, specials, strategy, max_new_tokens, temperature,
-                                              top_k, top_p, no_repeat_ngram_size, min_length, generator, more)
+                                              top_k, top_p, no_repeat_ngram_size, min_length, generator, more,
+                                              limit)
             answers.append(answer)
         return answers
     finally:
@@ -107,12 +112,12 @@ def _forward(model: GLM, tokens: Sequence[int], positions: Sequence[int], block_
 
 
 def _sample_blank(model, cache, p, specials, strategy, max_new_tokens, temperature, top_k, top_p,
-                  no_repeat_ngram_size, min_length, generator, feed_last):
+                  no_repeat_ngram_size, min_length, generator, feed_last, limit):
     stops = (specials.eop, specials.eos)
     seq = [specials.sop]                  # this blank's Part B tokens, fed one per step
     for k in range(max_new_tokens):
         logits, cache = _forward(model, seq[-1:], [p], [k + 1], sep=0, cache=cache)
-        scores = _constrain(logits[0, -1].float().cpu(), seq, stops, min_length, no_repeat_ngram_size)
+        scores = _constrain(logits[0, -1, :limit].float().cpu(), seq, stops, min_length, no_repeat_ngram_size)
         token = _choose(scores, strategy, temperature, top_k, top_p, generator)
         if token in stops:                # not fed, not kept (spec §10.1)
             return seq[1:], cache
@@ -123,7 +128,7 @@ def _sample_blank(model, cache, p, specials, strategy, max_new_tokens, temperatu
 
 
 def _beam_search(model, cache, p, specials, num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size,
-                 min_length) -> list[int]:
+                 min_length, limit) -> list[int]:
     stops = (specials.eop, specials.eos)
     n = num_beams
     cache = cache.index_select(torch.zeros(n, dtype=torch.long, device=cache.keys[0].device))
@@ -136,7 +141,7 @@ def _beam_search(model, cache, p, specials, num_beams, max_new_tokens, length_pe
         ids = torch.tensor([[s[-1]] for s in seqs], device=device)
         logits, cache = model(ids, torch.full_like(ids, p), torch.full_like(ids, k + 1), sep=0, mems=cache,
                               return_mems=True)
-        logp = F.log_softmax(logits[:, -1].float().cpu(), dim=-1)
+        logp = F.log_softmax(logits[:, -1, :limit].float().cpu(), dim=-1)
         logp = torch.stack([_constrain(logp[b], seqs[b], stops, min_length, no_repeat_ngram_size) for b in range(n)])
         V = logp.shape[-1]
         top_scores, top_idx = (logp + beam_scores[:, None]).view(-1).topk(min(2 * n, n * V))

@@ -210,3 +210,17 @@ def test_fill_blanks_main_strategies_and_composer_checkpoint(small_checkpoint, t
     assert m and m.group(1).strip() not in ("", "[MASK]"), filled
     if strategy == "sample":
         assert main(args) == filled  # --seed makes it reproducible
+
+
+def test_padded_vocabulary_rows_are_never_chosen():
+    """train.py pads the embedding beyond the tokenizer (a multiple of 64 rows): fill_blanks(vocab_size=...) must
+    never pick a padding id, which no tokenizer can decode. Near-uniform sampling shows the rows are reachable
+    without the bound."""
+    model = tiny_model(vocab_size=64)
+    ids = [SP.cls, 9, 10, 11, SP.mask, 12, 13, SP.eos]
+    picked = lambda **kw: {t for s in range(4) for a in fill_blanks(model, ids, SP, "sample", 30, temperature=50.0,
+                                                                 seed=s, **kw) for t in a}
+    assert max(picked()) >= 40
+    assert max(picked(vocab_size=40)) < 40
+    for strategy in ("greedy", "beam"):
+        assert all(t < 40 for a in fill_blanks(model, ids, SP, strategy, 12, vocab_size=40) for t in a)
