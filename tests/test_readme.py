@@ -98,8 +98,8 @@ def test_readme_commands_run_as_written(workdir):
             assert out.stdout.strip(), cmd
         if " ... " not in written:
             previous = written
-    assert os.path.exists(os.path.join(workdir, "data", "shards", "train", "manifest.json"))
-    assert os.path.exists(os.path.join(workdir, "data", "mycorpus", "train", "manifest.json"))
+    assert os.path.exists(os.path.join(workdir, "data", "shards", "train", "_manifest.json"))
+    assert os.path.exists(os.path.join(workdir, "data", "mycorpus", "train", "_manifest.json"))
     assert os.path.exists(os.path.join(workdir, "runs", "tiny", "latest-rank0.pt"))
     assert os.path.exists(os.path.join(workdir, "runs", "tiny1", "latest-rank0.pt"))
     assert len(ran) >= 9, ran
