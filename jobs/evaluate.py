@@ -29,16 +29,13 @@ import torch
 from model.checkpoint import load_checkpoint, trained_data_fingerprint
 from model.evaluate import TaskEvaluator, format_table
 from pipeline import evalsets as E
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import Tokenizer, add_tokenizer_arguments
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="hub/official folder, weights file or Composer .pt")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model trained by pipeline/tokenizer.py")
-    ap.add_argument("--tokenizer-commands", default="ours", choices=("ours", "appended", "appended_unfixed"),
-                    help="where the GLM command tokens sit: ours (a model trained here) or appended (a model you "
-                         "brought, built with that tokenizer_commands)")
+    add_tokenizer_arguments(ap)
     ap.add_argument("--config", default=None, help="config.json or preset name, when the checkpoint has none")
     ap.add_argument("--tasks", default="lambada,piqa,arc_easy,bpb",
                     help=f"comma-separated: {', '.join(E.BUILTIN)}, all, bpb:<glob>, or JSONL paths")
@@ -55,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     tok = Tokenizer.load(args.tokenizer, commands=args.tokenizer_commands)
     model = load_checkpoint(args.checkpoint, args.config, device=args.device).eval()
-    tok.check_trained_with(trained_data_fingerprint(args.checkpoint), args.checkpoint)
-    if model.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size={tok.vocab_size}: "
-                         "this checkpoint was not trained with this tokenizer")
+    tok.check_trained_with(trained_data_fingerprint(args.checkpoint), args.checkpoint, model.config.vocab_size)
     seq_len = args.seq_len or model.config.max_position_embeddings
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"--seq-len={seq_len} exceeds the model's max_position_embeddings="

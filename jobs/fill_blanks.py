@@ -29,17 +29,14 @@ import torch
 
 from model.checkpoint import load_checkpoint, trained_data_fingerprint
 from model.generate import STRATEGIES, fill_blanks
-from pipeline.tokenizer import MASK_STRINGS, Tokenizer
+from pipeline.tokenizer import MASK_STRINGS, Tokenizer, add_tokenizer_arguments
 
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("text", help='text with [MASK], [sMASK] or [gMASK] blanks (quote it)')
     ap.add_argument("--checkpoint", required=True, help="hub/official folder, weights file or Composer .pt")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model trained by pipeline/tokenizer.py")
-    ap.add_argument("--tokenizer-commands", default="ours", choices=("ours", "appended", "appended_unfixed"),
-                    help="where the GLM command tokens sit: ours (a model trained here) or appended (a model you "
-                         "brought, built with that tokenizer_commands)")
+    add_tokenizer_arguments(ap)
     ap.add_argument("--config", default=None, help="config.json or preset name, when the checkpoint has none")
     ap.add_argument("--strategy", default="greedy", choices=STRATEGIES)
     ap.add_argument("--max-new-tokens", type=int, default=32, help="per blank")
@@ -56,10 +53,7 @@ def main(argv: list[str] | None = None) -> str:
 
     tok = Tokenizer.load(args.tokenizer, commands=args.tokenizer_commands)
     model = load_checkpoint(args.checkpoint, args.config, device=args.device).eval()
-    tok.check_trained_with(trained_data_fingerprint(args.checkpoint), args.checkpoint)
-    if model.config.vocab_size < tok.vocab_size:
-        raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size={tok.vocab_size}: "
-                         "this checkpoint was not trained with this tokenizer")
+    tok.check_trained_with(trained_data_fingerprint(args.checkpoint), args.checkpoint, model.config.vocab_size)
     answers = fill_blanks(
         model, tok.encode_with_blanks(args.text), tok.specials, strategy=args.strategy,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

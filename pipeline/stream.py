@@ -117,6 +117,16 @@ def _dist_env() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def _placement(rank: int | None, world_size: int | None, batch_size: int) -> tuple[int, int, int]:
+    """(rank, world_size, global batch size): given values, else the launcher's environment."""
+    env_rank, env_world = _dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is outside world_size={world_size}")
+    return rank, world_size, batch_size * world_size
+
+
 def default_cache_dir() -> str:
     """Per user, never a shared temp folder: $XDG_CACHE_HOME/glm-stack/shards or ~/.cache/glm-stack/shards
     (glm-stack created 0700)."""
@@ -301,12 +311,7 @@ class ShardStream(IterableDataset):
         self.manifest = self._retry(lambda: read_manifest(self.url, self.storage_options), self.url)
         self.batch_size = batch_size
         self.seed, self.shuffle = seed, shuffle
-        env_rank, env_world = _dist_env()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank={self.rank} is outside world_size={self.world_size}")
-        self.global_batch_size = batch_size * self.world_size
+        self.rank, self.world_size, self.global_batch_size = _placement(rank, world_size, batch_size)
         self.seq_len = self.manifest.seq_len
         self.max_seq_len = self.seq_len  # Composer reads this name for token counts
         validation = self.manifest.split == "validation"
@@ -576,12 +581,7 @@ class MixedStream(IterableDataset):
             raise ValueError(f"batch_size={batch_size}: must be >= 1 (samples per device per step)")
         self.config = config or StreamConfig()
         self.batch_size, self.seed, self.shuffle, self.allow_change = batch_size, seed, shuffle, allow_change
-        env_rank, env_world = _dist_env()
-        self.rank = env_rank if rank is None else rank
-        self.world_size = env_world if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank={self.rank} is outside world_size={self.world_size}")
-        self.global_batch_size = batch_size * self.world_size
+        self.rank, self.world_size, self.global_batch_size = _placement(rank, world_size, batch_size)
         # one reader per source: its manifest, cache and retries (a one-sample "batch" never drops anything)
         self.readers = [ShardStream(s.path, 1, seed=seed, shuffle=shuffle, config=self.config,
                                     storage_options=storage_options, rank=0, world_size=1)

@@ -212,9 +212,13 @@ class Tokenizer:
         self.command_strings = self.specials.command_strings()
         self.command_ids = frozenset(self.command_strings)
 
-    def check_trained_with(self, saved: dict, checkpoint: str) -> None:
+    def check_trained_with(self, saved: dict, checkpoint: str, model_vocab_size: int) -> None:
         """Refuse to decode a model's ids with another vocabulary: `saved` is what the checkpoint records about its
-        data (model.checkpoint.trained_data_fingerprint; {} when it records nothing)."""
+        data (model.checkpoint.trained_data_fingerprint; {} when it records nothing, e.g. an official checkpoint,
+        where only a vocabulary larger than the model's output is caught)."""
+        if model_vocab_size < self.vocab_size:
+            raise ValueError(f"model vocab_size={model_vocab_size} < tokenizer vocab_size={self.vocab_size}: "
+                             f"{checkpoint!r} was not trained with tokenizer {self.source!r}")
         want = saved.get("tokenizer_fingerprint")
         if want and want != self.fingerprint:
             raise ValueError(f"tokenizer {self.source!r} (fingerprint {self.fingerprint[:12]}…, {self.vocab_size} "
@@ -407,3 +411,11 @@ def find_tokenizer(recorded: str, manifest: str, fingerprint: str, storage_optio
         tried.append(f"{path} (fingerprint {tok.fingerprint[:16]})")
     raise ValueError(f"the shards' tokenizer (fingerprint {fingerprint[:16]}, recorded as {recorded!r}) is not at "
                      f"any of: {'; '.join(tried)}; pass it with --tokenizer")
+
+
+def add_tokenizer_arguments(ap) -> None:
+    """--tokenizer and --tokenizer-commands, for the job scripts that decode a model's ids (argparse parser)."""
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece .model the checkpoint was trained with")
+    ap.add_argument("--tokenizer-commands", default="ours", choices=("ours", "appended", "appended_unfixed"),
+                    help="where the GLM command tokens sit: ours (a model trained here) or appended (a model you "
+                         "brought, built with that tokenizer_commands)")
