@@ -646,7 +646,8 @@ def print_summary(cfg: TrainConfig, run: Run, data: Data, start: Start) -> None:
         f"P={g.max_position_embeddings} | world {run.world} x batch {cfg.batch_size} = global "
         f"{ds.global_batch_size}, tokens/batch {tokens_per_batch:,} | FLOPs/token "
         f"{g.flops_per_token(m.seq_len):,} ({g.flops_per_token(m.seq_len) * tokens_per_batch:.3g}/batch) | "
-        f"steps/epoch {ds.batches_per_epoch} ({dropped} samples dropped at epoch end) | "
+        f"steps/epoch {ds.batches_per_epoch} ({dropped} samples dropped at epoch end) | max_duration "
+        f"{cfg.max_duration}{_in_steps(cfg.max_duration, tokens_per_batch)} | "
         f"precision {run.precision} | {'FSDP2' if run.world > 1 else 'single process'} | objectives "
         f"{data.objectives}")
     if data.mixed:
@@ -655,6 +656,19 @@ def print_summary(cfg: TrainConfig, run: Run, data: Data, start: Start) -> None:
             f"({X.pass_samples(r.manifest):,} samples/pass)" for i, (n, r) in enumerate(zip(ds.names, ds.readers))))
     for note in start.notes:
         _rank0_print(f"[train] {note}", file=sys.stderr)
+
+
+def composer_duration(max_duration: str, tokens_per_batch: int) -> str:
+    """max_duration for Composer: a token count becomes the steps that reach it (ceil(tokens / tokens per batch);
+    every batch is [global batch, seq_len]), as Composer stops at the first step that reaches it; the warmup and
+    decay schedules then share max_duration's unit (Composer refuses `1dur` in tokens beside a warmup in ba)."""
+    t = Time.from_input(max_duration, TimeUnit.EPOCH)
+    return f"{math.ceil(t.value / tokens_per_batch)}ba" if t.unit == TimeUnit.TOKEN else max_duration
+
+
+def _in_steps(max_duration: str, tokens_per_batch: int) -> str:
+    steps = composer_duration(max_duration, tokens_per_batch)
+    return f" = {steps}" if steps != max_duration else ""
 
 
 def check_mixture_budget(cfg: TrainConfig, ds: MixedStream) -> None:
@@ -685,7 +699,7 @@ def build_trainer(cfg: TrainConfig, run: Run, data: Data, start: Start, model: G
             eval_dataloader=evaluators or None,
             eval_interval=cfg.eval_interval,
             eval_subset_num_batches=cfg.eval_batches,
-            max_duration=cfg.max_duration,
+            max_duration=composer_duration(cfg.max_duration, data.train.global_batch_size * data.manifest.seq_len),
             optimizers=optimizer,
             schedulers=scheduler,
             step_schedulers_every_batch=True,
