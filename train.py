@@ -1,6 +1,7 @@
 """Train a GLM on a shard set with Composer (FSDP2 when the world size is > 1).
 
-    composer train.py                                   # demo preset on ./data/shards (train + validation)
+    composer train.py                                   # demo preset: a 1:3 mixture of two sources in ./data/mix
+    python train.py configs/train/tiny.yaml --data='{sources: {a: {path: o/a/train}, b: {path: o/b/train, weight: 3}}}'
     composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run (runs/tiny)
     composer -n 2 train.py configs/train/tiny.yaml --save-folder=runs/tiny2     # 2 processes, gloo + FSDP2 on CPU
     python train.py configs/train/tiny.yaml --max-duration=10ba --save-folder=runs/tiny1   # no launcher
@@ -10,7 +11,9 @@
 Overrides: `--key=value` for any field of TrainConfig, dotted for sections (`--model.preset=small`,
 `--optim.lr=3e-4`, `--stream.num_workers=2`); plain flags for the common ones (`--data`, `--eval-data`,
 `--save-folder`, `--max-duration`, `--seed`). Unknown keys are refused with the valid list. Without a preset the
-demo preset (configs/train/demo.yaml) applies.
+demo preset (configs/train/demo.yaml) applies. `--data` may be a weighted mixture of shard sets (pipeline/mixture.py,
+README "Mixtures"): per-source train and eval loss and realised shares go to metrics.jsonl; a changed mixture is
+refused on resume unless --allow-data-change.
 
 Derived, never configured: vocab_size (rounded up to a multiple of model.pad_vocab_to), seq_len and
 max_position_embeddings come from the train shard manifest. Train loss per step and eval loss per evaluation

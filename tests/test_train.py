@@ -140,7 +140,18 @@ def test_config_files_and_flags():
         train.parse_args(["--optim.learning_rate=1"])
     with pytest.raises(ValueError, match="unknown setting 'batchsize' for TrainConfig; valid settings: .*batch_size"):
         train.parse_args(["--batchsize=3"])
-    assert train.parse_args([]).model.preset == "demo" and train.parse_args([]).data == "data/shards/train"
+    demo = train.parse_args([])
+    assert demo.model.preset == "demo" and demo.data == "configs/data/demo-mix.yaml"
+    from pipeline import mixture as X
+
+    mix = X.load_mixture(os.path.join(REPO, demo.data))     # what jobs/demo.py builds: two sources, 1:3
+    assert {s.name: s.path for s in mix.sources} == {n: f"data/mix/{n}/train" for n in ("before1900", "after1900")}
+    assert list(mix.shares) == [0.75, 0.25]
+    from jobs.demo import demo_sources
+
+    split = {n: sorted(f for g in s["input"] for f in glob.glob(g)) for n, s in demo_sources().items()}
+    assert {n: len(f) for n, f in split.items()} == {"before1900": 111, "after1900": 138}
+    assert max(split["before1900"]) < min(split["after1900"])
 
 
 def test_weight_decay_has_the_official_adamw_meaning():
@@ -652,6 +663,11 @@ def test_mixture_run_logs_per_source_metrics_and_stops_at_a_token_budget(mix_bui
     keys = keys_by_source(folder)
     assert len(keys["new"]) + len(keys["old"]) == 24 and abs(len(keys["new"]) - 18) <= 1   # 3:1 of 24 samples
     assert any("metrics/zeroshot/bpb/bpb" in r for r in rows)
+    from jobs import demo  # the demo's plot and summary of these metrics
+
+    demo.plot(os.path.join(folder, "metrics.jsonl"), str(tmp_path / "loss.png"), 5.0, ["new", "old"])
+    assert os.path.getsize(tmp_path / "loss.png") > 10_000
+    assert demo.shares(os.path.join(folder, "metrics.jsonl"), ["new", "old"])["old"] == (1 - shares[-1][1], 0.25)
     # a budget beyond a source's max_repeats is refused before training, naming the source and the numbers
     with pytest.raises(ValueError, match=r"exhausts sources: source old \(share 0\.2500\) would be read .* times"):
         train.main(train.parse_args([TINY, mixture(mix_build, 1, 3, max_repeats=1), "--eval-data=none",
