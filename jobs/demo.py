@@ -11,7 +11,7 @@ Stages, each timed:
              the same corpus as two sources, the speeches before and after 1900, built in one job with that
              tokenizer into data/mix/<source>/{train,validation}
   2. train   `composer -n 1 train.py`: the demo preset (~5M-parameter GLM) on CPU, bounded wall time, on the 1:3
-             mixture configs/data/demo-mix.yaml (the newer speeches upweighted), evaluating on each source's
+             mixture configs/mix/demo.yaml (the newer speeches upweighted), evaluating on each source's
              validation shards; checkpoints and metrics.jsonl in ./runs/demo
   3. eval    Part-B loss over the WHOLE validation set of each source, per objective, next to the corpus' unigram
              entropy
@@ -51,7 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDS = os.path.join(ROOT, "data", "shards")      # the single-source build; its tokenizer is the demo's
 MIXDIR = os.path.join(ROOT, "data", "mix")         # the two sources, built with that tokenizer
 RUN = os.path.join(ROOT, "runs", "demo")
-MIX = os.path.join(ROOT, "configs", "data", "demo-mix.yaml")   # configs/train/demo.yaml trains this mixture
+MIX = os.path.join(ROOT, "configs", "mix", "demo.yaml")   # configs/train/demo.yaml trains this mixture
 SPLIT_YEAR = 1900   # the two sources: speeches before / from this year on (file names start with the year)
 
 

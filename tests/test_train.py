@@ -141,7 +141,7 @@ def test_config_files_and_flags():
     with pytest.raises(ValueError, match="unknown setting 'batchsize' for TrainConfig; valid settings: .*batch_size"):
         train.parse_args(["--batchsize=3"])
     demo = train.parse_args([])
-    assert demo.model.preset == "demo" and demo.data == "configs/data/demo-mix.yaml"
+    assert demo.model.preset == "demo" and demo.data == "configs/mix/demo.yaml"
     from pipeline import mixture as X
 
     mix = X.load_mixture(os.path.join(REPO, demo.data))     # what jobs/demo.py builds: two sources, 1:3
