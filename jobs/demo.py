@@ -196,9 +196,10 @@ def zero_shot(model: GLM, tok: Tokenizer, val_rows: list[dict], task_mask: bool,
     return res
 
 
-def plot(metrics_path: str, png: str, entropy: float, names: list[str]) -> None:
+def plot(metrics_path: str, png: str, entropy: float, names: list[str], natural: dict | None = None) -> None:
     """Left: train loss per source (and overall), validation loss per source, zero-shot bits per byte. Right: each
-    source's realised share of the samples trained so far against its target share (the mixture's weights)."""
+    source's realised share of the samples trained so far against its target share (the mixture's weights) and,
+    when given, its `natural` share (of one pass over all sources: what a plain concatenation would give)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -242,6 +243,8 @@ def plot(metrics_path: str, png: str, entropy: float, names: list[str]) -> None:
             axs.plot(*zip(*series(f"data/share/{n}")), color=colors[n], label=f"{n}: realised")
             axs.plot(*zip(*series(f"data/target/{n}")), "--", color=colors[n], linewidth=2, alpha=0.6,
                      label=f"{n}: target")
+    for n, share in (natural or {}).items():
+        axs.axhline(share, color=colors[n], linestyle=":", linewidth=1, label=f"{n}: in a plain concatenation")
     axs.set_ylim(0, 1)
     axs.set_xlabel("step")
     axs.set_ylabel("share of the samples trained so far")
@@ -329,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     timings["zero-shot"] = time.time() - t0
 
     png = os.path.join(RUN, "loss.png")
-    plot(os.path.join(RUN, "metrics.jsonl"), png, entropy, names)
+    sizes = {n: X.pass_samples(S.read_manifest(os.path.join(MIXDIR, n, "train"))) for n in names}
+    plot(os.path.join(RUN, "metrics.jsonl"), png, entropy, names,
+         natural={n: v / sum(sizes.values()) for n, v in sizes.items()})
     print(f"\nloss curves and mixture shares: {png}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return 0

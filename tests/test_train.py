@@ -665,7 +665,8 @@ def test_mixture_run_logs_per_source_metrics_and_stops_at_a_token_budget(mix_bui
     assert any("metrics/zeroshot/bpb/bpb" in r for r in rows)
     from jobs import demo  # the demo's plot and summary of these metrics
 
-    demo.plot(os.path.join(folder, "metrics.jsonl"), str(tmp_path / "loss.png"), 5.0, ["new", "old"])
+    demo.plot(os.path.join(folder, "metrics.jsonl"), str(tmp_path / "loss.png"), 5.0, ["new", "old"],
+              natural={"new": 0.8, "old": 0.2})
     assert os.path.getsize(tmp_path / "loss.png") > 10_000
     assert demo.shares(os.path.join(folder, "metrics.jsonl"), ["new", "old"])["old"] == (1 - shares[-1][1], 0.25)
     # a budget beyond a source's max_repeats is refused before training, naming the source and the numbers
