@@ -709,6 +709,7 @@ def test_mixture_kill_resume_and_changed_weights(mix_build, tmp_path):
     changed = [TINY, mixture(mix_build, 3, 1), f"--save-folder={ref}", "--record-samples=true", *longer]
     p = run_train(changed)
     assert p.returncode != 0 and "another mixture: source new: share 0.7500 -> 0.2500" in p.stderr, p.stderr[-3000:]
+    assert "pass --allow-data-change" in p.stderr
     p = run_train([*changed, "--allow-data-change=true"])
     assert p.returncode == 0, p.stderr[-3000:]
     steps = samples_by_step(ref)
