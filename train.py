@@ -1,6 +1,7 @@
 """Train a GLM on a shard set with Composer (FSDP2 when the world size is > 1).
 
-    composer train.py                                   # demo preset on ./data/shards (train + validation)
+    composer train.py                                   # demo preset: a 1:3 mixture of two sources in ./data/mix
+    python train.py configs/train/tiny.yaml --data='{sources: {a: {path: o/a/train}, b: {path: o/b/train, weight: 3}}}'
     composer train.py configs/train/tiny.yaml --data=data/shards/train --max-duration=20ba   # tiny CPU run (runs/tiny)
     composer -n 2 train.py configs/train/tiny.yaml --save-folder=runs/tiny2     # 2 processes, gloo + FSDP2 on CPU
     python train.py configs/train/tiny.yaml --max-duration=10ba --save-folder=runs/tiny1   # no launcher
@@ -10,7 +11,9 @@
 Overrides: `--key=value` for any field of TrainConfig, dotted for sections (`--model.preset=small`,
 `--optim.lr=3e-4`, `--stream.num_workers=2`); plain flags for the common ones (`--data`, `--eval-data`,
 `--save-folder`, `--max-duration`, `--seed`). Unknown keys are refused with the valid list. Without a preset the
-demo preset (configs/train/demo.yaml) applies.
+demo preset (configs/train/demo.yaml) applies. `--data` may be a weighted mixture of shard sets (pipeline/mixture.py,
+README "Mixtures"): per-source train and eval loss and realised shares go to metrics.jsonl; a changed mixture is
+refused on resume unless --allow-data-change.
 
 Derived, never configured: vocab_size (rounded up to a multiple of model.pad_vocab_to), seq_len and
 max_position_embeddings come from the train shard manifest. Train loss per step and eval loss per evaluation
@@ -51,9 +54,11 @@ from torch.utils.data import DataLoader
 from model.checkpoint import UnsafeCheckpointError, read_trainer_state, safe_checkpoint_loading
 from model.composer import OBJECTIVES, GLMComposer, ZeroShotEval
 from model.config import PRESETS, GLMConfig
+from model.glm import glm_loss
+from pipeline import mixture as X
 from pipeline.config import load_config
 from pipeline.shards import manifest_url
-from pipeline.stream import ShardStream, StreamConfig, StreamLoader
+from pipeline.stream import MixedStream, ShardStream, StreamConfig, StreamLoader
 from pipeline.tokenizer import Tokenizer, find_tokenizer
 
 # --------------------------------------------------------------------------------------------- config
@@ -96,13 +101,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "data/shards/train"       # train shard set: folder or URL of its manifest (s3://..., gs://...)
-    eval_data: str = ""                   # validation shard set; "" = the sibling 'validation' of data; "none" = skip
+    data: str = "data/shards/train"       # train shard set (folder or URL of its manifest: s3://..., gs://...), or a
+                                          # mixture: a .yaml file or inline '{sources: {name: {path, weight}}}'
+    eval_data: str = ""                   # validation set or mixture; "" = the sibling 'validation' of data (of every
+                                          # source of a mixture: one evaluator each); "none" = skip
+    allow_data_change: bool = False       # resume with another mixture: its weights from the resumed step on
     storage_options: dict = field(default_factory=dict)  # fsspec options for data, e.g. {endpoint_url: ...}
     save_folder: str = ""                 # checkpoints: folder or object-store URL (s3://b/prefix); "" = runs/<preset>
     log_folder: str = ""                  # metrics.jsonl / logs; "" = save_folder if local, else runs/<run_name>
     run_name: str = ""                    # "" = glm-<preset>; autoresume finds checkpoints by it
-    max_duration: str = "600ba"           # Composer time string: 600ba, 2ep, 100000sp
+    max_duration: str = "600ba"           # Composer time string: 600ba, 2ep, 100000sp, 5000000tok (= sp x seq_len)
     seed: int = 1234                      # model init, dropout and data order
     batch_size: int = 8                   # samples per device per step; global = batch_size x world size
     microbatch_size: int = 0              # device_train_microbatch_size; 0 = batch_size (no accumulation)
@@ -254,6 +262,44 @@ class DataFingerprint(Callback):
                                  "tokenizer, or start a new run (another --save-folder / run_name)")
 
 
+class MixtureMetrics(Callback):
+    """A mixture's per-source metrics: the train loss of every source (Σ CE over its samples' Part-B tokens / their
+    count, over all ranks) each step as train/loss/<source>, and every `interval` steps the realised share of the
+    samples trained so far, the target share, the passes and whether masks are reused: data/share/<source>,
+    data/target/<source>, data/passes/<source>, data/masks_reused/<source>."""
+
+    def __init__(self, ds: MixedStream, interval: int):
+        self.ds, self.interval, self.names = ds, max(1, interval), list(ds.names)
+        self._zero()
+
+    def _zero(self) -> None:
+        self.sums = torch.zeros(2, len(self.names), dtype=torch.float64)   # [loss sum, token count] per source
+
+    def after_loss(self, state: State, logger: Logger) -> None:   # once per microbatch; outputs: logits [B, T, V]
+        b = state.batch
+        names = b.get("mixture_source") if isinstance(b, dict) else None
+        if names is None:
+            return
+        with torch.no_grad():
+            per = glm_loss(state.outputs, b["targets"], b["loss_mask"], reduction="none").sum(1).double().cpu()
+            count = b["loss_mask"].sum(1).double().cpu()
+        idx = torch.tensor([self.names.index(n) for n in names])
+        self.sums[0].index_add_(0, idx, per)
+        self.sums[1].index_add_(0, idx, count)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        sums = state.device.tensor_to_device(self.sums)
+        dist.all_reduce(sums)                      # every rank: the same sources in the same order
+        sums = sums.cpu()
+        out = {f"train/loss/{n}": float(sums[0, i] / sums[1, i]) for i, n in enumerate(self.names) if sums[1, i] > 0}
+        self._zero()
+        if int(state.timestamp.batch) % self.interval == 0:
+            for n, p in self.ds.progress(int(state.timestamp.sample_in_epoch)).items():
+                out.update({f"data/share/{n}": p["share"], f"data/target/{n}": p["target"],
+                            f"data/passes/{n}": p["passes"], f"data/masks_reused/{n}": float(p["masks_reused"])})
+        logger.log_metrics(out)
+
+
 # --------------------------------------------------------------------------------------------- build
 # main() reads top-down: where the run lives, the data (first: the model derives from it), the model, the
 # optimiser, logging and callbacks, which checkpoint to start from, then Composer's Trainer.
@@ -272,12 +318,16 @@ class Run:
 
 @dataclass
 class Data:
-    train: ShardStream
-    eval_loader: DataLoader | None
-    manifest: Any
+    train: ShardStream | MixedStream
+    eval_loaders: dict[str, DataLoader]   # evaluator label ("eval", or "eval/<source>" per mixture source) -> loader
+    manifest: Any              # of a mixture: its first source's (every source has the same tokenizer and seq_len)
     model_config: GLMConfig
     objectives: tuple[str, ...]
     fingerprint: dict          # what DataFingerprint saves in checkpoints and checks on resume
+
+    @property
+    def mixed(self) -> bool:
+        return isinstance(self.train, MixedStream)
 
 
 @dataclass
@@ -301,6 +351,8 @@ def main(cfg: TrainConfig) -> Trainer:
     start = plan_start(cfg, run, data)
     print_summary(cfg, run, data, start)
     trainer = build_trainer(cfg, run, data, start, composer_model, evaluators, optimizer, scheduler, loggers, callbacks)
+    if data.mixed:   # after the checkpoint is loaded: the schedule is the resumed one (allow_data_change included)
+        check_mixture_budget(cfg, data.train)
     trainer.fit()
     return trainer
 
@@ -321,23 +373,36 @@ def resolve_run(cfg: TrainConfig) -> Run:
 
 
 def build_data(cfg: TrainConfig) -> Data:
-    train_ds = ShardStream(cfg.data, cfg.batch_size, seed=cfg.seed, shuffle=True, config=cfg.stream,
-                           storage_options=cfg.storage_options)
+    """The train stream (a ShardStream, or a MixedStream when cfg.data is a mixture) and the eval loaders: one for
+    a shard set, one per source for a mixture (Composer logs them as metrics/eval/<source>/...)."""
+    kw = dict(seed=cfg.seed, config=cfg.stream, storage_options=cfg.storage_options)
+    if X.is_mixture(cfg.data):
+        train_ds = MixedStream(cfg.data, cfg.batch_size, shuffle=True, allow_change=cfg.allow_data_change, **kw)
+    else:
+        train_ds = ShardStream(cfg.data, cfg.batch_size, shuffle=True, **kw)
     m = train_ds.manifest
     gcfg = model_config(cfg.model, m.vocab_size, m.seq_len)
     fp = (m.tokenizer or {}).get("fingerprint")
     train_ds.check(vocab_size=gcfg.vocab_size, max_position_embeddings=gcfg.max_position_embeddings)
-    eval_loader = None
-    if cfg.eval_data != "none":
-        eval_url = cfg.eval_data or (cfg.data.rstrip("/").removesuffix("/manifest.json").rsplit("/", 1)[0]
-                                     + "/validation")
-        eval_ds = ShardStream(eval_url, cfg.eval_batch_size or cfg.batch_size, seed=cfg.seed, shuffle=False,
-                              config=cfg.stream, storage_options=cfg.storage_options)
+    if cfg.eval_data == "none":
+        sets = {}
+    elif X.is_mixture(cfg.eval_data):            # a mixture of validation sets: one evaluator per source
+        sets = {f"eval/{s.name}": s.path for s in X.load_mixture(cfg.eval_data).sources}
+    elif not cfg.eval_data and isinstance(train_ds, MixedStream):   # every source's sibling validation set
+        sets = {f"eval/{n}": p for n, p in X.validation_of(train_ds.mixture).items()}
+    else:
+        sets = {"eval": cfg.eval_data or (cfg.data.rstrip("/").removesuffix("/_manifest.json")
+                                          .removesuffix("/manifest.json").rsplit("/", 1)[0] + "/validation")}
+    eval_loaders = {}
+    for label, url in sets.items():
+        eval_ds = ShardStream(url, cfg.eval_batch_size or cfg.batch_size, shuffle=False, **kw)
         eval_ds.check(vocab_size=gcfg.vocab_size, max_position_embeddings=gcfg.max_position_embeddings,
                       tokenizer_fingerprint=fp)
-        eval_loader = DataLoader(eval_ds, batch_size=None, num_workers=0, generator=torch.Generator())
-    objectives = tuple(o for o in OBJECTIVES if (m.config.get("objectives") or {}).get(o, 0) > 0) or OBJECTIVES
-    return Data(train_ds, eval_loader, m, gcfg, objectives,
+        eval_loaders[label] = DataLoader(eval_ds, batch_size=None, num_workers=0, generator=torch.Generator())
+    manifests = [r.manifest for r in train_ds.readers] if isinstance(train_ds, MixedStream) else [m]
+    objectives = tuple(o for o in OBJECTIVES
+                       if any((mm.config.get("objectives") or {}).get(o, 0) > 0 for mm in manifests)) or OBJECTIVES
+    return Data(train_ds, eval_loaders, m, gcfg, objectives,
                 {"tokenizer_fingerprint": fp, "vocab_size": m.vocab_size, "seq_len": m.seq_len})
 
 
@@ -366,11 +431,10 @@ def build_model(cfg: TrainConfig, run: Run, data: Data) -> tuple[GLMComposer, li
         composer_model.materialize("cuda" if run.on_gpu else "cpu")
         if cfg.model.activation_checkpointing:
             composer_model.apply_activation_checkpointing()
-    evaluators = []
-    if data.eval_loader is not None:
-        evaluators.append(Evaluator(label="eval", dataloader=data.eval_loader,
-                                    metric_names=list(composer_model.get_metrics(is_train=False)),
-                                    device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size))
+    evaluators = [Evaluator(label=label, dataloader=loader,
+                            metric_names=list(composer_model.get_metrics(is_train=False)),
+                            device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size)
+                  for label, loader in data.eval_loaders.items()]
     return composer_model, evaluators
 
 
@@ -414,6 +478,9 @@ def build_logging(cfg: TrainConfig, run: Run, data: Data) -> tuple[list[LoggerDe
         raise ValueError(f"logger={cfg.logger!r}: choose file or tensorboard")
     callbacks: list[Callback] = [SpeedMonitor(window_size=10), LRMonitor(), MemoryMonitor(),
                                  DataFingerprint(data.fingerprint)]
+    if data.mixed:
+        every = Time.from_input(cfg.log_interval, TimeUnit.BATCH)
+        callbacks.append(MixtureMetrics(data.train, interval=every.value if every.unit == TimeUnit.BATCH else 10))
     if cfg.record_samples:
         callbacks.append(SampleRecorder(run.log_folder))
     if cfg.wall_clock_limit_s > 0:
@@ -436,8 +503,9 @@ def zero_shot_callback(cfg: TrainConfig, data: Data) -> Callback:
         if fp and tok.fingerprint != fp:
             raise ValueError(f"eval_tokenizer {cfg.eval_tokenizer!r} (fingerprint {tok.fingerprint[:12]}) is not the "
                              f"tokenizer the shards were built with ({fp[:12]}); pass that one with --eval-tokenizer")
-    elif fp:
-        tok = find_tokenizer((m.tokenizer or {}).get("path") or "tokenizer.model", manifest_url(cfg.data), fp,
+    elif fp:   # beside the train manifest (of a mixture: its first source's; every source has this tokenizer)
+        where = data.train.readers[0].url if data.mixed else cfg.data
+        tok = find_tokenizer((m.tokenizer or {}).get("path") or "tokenizer.model", manifest_url(where), fp,
                              cfg.storage_options, commands)
     else:
         raise ValueError("eval_tasks needs the tokenizer: the train manifest records none; pass --eval-tokenizer")
@@ -573,17 +641,46 @@ def object_store_credentials(storage_options: dict, *urls: str) -> None:
 def print_summary(cfg: TrainConfig, run: Run, data: Data, start: Start) -> None:
     g, m, ds = data.model_config, data.manifest, data.train
     tokens_per_batch = ds.global_batch_size * m.seq_len
+    # a mixture drops nothing: its epochs are cuts through one continuous sequence
+    dropped = 0 if data.mixed else ds.order(0).num_dropped
     _rank0_print(
         f"[train] {run.run_name}: model {cfg.model.preset} L={g.n_layer} d={g.d_model} H={g.n_head} "
         f"params {g.num_params / 1e6:.2f}M | vocab {g.vocab_size} (data {m.vocab_size}) seq_len {m.seq_len} "
         f"P={g.max_position_embeddings} | world {run.world} x batch {cfg.batch_size} = global "
         f"{ds.global_batch_size}, tokens/batch {tokens_per_batch:,} | FLOPs/token "
         f"{g.flops_per_token(m.seq_len):,} ({g.flops_per_token(m.seq_len) * tokens_per_batch:.3g}/batch) | "
-        f"steps/epoch {ds.batches_per_epoch} ({ds.order(0).num_dropped} samples dropped at epoch end) | "
+        f"steps/epoch {ds.batches_per_epoch} ({dropped} samples dropped at epoch end) | max_duration "
+        f"{cfg.max_duration}{_in_steps(cfg.max_duration, tokens_per_batch)} | "
         f"precision {run.precision} | {'FSDP2' if run.world > 1 else 'single process'} | objectives "
         f"{data.objectives}")
+    if data.mixed:
+        _rank0_print(f"[train] mixture ({ds.mixture.where}, samples/epoch {ds.samples_per_epoch:,}): " + "; ".join(
+            f"{n} {r.url.removesuffix('/_manifest.json')} target share {ds.mixture.shares[i]:.4f} "
+            f"({X.pass_samples(r.manifest):,} samples/pass)" for i, (n, r) in enumerate(zip(ds.names, ds.readers))))
     for note in start.notes:
         _rank0_print(f"[train] {note}", file=sys.stderr)
+
+
+def composer_duration(max_duration: str, tokens_per_batch: int) -> str:
+    """max_duration for Composer: a token count becomes the steps that reach it (ceil(tokens / tokens per batch);
+    every batch is [global batch, seq_len]), as Composer stops at the first step that reaches it; the warmup and
+    decay schedules then share max_duration's unit (Composer refuses `1dur` in tokens beside a warmup in ba)."""
+    t = Time.from_input(max_duration, TimeUnit.EPOCH)
+    return f"{math.ceil(t.value / tokens_per_batch)}ba" if t.unit == TimeUnit.TOKEN else max_duration
+
+
+def _in_steps(max_duration: str, tokens_per_batch: int) -> str:
+    steps = composer_duration(max_duration, tokens_per_batch)
+    return f" = {steps}" if steps != max_duration else ""
+
+
+def check_mixture_budget(cfg: TrainConfig, ds: MixedStream) -> None:
+    """Refuse, before training, a max_duration that reads a source more than its max_repeats times (ValueError
+    naming the source and the numbers); print what every source gives."""
+    budget = ds.check_budget(cfg.max_duration)
+    _rank0_print(f"[train] mixture up to max_duration {cfg.max_duration}: " + "; ".join(
+        f"{n} {b['samples']:,} samples = {b['passes']:.2f} passes"
+        f"{' (masks reused beyond K)' if b['masks_reused'] else ''}" for n, b in budget.items()))
 
 
 def build_trainer(cfg: TrainConfig, run: Run, data: Data, start: Start, model: GLMComposer,
@@ -605,7 +702,7 @@ def build_trainer(cfg: TrainConfig, run: Run, data: Data, start: Start, model: G
             eval_dataloader=evaluators or None,
             eval_interval=cfg.eval_interval,
             eval_subset_num_batches=cfg.eval_batches,
-            max_duration=cfg.max_duration,
+            max_duration=composer_duration(cfg.max_duration, data.train.global_batch_size * data.manifest.seq_len),
             optimizers=optimizer,
             schedulers=scheduler,
             step_schedulers_every_batch=True,

@@ -220,9 +220,9 @@ def check_change(saved: dict, current: dict, allow_change: bool) -> bool:
     changes = diff(saved, current)
     if not allow_change:
         raise ValueError("the checkpoint was trained on another mixture: " + "; ".join(changes or ["(details)"])
-                         + ". Resume with the same mixture, or pass --data.allow_change=true to apply the new one "
-                         "from the resumed step (every source continues where it stopped: nothing consumed is "
-                         "repeated, nothing is skipped)")
+                         + ". Resume with the same mixture, or pass --allow-data-change (train.py; MixedStream: "
+                         "allow_change=True) to apply the new one from the resumed step (every source continues "
+                         "where it stopped: nothing consumed is repeated, nothing is skipped)")
     return True
 
 

@@ -140,7 +140,18 @@ def test_config_files_and_flags():
         train.parse_args(["--optim.learning_rate=1"])
     with pytest.raises(ValueError, match="unknown setting 'batchsize' for TrainConfig; valid settings: .*batch_size"):
         train.parse_args(["--batchsize=3"])
-    assert train.parse_args([]).model.preset == "demo" and train.parse_args([]).data == "data/shards/train"
+    demo = train.parse_args([])
+    assert demo.model.preset == "demo" and demo.data == "configs/mix/demo.yaml"
+    from pipeline import mixture as X
+
+    mix = X.load_mixture(os.path.join(REPO, demo.data))     # what jobs/demo.py builds: two sources, 1:3
+    assert {s.name: s.path for s in mix.sources} == {n: f"data/mix/{n}/train" for n in ("before1900", "after1900")}
+    assert list(mix.shares) == [0.75, 0.25]
+    from jobs.demo import demo_sources
+
+    split = {n: sorted(f for g in s["input"] for f in glob.glob(g)) for n, s in demo_sources().items()}
+    assert {n: len(f) for n, f in split.items()} == {"before1900": 111, "after1900": 138}
+    assert max(split["before1900"]) < min(split["after1900"])
 
 
 def test_weight_decay_has_the_official_adamw_meaning():
@@ -592,3 +603,127 @@ def test_jobs_refuse_a_tokenizer_the_checkpoint_was_not_trained_with(run4, token
     with pytest.raises(ValueError, match=r"is not the one .* was trained with"):
         evaluate.main(["--checkpoint", ckpt, "--config", "tiny", "--tokenizer", tokenizer_path, "--tasks", "copa",
                        "--limit", "2"])
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+
+@pytest.fixture(scope="session")
+def mix_build(tmp_path_factory, sotu_files) -> str:
+    """A real two-source build by jobs/build_shards.py with `sources:` (one tokenizer): the earliest speeches as
+    source `old`, the latest as `new` -> <out>/{old,new}/{train,validation}."""
+    out = str(tmp_path_factory.mktemp("mix") / "set")
+    sources = {"old": {"input": sotu_files[:8]}, "new": {"input": sotu_files[-8:]}}
+    subprocess.run([PY, os.path.join(REPO, "jobs", "build_shards.py"), f"--output={out}", "--vocab-size=1000",
+                    "--seq-len=128", "--variants=2", "--samples-per-shard=64", "--num-cpus=1",
+                    "--validation-fraction=0.25", "--group-bytes=200000", f"--sources={json.dumps(sources)}"],
+                   check=True, env=_env(), cwd=REPO, timeout=300, stdout=subprocess.DEVNULL)
+    for name in sources:
+        assert os.path.exists(f"{out}/{name}/train/_manifest.json"), name
+    return out
+
+
+def mixture(out: str, old: float, new: float, **extra) -> str:
+    """An inline mixture, as --data takes it."""
+    return "--data=" + json.dumps({"sources": {"old": {"path": f"{out}/old/train", "weight": old, **extra},
+                                               "new": {"path": f"{out}/new/train", "weight": new}}})
+
+
+def keys_by_source(folder: str) -> dict[str, list[str]]:
+    """Every source's sample keys in the order the run trained them (a step trained twice counts once)."""
+    out: dict[str, list[str]] = {}
+    for _, keys in sorted(samples_by_step(folder).items()):
+        for k in keys:
+            out.setdefault(k.split(":", 1)[0], []).append(k)
+    return out
+
+
+def test_mixture_run_logs_per_source_metrics_and_stops_at_a_token_budget(mix_build, tmp_path):
+    """--data a mixture (1:3): per-source train loss every step, one evaluator per source's validation set,
+    realised vs target shares; --max-duration in tokens stops at ceil(tokens / (global batch x seq_len)) steps;
+    the zero-shot tasks find the shared tokenizer from the first source; a budget beyond max_repeats is refused."""
+    import train
+
+    folder = str(tmp_path / "mix")
+    tokens = 5 * 4 * 128 + 1                      # one token past 5 steps of 4 x 128: Composer stops after step 6
+    cfg = train.parse_args([TINY, mixture(mix_build, 1, 3), f"--save-folder={folder}", "--record-samples=true",
+                            f"--max-duration={tokens}tok", "--eval-interval=3ba", "--log-interval=2ba",
+                            "--eval-tasks=bpb", "--eval-tasks-limit=2"])
+    trainer = train.main(cfg)
+    trainer.close()
+    assert int(trainer.state.timestamp.batch) == 6 and int(trainer.state.timestamp.token) == 6 * 4 * 128
+    rows = metrics(folder)
+    for name in ("old", "new"):
+        assert len([r for r in rows if f"train/loss/{name}" in r]) >= 5, name    # a step may draw no `old` sample
+        assert [r["step"] for r in rows if f"metrics/eval/{name}/loss" in r] == [3, 6], name
+        assert any(f"metrics/eval/{name}/accuracy_bert" in r for r in rows), name
+    shares = [(r["step"], r["data/share/new"], r["data/target/new"]) for r in rows if "data/share/new" in r]
+    assert [s for s, _, _ in shares] == [2, 4, 6]
+    for step, share, target in shares:            # within one sample of the target share
+        assert target == 0.75 and abs(share - 0.75) <= 1 / (4 * step), (step, share)
+    keys = keys_by_source(folder)
+    assert len(keys["new"]) + len(keys["old"]) == 24 and abs(len(keys["new"]) - 18) <= 1   # 3:1 of 24 samples
+    assert any("metrics/zeroshot/bpb/bpb" in r for r in rows)
+    from jobs import demo  # the demo's plot and summary of these metrics
+
+    demo.plot(os.path.join(folder, "metrics.jsonl"), str(tmp_path / "loss.png"), 5.0, ["new", "old"],
+              natural={"new": 0.8, "old": 0.2})
+    assert os.path.getsize(tmp_path / "loss.png") > 10_000
+    assert demo.shares(os.path.join(folder, "metrics.jsonl"), ["new", "old"])["old"] == (1 - shares[-1][1], 0.25)
+    # a budget beyond a source's max_repeats is refused before training, naming the source and the numbers
+    with pytest.raises(ValueError, match=r"exhausts sources: source old \(share 0\.2500\) would be read .* times"):
+        train.main(train.parse_args([TINY, mixture(mix_build, 1, 3, max_repeats=1), "--eval-data=none",
+                                     f"--save-folder={tmp_path / 'long'}", "--max-duration=4000ba"]))
+    assert not os.path.exists(tmp_path / "long" / "metrics.jsonl") or not any(
+        "loss/train/total" in r for r in metrics(str(tmp_path / "long")))
+
+
+@pytest.mark.slow
+def test_mixture_kill_resume_and_changed_weights(mix_build, tmp_path):
+    """A mixture through train.py: SIGKILL mid-run + autoresume trains the uninterrupted run's sample keys; resuming
+    with other weights is refused with the diff; with --allow-data-change the new weights apply from the resumed
+    step and every source continues where it stopped: no key repeated, none skipped."""
+    args = ["--max-duration=16ba", "--save-interval=4ba", "--eval-data=none", "--keep-checkpoints=-1"]
+    ref = str(tmp_path / "ref")
+    p = run_train([TINY, mixture(mix_build, 1, 3), f"--save-folder={ref}", "--record-samples=true", *args])
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    run = str(tmp_path / "killed")
+    proc = subprocess.Popen([PY, os.path.join(REPO, "train.py"), TINY, mixture(mix_build, 1, 3),
+                             f"--save-folder={run}", "--record-samples=true", *args], env=_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not os.path.exists(os.path.join(run, "ep0-ba8-rank0.pt")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(samples_by_step(run)) < 16, "killed too late to prove anything"
+    p = run_train([TINY, mixture(mix_build, 1, 3), f"--save-folder={run}", "--record-samples=true", *args])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert any(r.get("event") == "resume" for r in records(run, "samples-rank0.jsonl"))
+    assert samples_by_step(run) == samples_by_step(ref)
+
+    # continue the finished reference run to 24 steps with the weights turned around (3:1 -> 1:3)
+    longer = [a if a != "--max-duration=16ba" else "--max-duration=24ba" for a in args]
+    changed = [TINY, mixture(mix_build, 3, 1), f"--save-folder={ref}", "--record-samples=true", *longer]
+    p = run_train(changed)
+    assert p.returncode != 0 and "another mixture: source new: share 0.7500 -> 0.2500" in p.stderr, p.stderr[-3000:]
+    assert "pass --allow-data-change" in p.stderr
+    p = run_train([*changed, "--allow-data-change=true"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = samples_by_step(ref)
+    assert sorted(steps) == list(range(1, 25))
+    late = [k.split(":", 1)[0] for s in range(17, 25) for k in steps[s]]
+    assert abs(late.count("old") - 24) <= 1 and len(late) == 32     # the new 3:1 from step 17 on
+    # every source's keys are the first N of that source's own sequence: no repeat, no gap
+    import train
+    from pipeline.stream import MixedStream
+
+    cfg = train.parse_args([TINY])
+    for name, got in keys_by_source(ref).items():
+        assert len(set(got)) == len(got), name
+        alone = MixedStream({"sources": {name: {"path": f"{mix_build}/{name}/train"}}}, len(got), seed=cfg.seed,
+                            config=cfg.stream, rank=0, world_size=1)
+        alone.begin_epoch()
+        assert list(next(iter(alone))["sample_key"]) == got, name
