@@ -213,6 +213,14 @@ def read_sharded(folder: str | os.PathLike, *keys: str) -> dict[str, Any]:
         return _load_state_dict_from_keys(keys=set(keys), checkpoint_id=str(folder))
 
 
+def _cut_zip(path: Path) -> bool:
+    """A file that is empty or a prefix of the zip magic torch.save writes: a checkpoint whose write was cut off
+    in its first bytes (torch then parses those bytes as a legacy pickle and refuses an 'operand')."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return len(head) < 4 and b"PK\x03\x04".startswith(head)
+
+
 def read_trainer_state(path: str | os.PathLike, *keys: str) -> dict[str, Any]:
     """The entries under `keys` (dotted prefixes: "state.timestamp", "state.callbacks", "state.metadata") of a
     checkpoint our trainer saved, monolithic (`ep0-ba8-rank0.pt`) or sharded (`ep0-ba8/`), as a nested dict.
@@ -230,11 +238,12 @@ def read_trainer_state(path: str | os.PathLike, *keys: str) -> dict[str, Any]:
         with torch.serialization.safe_globals(_composer_safe_globals()):
             full = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):   # pickled content beyond plain data, not mere damage
+        if "Weights only load failed" in str(e) and not _cut_zip(path):   # content beyond plain data, not damage
             raise _unsafe(path, e) from None
         raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
     except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged zip / pickle
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {str(e).splitlines()[0]}") from None
+        first = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]   # EOFError has no text
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {first}") from None
     return _select(full, keys)
 
 

@@ -174,3 +174,16 @@ def test_sharded_checkpoint_reads_in_one_process(tmp_path):
         f.truncate(data.stat().st_size - 10)
     with pytest.raises(ValueError, match=rf"{data.name} has \d+ bytes, \d+ needed \(truncated\)"):
         read_trainer_state(folder, "state.timestamp")
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3, 4, 200])
+def test_checkpoint_cut_short_is_unreadable_not_a_crash(tmp_path, keep):
+    """A SIGKILL while a checkpoint is written can leave it empty or cut anywhere: autoresume must see 'cannot be
+    read' (and fall back), never an exception of its own (an empty EOFError once became an IndexError here), and
+    never mistake a zip cut in its first bytes for a planted pickle."""
+    full = tmp_path / "full.pt"
+    torch.save({"state": {"timestamp": {"Timestamp": {"batch": 8}}}}, full)
+    cut = tmp_path / "ep0-ba8-rank0.pt"
+    cut.write_bytes(full.read_bytes()[:keep])
+    with pytest.raises(ValueError, match=r"ep0-ba8-rank0.pt' cannot be read: \S"):
+        read_trainer_state(cut, "state.timestamp")
