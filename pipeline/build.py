@@ -804,7 +804,7 @@ def _build_sources(cfg: BuildConfig, stats: dict | None) -> dict[str, dict[str, 
         spec = _tokenizer_spec(cfg)
         tok_path = f"{root}/tokenizer.model"
         if cfg.tokenizer:
-            tok = T.Tokenizer.load(cfg.tokenizer, cfg.storage_options)
+            tok = T.Tokenizer.load(cfg.tokenizer, cfg.storage_options, commands=cfg.tokenizer_commands)
         elif fs.exists(tok_path) and old is not None and old["tokenizer"].get("trained") == spec["trained"]:
             tok = T.Tokenizer(fs.cat_file(tok_path), source=tok_path)
         elif fs.exists(tok_path) and not cfg.overwrite:
@@ -855,8 +855,9 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
     root = root.rstrip("/")
     t0 = time.time()
-    if cfg.tokenizer:   # a given vocabulary that cannot serve the knobs is refused before the output is touched
-        check_specials(cfg, _load_or_train_tokenizer(cfg, fs, root, files).specials)
+    given = _load_or_train_tokenizer(cfg, fs, root, files) if cfg.tokenizer else None
+    if given is not None:   # a given vocabulary that cannot serve the knobs is refused before the output is touched
+        check_specials(cfg, given.specials)
     lock = O.OutputLock(fs, root, cfg.output)
     lock.acquire()
     try:
@@ -865,7 +866,7 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
         record = {"build_format": O.BUILD_FORMAT, "config": _byte_config(cfg), "tokenizer": _tokenizer_spec(cfg),
                   "inputs": O.input_record(files, cfg.storage_options)}
         old = _prepare_output(cfg, fs, root, record)
-        tok = _load_or_train_tokenizer(cfg, fs, root, files)
+        tok = given or _load_or_train_tokenizer(cfg, fs, root, files)
         check_specials(cfg, tok.specials)
         known = record["tokenizer"]["fingerprint"]
         if known is not None and known != tok.fingerprint:

@@ -448,4 +448,11 @@ def test_bring_your_own_sentencepiece_model_official_layout(small_corpus, tokeni
         for doc in D.read_documents(f, "text", "file", None, []):
             stream += [sp.cls, *(t for seg in D.segments(doc.text) for t in tok.encode(seg)), sp.eos]
     assert reassemble(rows, sp) == stream
+    # a multi-source build shares the brought model with the same command layout (it once loaded it as ours)
+    multi = BuildConfig(output=str(tmp_path / "multi"), tokenizer=str(path), tokenizer_commands="appended",
+                        sources={"a": {"input": small_corpus[:1]}, "b": {"input": small_corpus[1:2]}}, seq_len=128,
+                        validation_fraction=0.0, variants=1)
+    built = build(multi)
+    assert {k: v["train"].tokenizer["fingerprint"] for k, v in built.items()} == \
+        {"a": tok.fingerprint, "b": tok.fingerprint}
 
