@@ -19,6 +19,8 @@ import textwrap
 import tokenize
 from dataclasses import dataclass, field
 
+from pipeline import tokenizer as T
+
 DEFAULT_MIX = {"bert": 0.5, "sentence": 0.3, "gpt": 0.2}  # the official GLM-10B objective mix (spec §9)
 
 
@@ -94,7 +96,8 @@ class BuildConfig:
         whole("seq_len", 32, note=" (room for a GLM sample's Part A and Part B)")
         whole("variants", 1)
         whole("seed", 0, 2**32 - 1)
-        whole("vocab_size", 26, note=" (the 9 GLM command tokens plus at least 17 pieces)")
+        whole("vocab_size", T.MIN_VOCAB_SIZE, note=f" (the {len(T.COMMAND_TOKENS)} GLM command tokens plus at least "
+              f"{T.MIN_VOCAB_SIZE - len(T.COMMAND_TOKENS)} pieces)")
         whole("tokenizer_max_sentences", 1)
         whole("min_doc_tokens", 1)
         whole("samples_per_shard", 1)

@@ -69,6 +69,7 @@ SENTENCE_END_CHARS = ".?!;:。？！；…\n"
 # any "sentence" over max_sentence_length (64 KB) unseen, so a corpus of long single-line documents would leave it
 # nothing to train on. 4096 characters stay under 64 KB in any script (<= 4 bytes per character in UTF-8).
 TRAIN_SEGMENT_CHARS = 4096
+MIN_VOCAB_SIZE = len(COMMAND_TOKENS) + 17   # the command tokens plus a few pieces: sentencepiece's floor
 
 
 @dataclass(frozen=True)
@@ -318,8 +319,8 @@ def train(documents: Iterable[str] | Sequence[str], vocab_size: int, *, model_ty
     """
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type={model_type!r}: choose 'unigram' or 'bpe'")
-    if vocab_size <= len(COMMAND_TOKENS) + 16:
-        raise ValueError(f"vocab_size={vocab_size} is too small; use at least {len(COMMAND_TOKENS) + 17}")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too small; use at least {MIN_VOCAB_SIZE}")
 
     fed = {"segments": 0, "chars": 0}
 
