@@ -195,12 +195,19 @@ def _read_file(path: Path) -> Mapping[str, Any]:
     return _torch_load(path)
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
+    """torch.load of plain data only (weights_only + the Composer allow-list). A file that asks for code raises
+    UnsafeCheckpointError; a damaged one (truncated, cut inside the zip magic, empty) a ValueError naming it."""
     try:
         with torch.serialization.safe_globals(_composer_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise _unsafe(path, e) from None
+        if "Weights only load failed" in str(e) and not _cut_zip(path):   # content beyond plain data, not damage
+            raise _unsafe(path, e) from None
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged zip / pickle
+        first = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]   # EOFError has no text
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {first}") from None
 
 
 def read_sharded(folder: str | os.PathLike, *keys: str) -> dict[str, Any]:
@@ -234,17 +241,7 @@ def read_trainer_state(path: str | os.PathLike, *keys: str) -> dict[str, Any]:
         return read_sharded(path, *keys)
     if not path.is_file():
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        with torch.serialization.safe_globals(_composer_safe_globals()):
-            full = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e) and not _cut_zip(path):   # content beyond plain data, not damage
-            raise _unsafe(path, e) from None
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {e}") from None
-    except (RuntimeError, EOFError, OSError) as e:  # truncated or damaged zip / pickle
-        first = (str(e).splitlines() or [f"{type(e).__name__} (empty or cut short)"])[0]   # EOFError has no text
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {first}") from None
-    return _select(full, keys)
+    return _select(_torch_load(path, mmap=zipfile.is_zipfile(path)), keys)
 
 
 def _select(tree: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

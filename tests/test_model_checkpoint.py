@@ -187,3 +187,5 @@ def test_checkpoint_cut_short_is_unreadable_not_a_crash(tmp_path, keep):
     cut.write_bytes(full.read_bytes()[:keep])
     with pytest.raises(ValueError, match=r"ep0-ba8-rank0.pt' cannot be read: \S"):
         read_trainer_state(cut, "state.timestamp")
+    with pytest.raises(ValueError, match=r"ep0-ba8-rank0.pt' cannot be read: \S"):   # fill_blanks, evaluate
+        read_state_dict(cut)

@@ -371,6 +371,9 @@ def test_composer_loads_are_guarded(tmp_path):
     torch.save({"state": Planted(marker)}, tmp_path / "evil.pt")
     (tmp_path / "dcp").mkdir()
     (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(Planted(marker)))
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    real_load, real_pickle = torch.load, dcp_fs.pickle
     with safe_checkpoint_loading():
         with pytest.raises(UnsafeCheckpointError):
             safe_torch_load(str(tmp_path / "evil.pt"))
@@ -382,7 +385,7 @@ def test_composer_loads_are_guarded(tmp_path):
             planner.load_bytes(type("Item", (), {"dest_index": type("I", (), {"fqn": "x"})()})(),
                                io.BytesIO((tmp_path / "evil.pt").read_bytes()))
     assert not os.path.exists(marker)
-    assert torch.load is not None and torch.load.__name__ == "load"  # the real torch.load is back afterwards
+    assert torch.load is real_load and dcp_fs.pickle is real_pickle   # the real ones are back afterwards
 
 
 def test_truncated_or_deleted_latest_falls_back(shards, run4, tmp_path, capsys):
