@@ -57,7 +57,7 @@ from model.config import PRESETS, GLMConfig
 from model.glm import glm_loss
 from pipeline import mixture as X
 from pipeline.config import load_config
-from pipeline.shards import manifest_url
+from pipeline.shards import manifest_url, sibling_validation
 from pipeline.stream import MixedStream, ShardStream, StreamConfig, StreamLoader
 from pipeline.tokenizer import Tokenizer, find_tokenizer
 
@@ -391,8 +391,7 @@ def build_data(cfg: TrainConfig) -> Data:
     elif not cfg.eval_data and isinstance(train_ds, MixedStream):   # every source's sibling validation set
         sets = {f"eval/{n}": p for n, p in X.validation_of(train_ds.mixture).items()}
     else:
-        sets = {"eval": cfg.eval_data or (cfg.data.rstrip("/").removesuffix("/_manifest.json")
-                                          .removesuffix("/manifest.json").rsplit("/", 1)[0] + "/validation")}
+        sets = {"eval": cfg.eval_data or sibling_validation(cfg.data)}
     eval_loaders = {}
     for label, url in sets.items():
         eval_ds = ShardStream(url, cfg.eval_batch_size or cfg.batch_size, shuffle=False, **kw)

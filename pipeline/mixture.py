@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.shards import sibling_validation
+
 QUANTUM = 1 << 18            # schedule period in samples; shares are exact to 1/QUANTUM (4e-6)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")   # source names end up in metric keys and folder names
 _SOURCE_KEYS = {"path", "weight", "max_repeats"}
@@ -306,13 +308,7 @@ def check_budget(mixture: Mixture, schedule: Schedule, pass_samples: dict[str, i
 def validation_of(mixture: Mixture) -> dict[str, str]:
     """Each source's validation shard set: the sibling `validation` of its train set (<output>/<source>/validation
     of a multi-source build), for one evaluator per source."""
-    out = {}
-    for s in mixture.sources:
-        path = s.path.rstrip("/")
-        if path.endswith(".json"):
-            path = path.rsplit("/", 1)[0]
-        out[s.name] = f"{path.rsplit('/', 1)[0]}/validation"
-    return out
+    return {s.name: sibling_validation(s.path) for s in mixture.sources}
 
 
 def pass_samples(manifest) -> int:

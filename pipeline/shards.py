@@ -356,6 +356,15 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+def sibling_validation(url: str) -> str:
+    """The validation shard set beside a train set (`<output>/train` -> `<output>/validation`); url is the train
+    set's folder or its manifest file."""
+    folder = url.rstrip("/")
+    if folder.endswith(".json"):
+        folder = folder.rsplit("/", 1)[0]
+    return f"{folder.rsplit('/', 1)[0]}/validation"
+
+
 def manifest_url(url: str) -> str:
     """Accept a shard-set folder or its manifest file; return the manifest URL (of the current name)."""
     url = url.rstrip("/")
