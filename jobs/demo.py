@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n=== fill: blanks in held-out validation text (greedy, no repeated 3-grams)", flush=True)
     for kind, ids, truth in blanks_from_validation(val_rows, tok):
         answer = fill_blanks(model, ids, tok.specials, strategy="greedy", max_new_tokens=40,
-                             no_repeat_ngram_size=3)[0]
+                             no_repeat_ngram_size=3, vocab_size=tok.vocab_size)[0]
         said = tok.decode(answer) or "(nothing: it ended the blank at once)"
         print(f"\n{kind}: {tok.decode(ids)}\n  model:    {said}\n  original: {truth}")
     timings["fill"] = time.time() - t0
