@@ -247,11 +247,11 @@ def glm_loss(logits: Tensor, targets: Tensor, loss_mask: Tensor, reduction: str 
     per-sample or per-objective sums."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction={reduction!r}: choose mean or none")
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
-    m = loss_mask.to(ce.dtype)
+    sel = loss_mask != 0                       # only Part B rows reach the fp32 cast and the softmax over V
+    ce = F.cross_entropy(logits[sel].float(), targets[sel], reduction="none") * loss_mask[sel].float()   # [N]
     if reduction == "none":
-        return ce * m
-    return (ce * m).sum() / m.sum().clamp(min=1.0)
+        return torch.zeros(targets.shape, dtype=ce.dtype, device=ce.device).masked_scatter(sel, ce)
+    return ce.sum() / loss_mask.float().sum().clamp(min=1.0)
 
 
 # ---- FlexAttention (attn_impl "flex"): the sep mask as a block-sparse mask_mod, no [B,1,T,S] tensor -------------
