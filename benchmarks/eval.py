@@ -11,7 +11,7 @@ the candidate.
    one forward, the caches expanded to the 4 candidates each, all 64 Part Bs in a second forward.
 2. baseline: one full forward of context + candidate per candidate — 4 forwards per item. Goal >= 3x.
    Where compute bounds the run (a CPU), sharing the context saves the layer work 4(c+a) -> c+4a for context
-   length c and answer length a (the scorers also skip the output layer on context positions): large on ARC
+   length c and answer length a (all three compute the output layer at the scored positions only): large on ARC
    (short answers), about 2x on HellaSwag (answers half as long as the context). Where per-call latency bounds
    it (small models on a GPU), the batched scorer's 2 forwards per 16 items against 4 per item count for more.
 3. for reference: the same batches of 16 items as 64 full, right-padded sequences in one forward (no cache:
@@ -26,10 +26,9 @@ import time
 import zlib
 
 import torch
-import torch.nn.functional as F
 
 from model.config import GLMConfig
-from model.evaluate import score_choices
+from model.evaluate import TargetRow, score_choices, score_targets
 from model.glm import GLM
 from pipeline.evalsets import load_task
 from pipeline.tokenizer import Specials
@@ -55,42 +54,27 @@ def kv_shared(model: GLM, data) -> list[torch.Tensor]:
     return score_choices(model, data, SP, SP.gmask, batch_size=BATCH)
 
 
-def _full_rows(ctx: list[int], cands: list[list[int]]):
-    """(ids, positions, block positions, candidate, sep) of each full sequence context + candidate."""
-    a = [SP.cls, *ctx, SP.gmask, SP.eos]
-    C = len(a)
-    return [(a + [SP.sop] + c[:-1], list(range(C)) + [C - 2] * len(c), [0] * C + list(range(1, len(c) + 1)), c, C)
-            for c in cands]
-
-
-def _logp_sums(logits: torch.Tensor, rows) -> torch.Tensor:
-    logp = F.log_softmax(logits.float(), -1)
-    return torch.stack([logp[i, C:C + len(c)].gather(-1, torch.tensor(c)[:, None]).sum().double()
-                        for i, (_, _, _, c, C) in enumerate(rows)])
+def _sums(model: GLM, rows: list[TargetRow], batch_size: int) -> torch.Tensor:
+    """Σ log p of each row's candidate, full sequences (context + candidate) through model.evaluate.score_targets,
+    which also computes logits at the scored positions only: the baselines differ from the KV-shared scorer in the
+    context work alone."""
+    return torch.stack([lp.double().sum() for lp, _ in score_targets(model, rows, SP, SP.gmask, batch_size)])
 
 
 @torch.no_grad()
 def per_candidate(model: GLM, data) -> list[torch.Tensor]:
-    out = []
-    for ctx, cands in data:
-        scores = []
-        for r in _full_rows(ctx, cands):               # one forward per candidate
-            ids, pos, blk, _, C = (torch.tensor([x]) if isinstance(x, list) else x for x in r)
-            scores.append(_logp_sums(model(ids, pos, blk, sep=C), [r]))
-        out.append(torch.cat(scores))
-    return out
+    """One forward of context + candidate per candidate."""
+    return [torch.cat([_sums(model, [TargetRow(ctx, c, len(c))], 1) for c in cands]) for ctx, cands in data]
 
 
 @torch.no_grad()
 def batched_full(model: GLM, data) -> list[torch.Tensor]:
+    """The same batches of items as the KV-shared scorer, every candidate a full sequence (no cache)."""
     out = []
-    for start in range(0, len(data), BATCH):           # the same batches of items, full sequences, no cache
+    for start in range(0, len(data), BATCH):
         chunk = data[start:start + BATCH]
-        rows = [r for ctx, cands in chunk for r in _full_rows(ctx, cands)]
-        T = max(len(r[0]) for r in rows)
-        ids, pos, blk = (torch.tensor([r[k] + [v] * (T - len(r[k])) for r in rows]) for k, v in ((0, SP.eos), (1, 0),
-                                                                                                     (2, 0)))
-        sums = _logp_sums(model(ids, pos, blk, sep=torch.tensor([r[4] for r in rows])), rows)
+        rows = [TargetRow(ctx, c, len(c)) for ctx, cands in chunk for c in cands]
+        sums = _sums(model, rows, len(rows))
         for _, cands in chunk:
             out.append(sums[:len(cands)])
             sums = sums[len(cands):]
