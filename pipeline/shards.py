@@ -386,31 +386,35 @@ def tokenizer_url(manifest_where: str, manifest: Manifest) -> str | None:
 def read_manifest(url: str, storage_options: dict | None = None) -> Manifest:
     murl = manifest_url(url)
     fs, path = fsspec.core.url_to_fs(murl, **(storage_options or {}))
-    if murl.endswith("/" + MANIFEST_NAME) and not fs.exists(path):   # a shard set of schema version 1
-        legacy = f"{path[:-len(MANIFEST_NAME)]}{LEGACY_MANIFEST_NAME}"
-        if fs.exists(legacy):
-            path, murl = legacy, f"{murl[:-len(MANIFEST_NAME)]}{LEGACY_MANIFEST_NAME}"
-    if not fs.exists(path):
-        folder = murl.rsplit("/", 1)[0]
-        parent, _, leaf = folder.rpartition("/")
-        here = path.rsplit('/', 1)[0]
-        sources = sorted(p.split("/")[-3] for p in fs.glob(f"{here}/*/train/*manifest.json")
-                         if p.rsplit("/", 1)[-1] in (MANIFEST_NAME, LEGACY_MANIFEST_NAME))
-        if any(fs.exists(f"{here}/train/{n}") for n in (MANIFEST_NAME, LEGACY_MANIFEST_NAME)):   # a build's --output
-            hint = f"{folder} is the output folder of a build; point to its shard set {folder}/train (or /validation)"
-        elif sources:   # the output of a multi-source build
-            hint = (f"{folder} is the output folder of a multi-source build (sources {', '.join(sources)}); point to "
-                    f"one source's shard set ({folder}/{sources[0]}/train) or train on a mixture of them: "
-                    f"--data='{{sources: {{{sources[0]}: {{path: {folder}/{sources[0]}/train, weight: 1}}, ...}}}}'")
-        elif leaf in ("train", "validation") and parent:
-            hint = (f"run jobs/build_shards.py --output {parent} (it writes {parent}/train and {parent}/validation; "
-                    "rerunning resumes an interrupted build)")
-        else:
-            hint = (f"point to a shard set (<build output>/train or /validation) or build one with "
-                    f"jobs/build_shards.py --output {folder} and use {folder}/train")
-        raise ShardError(f"no {MANIFEST_NAME} at {murl}: the shard set does not exist or its build did not finish "
-                         f"(the manifest is written last); {hint}")
-    return Manifest.from_json(fs.cat_file(path).decode(), where=murl)
+    tries = [(path, murl)]
+    if murl.endswith("/" + MANIFEST_NAME):   # a shard set of schema version 1 has the old name
+        tries.append((f"{path[:-len(MANIFEST_NAME)]}{LEGACY_MANIFEST_NAME}",
+                      f"{murl[:-len(MANIFEST_NAME)]}{LEGACY_MANIFEST_NAME}"))
+    for p, where in tries:   # one GET per name (no exists() round trips before it)
+        try:
+            return Manifest.from_json(fs.cat_file(p).decode(), where=where)
+        except FileNotFoundError:
+            continue
+    # neither name: say what the folder is instead
+    folder = murl.rsplit("/", 1)[0]
+    parent, _, leaf = folder.rpartition("/")
+    here = path.rsplit('/', 1)[0]
+    sources = sorted(p.split("/")[-3] for p in fs.glob(f"{here}/*/train/*manifest.json")
+                     if p.rsplit("/", 1)[-1] in (MANIFEST_NAME, LEGACY_MANIFEST_NAME))
+    if any(fs.exists(f"{here}/train/{n}") for n in (MANIFEST_NAME, LEGACY_MANIFEST_NAME)):   # a build's --output
+        hint = f"{folder} is the output folder of a build; point to its shard set {folder}/train (or /validation)"
+    elif sources:   # the output of a multi-source build
+        hint = (f"{folder} is the output folder of a multi-source build (sources {', '.join(sources)}); point to "
+                f"one source's shard set ({folder}/{sources[0]}/train) or train on a mixture of them: "
+                f"--data='{{sources: {{{sources[0]}: {{path: {folder}/{sources[0]}/train, weight: 1}}, ...}}}}'")
+    elif leaf in ("train", "validation") and parent:
+        hint = (f"run jobs/build_shards.py --output {parent} (it writes {parent}/train and {parent}/validation; "
+                "rerunning resumes an interrupted build)")
+    else:
+        hint = (f"point to a shard set (<build output>/train or /validation) or build one with "
+                f"jobs/build_shards.py --output {folder} and use {folder}/train")
+    raise ShardError(f"no {MANIFEST_NAME} at {murl}: the shard set does not exist or its build did not finish "
+                     f"(the manifest is written last); {hint}")
 
 
 # ------------------------------------------------------------------------------------------------ I/O
