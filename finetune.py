@@ -339,6 +339,10 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"seq_len={cfg.seq_len} is too short for a pattern and its answer; official 256")
     if not 0 < cfg.optim.lr < 1:
         raise ValueError(f"optim.lr={cfg.optim.lr} is out of range; the official fine-tuning lr is 1e-5")
+    for label, word in cfg.verbalizers.items():
+        if not isinstance(label, str) or not isinstance(word, str) or not word.strip():
+            raise ValueError(f"verbalizers: {label!r}: {word!r} must map a label string to a non-empty word (YAML reads "
+                             "unquoted yes/no/true/false/on/off as booleans: quote them, e.g. {'yes': ' Yes'})")
     if cfg.task == "cloze" and not (cfg.train_file and cfg.test_file):
         raise ValueError("task=cloze needs train_file and test_file (JSONL: {text with one [MASK], label} or "
                          "{text, choices, gold} per line)")

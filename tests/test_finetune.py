@@ -11,9 +11,11 @@ an official release folder, `python finetune.py` killed with SIGKILL and resumed
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -186,3 +188,62 @@ def test_multi_token_scores_equal_the_evaluator(ft_tok, pretrained):
                                    rtol=1e-5, atol=1e-4)
     loss = cloze_loss(ours, collate(enc, ft_tok.specials)["label"])
     assert math.isclose(float(loss), float(F.cross_entropy(ours, torch.tensor([x.label for x in enc]))))
+
+
+# ------------------------------------------------------------------------------------------------ finetune.py
+
+FILLER = ("the nation people government states congress year country world great public power united war peace "
+          "law right time new american years made present policy interest system").split()
+
+
+def write_rule_task(folder, n_train: int, n_test: int, seed: int = 0) -> tuple[str, str]:
+    """A learnable rule: the word after "report:" decides the label (north -> Yes, south -> No); random filler
+    words around it, so the held-out texts are new."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for split, n in (("train", n_train), ("test", n_test)):
+        path = os.path.join(folder, f"rule-{split}.jsonl")
+        with open(path, "w") as f:
+            for _ in range(n):
+                key = rng.integers(2)
+                words = " ".join(rng.choice(FILLER, 6))
+                text = f"{words} report: {('north', 'south')[key]} {' '.join(rng.choice(FILLER, 4))}. Is it north? [MASK]"
+                f.write(json.dumps({"text": text, "label": ("yes", "no")[key]}) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def ft_args(tok, pretrained, folder, *more) -> list[str]:
+    return [os.path.join(REPO, "configs", "finetune", "rte.yaml"), f"--checkpoint={pretrained}", "--model-config=tiny",
+            f"--tokenizer={tok.source}", f"--save-folder={folder}", "--progress-bar=false", "--seq-len=64",
+            "--logger=file", *more]
+
+
+def metrics_rows(folder) -> list[dict]:
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_synthetic_rule_is_learned_to_95_percent(ft_tok, pretrained, tmp_path):
+    import finetune
+
+    train, test = write_rule_task(tmp_path, 160, 100)
+    out = str(tmp_path / "run")
+    t0 = time.time()
+    cfg = finetune.parse_args(ft_args(ft_tok, pretrained, out, "--task=cloze", f"--train-file={train}",
+                                      f"--test-file={test}", "--verbalizers={'yes': ' Yes', 'no': ' No'}",
+                                      "--max-duration=6ep", "--optim.lr=3e-3", "--dropout=0"))
+    trainer = finetune.main(cfg)
+    trainer.close()
+    accs = [r["metrics/test/accuracy"] for r in metrics_rows(out) if "metrics/test/accuracy" in r]
+    assert len(accs) == 6 and max(accs) >= 0.95, accs                        # one evaluation per epoch
+    best = json.load(open(os.path.join(out, "best", "best.json")))
+    assert best["metric"] == "metrics/test/accuracy" and best["value"] == max(accs)
+    assert best["epoch"] == accs.index(max(accs)) + 1
+    print(f"rule learned: {accs} in {time.time() - t0:.1f} s")
+    # the best model is a hub folder: it loads, and its held-out accuracy is the recorded one
+    model = load_checkpoint(os.path.join(out, "best")).eval()
+    task = FT.user_task({"yes": " Yes", "no": " No"}, False)
+    enc, _ = FT.encode_examples(task, 0, FT.read_jsonl(test, task.labels), ft_tok, 64)
+    scores = cloze_scores(model, collate(enc, ft_tok.specials))
+    assert float((scores.argmax(-1) == torch.tensor([x.label for x in enc])).float().mean()) == best["value"]
