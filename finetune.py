@@ -53,7 +53,7 @@ from model.config import GLMConfig
 from model.finetune import cloze_loss, cloze_metrics, cloze_scores, collate
 from pipeline import finetune_tasks as FT
 from pipeline.config import load_config
-from pipeline.shards import manifest_url, read_manifest
+from pipeline.shards import ShardError, manifest_url, read_manifest
 from pipeline.tokenizer import Tokenizer, find_tokenizer
 from train import (
     EXIT_WALL_CLOCK,
@@ -317,7 +317,7 @@ def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:
         where = os.path.join(where, "train")     # a build's output folder: its train set's manifest
     try:
         m = read_manifest(where, cfg.storage_options)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ShardError) as e:
         raise ValueError(f"tokenizer={cfg.tokenizer!r} is neither a .model file nor a shard set with a manifest "
                          f"({e}); pass the tokenizer.model the checkpoint was trained with") from e
     if not (m.tokenizer or {}).get("fingerprint"):
@@ -337,8 +337,9 @@ def check_config(cfg: FinetuneConfig) -> None:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 1 (official: batch_size 16, seq_len 256)")
     if cfg.seq_len < 8:
         raise ValueError(f"seq_len={cfg.seq_len} is too short for a pattern and its answer; official 256")
-    if not 0 < cfg.optim.lr < 1:
-        raise ValueError(f"optim.lr={cfg.optim.lr} is out of range; the official fine-tuning lr is 1e-5")
+    if not 0 <= cfg.optim.lr < 1:
+        raise ValueError(f"optim.lr={cfg.optim.lr} is out of range [0, 1); the official fine-tuning lr is 1e-5 "
+                         "(0 evaluates the checkpoint as it is, every epoch)")
     for label, word in cfg.verbalizers.items():
         if not isinstance(label, str) or not isinstance(word, str) or not word.strip():
             raise ValueError(f"verbalizers: {label!r}: {word!r} must map a label string to a non-empty word (YAML reads "

@@ -14,6 +14,8 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 
@@ -22,7 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, read_state_dict
 from model.config import PRESETS
 from model.evaluate import score_choices
 from model.finetune import cloze_loss, cloze_scores, collate
@@ -247,3 +249,141 @@ def test_synthetic_rule_is_learned_to_95_percent(ft_tok, pretrained, tmp_path):
     enc, _ = FT.encode_examples(task, 0, FT.read_jsonl(test, task.labels), ft_tok, 64)
     scores = cloze_scores(model, collate(enc, ft_tok.specials))
     assert float((scores.argmax(-1) == torch.tensor([x.label for x in enc])).float().mean()) == best["value"]
+
+
+@pytest.mark.slow
+def test_kill_and_autoresume_continue_exactly(ft_tok, pretrained, tmp_path):
+    """SIGKILL after the epoch-2 checkpoint, the same command again: the final weights, every evaluation and the
+    best model equal those of an uninterrupted run (CPU, fp32, dropout on)."""
+    train, test = write_rule_task(tmp_path, 96, 40)
+    args = ["--task=cloze", f"--train-file={train}", f"--test-file={test}", "--verbalizers={'yes': ' Yes', 'no': ' No'}",
+            "--max-duration=5ep", "--optim.lr=2e-3", "--keep-checkpoints=-1", "--batch-size=8"]
+    cmd = lambda folder: [PY, os.path.join(REPO, "finetune.py"), *ft_args(ft_tok, pretrained, folder, *args)]
+    ref = str(tmp_path / "ref")
+    p = subprocess.run(cmd(ref), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+    run = str(tmp_path / "killed")
+    proc = subprocess.Popen(cmd(run), env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.exists(os.path.join(run, "ep2-ba24-rank0.pt")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)   # a real crash: no final checkpoint, no cleanup
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(run, "ep5-ba60-rank0.pt")), "killed too late to prove anything"
+
+    p = subprocess.run(cmd(run), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[finetune] resuming from step" in p.stdout
+    a = read_state_dict(os.path.join(ref, "ep5-ba60-rank0.pt"))[0]
+    b = read_state_dict(os.path.join(run, "ep5-ba60-rank0.pt"))[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    evals = lambda folder: {r["step"]: r["metrics/test/accuracy"] for r in metrics_rows(folder)
+                            if "metrics/test/accuracy" in r}
+    assert evals(run) == evals(ref) and sorted(evals(ref)) == [12, 24, 36, 48, 60]
+    assert any(r.get("event") == "resume" for r in metrics_rows(run))
+    best = lambda folder: json.load(open(os.path.join(folder, "best", "best.json")))
+    assert best(run) == best(ref)
+    wa, wb = (read_state_dict(os.path.join(f, "best"))[0] for f in (ref, run))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # a finished run is not restarted: the same command names the fix
+    p = subprocess.run(cmd(run), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "finished run" in p.stderr and "--max-duration" in p.stderr
+
+
+def test_bad_settings_and_files_are_named_with_the_fix(ft_tok, pretrained, tmp_path, tokenizer_path):
+    import finetune
+
+    train, test = write_rule_task(tmp_path, 8, 4)
+    base = ft_args(ft_tok, pretrained, str(tmp_path / "x"))
+    user = ["--task=cloze", f"--train-file={train}", f"--test-file={test}"]
+    cases = [
+        (["--task=wsc"], r"task='wsc': choose one of \['boolq', 'cb', 'copa', 'rte'\]"),
+        (["--split=half"], r"split='half': choose few .* or full"),
+        (["--pattern-id=9"], r"pattern_id=9 does not exist for task 'rte': choose one of \[0, 1, 2, 3, 4\]"),
+        (["--seq-len=4"], r"seq_len=4 is too short"),
+        (["--optim.lr=5"], r"optim.lr=5.0 is out of range"),
+        (["--checkpoint="], r"checkpoint is required"),
+        (["--tokenizer="], r"tokenizer is required"),
+        (["--tokenizer=" + str(tmp_path)], r"neither a .model file nor a shard set"),
+        (["--checkpoint=" + str(tmp_path / "nope.pt")], r"does not exist"),
+        (["--verbalizers={yes: ' Yes'}"], r"quote them"),
+        (["--verbalizers={maybe: ' the'}"], r"'maybe' is not a label of task 'rte'"),
+        (["--train-file=" + train], r"train_file/test_file are for task=cloze"),
+        (user[:2], r"task=cloze needs train_file and test_file"),
+        (user, r"task=cloze with label lines needs verbalizers"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(ValueError, match=message):
+            finetune.main(finetune.parse_args(base + extra))
+    with pytest.raises(ValueError, match="unknown"):
+        finetune.parse_args(base + ["--epochs=3"])
+    verbal = ["--verbalizers={'yes': ' Yes', 'no': ' No'}"]
+    bad_lines = {'{"text": "no blank here", "label": "yes"}': r"rule-train.jsonl:2: needs \"text\": a string with "
+                 r"exactly one \[MASK\]",
+                 '{"text": "a [MASK]", "label": "perhaps"}': r"rule-train.jsonl:2: \"label\" 'perhaps' is not one of",
+                 "{not json": r"rule-train.jsonl:2: not JSON",
+                 '{"text": "a [MASK]", "choices": ["x"], "gold": 0}': r"rule-train.jsonl:2: \"choices\" must be >= 2"}
+    first = open(train).readline()
+    for line, message in bad_lines.items():
+        with open(train, "w") as f:
+            f.write(first + line + "\n")
+        with pytest.raises(ValueError, match=message):
+            finetune.main(finetune.parse_args(base + user + verbal))
+    # a tokenizer the checkpoint was not trained with is refused
+    with open(train, "w") as f:
+        f.write(first)
+    with pytest.raises(ValueError, match="is not the one .* was trained with"):
+        finetune.main(finetune.parse_args(base + user + verbal + [f"--tokenizer={tokenizer_path}"]))
+
+
+def test_official_test_vector_checkpoint_fine_tunes(tv, tmp_path, small_corpus):
+    """The official model of the test vectors (211-token vocabulary, 32 positions) as an official release folder,
+    with a 200-piece sentencepiece model whose command tokens are appended at the official ids (200..210). With
+    lr 0 the per-epoch evaluation equals model.generate.score_verbalizers on the official weights, and the best
+    model is those weights."""
+    import io
+
+    import sentencepiece as spm
+
+    import finetune
+
+    release = tmp_path / "official"
+    (release / "release").mkdir(parents=True)
+    (release / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save({"module": tv["state_dict"], "iteration": 0}, release / "release" / "mp_rank_00_model_states.pt")
+    (tmp_path / "config.json").write_text(json.dumps(tv["config"]))
+    model_bytes = io.BytesIO()
+    text = open(small_corpus[0], encoding="utf-8").read().splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model_bytes, vocab_size=200,
+                                   model_type="unigram", num_threads=1, minloglevel=2)
+    (tmp_path / "off.model").write_bytes(model_bytes.getvalue())
+    tok = Tokenizer.load(str(tmp_path / "off.model"), commands="appended")
+    assert tok.vocab_size == 211 and tok.specials.mask == 203 and tok.specials.sop == 206
+    words = [p for p in (tok.sp.id_to_piece(i) for i in range(200)) if p.startswith("▁") and len(p) > 2][:2]
+    verbal = {"a": " " + words[0][1:], "b": " " + words[1][1:]}
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 12)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(["the", "of", "and", "to"], 3)) + " [MASK]",
+                                    "label": str(rng.choice(["a", "b"]))}) + "\n")
+    out = tmp_path / "run"
+    cfg = finetune.parse_args([
+        "--task=cloze", f"--train-file={tmp_path / 'train.jsonl'}", f"--test-file={tmp_path / 'test.jsonl'}",
+        f"--verbalizers={json.dumps(verbal)}", f"--checkpoint={release}", f"--model-config={tmp_path / 'config.json'}",
+        f"--tokenizer={tmp_path / 'off.model'}", "--tokenizer-commands=appended", "--optim.lr=0", "--max-duration=1ep",
+        f"--save-folder={out}", "--progress-bar=false", "--batch-size=4"])
+    with pytest.warns(UserWarning, match="seq_len=256 exceeds the model's max_position_embeddings=32"):
+        finetune.main(cfg).close()
+    official = load_checkpoint(release, str(tmp_path / "config.json")).eval()
+    task = FT.user_task(verbal, False)
+    enc, skipped = FT.encode_examples(task, 0, FT.read_jsonl(str(tmp_path / "test.jsonl"), task.labels), tok, 32)
+    assert skipped == 0 and len(enc) == 12
+    right = [int(score_verbalizers(official, x.context, tok.specials, x.choice_ids).argmax()) == x.label for x in enc]
+    acc = [r["metrics/test/accuracy"] for r in metrics_rows(out) if "metrics/test/accuracy" in r]
+    assert acc == [pytest.approx(sum(right) / 12)]
+    best = read_state_dict(out / "best")[0]
+    assert all(torch.equal(best[k], v) for k, v in tv["state_dict"].items())
