@@ -70,9 +70,18 @@ from train import (
 DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "finetune", "rte.yaml")
 
 
-def finetune_optim() -> OptimConfig:
-    """The official fine-tuning recipe (spec §11): lr 1e-5, 10 % warmup, linear decay (to 0), weight decay 0.1."""
-    return OptimConfig(lr=1e-5, schedule="linear", warmup="0.1dur", decay_to=0.0, weight_decay=0.1)
+@dataclass
+class FinetuneOptim(OptimConfig):
+    """train.py's optimiser section with the official fine-tuning recipe as defaults (spec §11)."""
+    lr: float = 1e-5                      # peak learning rate (official fine-tuning: 1e-5)
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
+    eps: float = 1e-6                     # Adam epsilon
+    weight_decay: float = 0.1             # AdamW decay (per step: w *= 1 - lr_t*wd); none on biases/LayerNorm (§6.5)
+    schedule: str = "linear"              # linear (official) | cosine decay after warmup
+    warmup: str = "0.1dur"                # warmup length (official: 10 % of the run), a Composer time string
+    decay_to: float = 0.0                 # final lr as a fraction of lr (linear decay to 0)
+    decay_duration: str = "1dur"          # when lr reaches decay_to
+    grad_clip: float = 1.0                # max global grad norm
 
 
 @dataclass
@@ -111,7 +120,7 @@ class FinetuneConfig:
     progress_bar: bool = True             # Composer's tqdm bar (rank 0)
     log_interval: str = "10ba"            # console log interval when the progress bar is off
     wall_clock_limit_s: float = 0.0       # stop after this many seconds: checkpoint, then exit code 3; 0 = none
-    optim: OptimConfig = field(default_factory=finetune_optim)
+    optim: FinetuneOptim = field(default_factory=FinetuneOptim)
 
 
 def parse_args(argv: list[str]) -> FinetuneConfig:

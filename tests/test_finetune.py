@@ -410,3 +410,45 @@ def test_composer_launcher_copa_multi_token(ft_tok, pretrained, tmp_path):
     best = json.load(open(os.path.join(out, "best", "best.json")))
     assert best["value"] == max(r["metrics/test/accuracy"] for r in rows) and best["task"] == "copa"
     assert load_checkpoint(os.path.join(out, "best")).config.n_layer == PRESETS["tiny"].n_layer
+
+
+@pytest.mark.parametrize("path", sorted(os.listdir(os.path.join(REPO, "configs", "finetune"))))
+def test_every_finetune_config_loads_with_the_official_recipe(path):
+    import finetune
+
+    cfg = finetune.parse_args([os.path.join(REPO, "configs", "finetune", path)])
+    o = cfg.optim
+    assert (o.lr, o.schedule, o.warmup, o.decay_to, o.weight_decay) == (1e-5, "linear", "0.1dur", 0.0, 0.1)
+    assert cfg.batch_size == 16 and cfg.seq_len == 256 and cfg.eval_interval == "1ep"
+    if cfg.task in FT.TASKS:
+        task = FT.TASKS[cfg.task]
+        assert cfg.pattern_id == task.default_pattern and cfg.max_duration == f"{task.epochs}ep"
+
+
+def test_help_lists_every_setting():
+    p = subprocess.run([PY, os.path.join(REPO, "finetune.py"), "--help"], env=_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "--pattern-id=-1" in p.stdout and "--verbalizers={}" in p.stdout, p.stdout[-2000:]
+    assert "training sets are not available offline" in p.stdout and "--optim.lr=1e-05" in p.stdout
+
+
+@pytest.mark.slow
+def test_world_size_two_fsdp2(ft_tok, pretrained, tmp_path):
+    """`composer -n 2`: FSDP2 shards the model (the verbaliser rows and the candidate logits gather the sharded
+    embedding), both ranks evaluate, rank 0 writes the gathered best model."""
+    from conftest import free_port
+
+    train, test = write_rule_task(tmp_path, 32, 16)
+    out = str(tmp_path / "fsdp")
+    cmd = [COMPOSER, "-n", "2", "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
+           *ft_args(ft_tok, pretrained, out, "--task=cloze", f"--train-file={train}", f"--test-file={test}",
+                    "--verbalizers={'yes': ' Yes', 'no': ' No'}", "--max-duration=2ep", "--batch-size=8",
+                    "--optim.lr=1e-3")]
+    p = subprocess.run(cmd, env=_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "world 2" in p.stdout
+    rows = [r for r in metrics_rows(out) if "metrics/test/accuracy" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    best = read_state_dict(os.path.join(out, "best"))[0]
+    assert best["word_embeddings.weight"].shape == (1024, PRESETS["tiny"].d_model)   # whole, not a shard
+    assert os.path.isdir(os.path.join(out, "ep2-ba4"))                    # a sharded Composer checkpoint
