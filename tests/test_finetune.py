@@ -313,7 +313,7 @@ def test_bad_settings_and_files_are_named_with_the_fix(ft_tok, pretrained, tmp_p
         (["--checkpoint=" + str(tmp_path / "nope.pt")], r"does not exist"),
         (["--verbalizers={yes: ' Yes'}"], r"quote them"),
         (["--verbalizers={maybe: ' the'}"], r"'maybe' is not a label of task 'rte'"),
-        (["--train-file=" + train], r"train_file/test_file are for task=cloze"),
+        (["--train-file=" + train], r"train_file/test_file are for task=cloze or seq2seq"),
         (user[:2], r"task=cloze needs train_file and test_file"),
         (user, r"task=cloze with label lines needs verbalizers"),
     ]
