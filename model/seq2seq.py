@@ -96,6 +96,8 @@ def evaluate_generation(model: GLM, tok, pairs: Sequence[dict], *, strategy: str
     Returns exact_match, rouge1, rouge2, rougeL (0..1), num_pairs, predictions and references (lists of str)."""
     if not pairs:
         raise ValueError("pairs is empty; pass at least one {source, target} pair (pipeline.seq2seq.read_pairs)")
+    if not isinstance(model, GLM):
+        raise ValueError(f"model is a {type(model).__name__}; pass the plain GLM (for a GLMComposer: its .model)")
     sp = tok.specials
     limit = model.config.max_position_embeddings if max_source is None else max_source
     predictions, references = [], []

@@ -19,8 +19,10 @@ unchanged:
 That is `make_block_data` with the target as the one span (layout "gpt_single_span"). Differences from the
 official tasks/seq2seq (spec §10.2), deliberately: the blank is a [gMASK] suffix after the source (the issue's
 layout, the same Part A that `model.generate.fill_blanks` builds for `source + [gMASK]`, so the fine-tuned model
-is used as it was trained), no " Content:" prompt, and Part A is not padded to max_source (pad_batch right-pads
-after Part B, where no real token attends).
+is used as it was trained), no " Content:" prompt, and Part A is not padded to max_source: the official code pads
+it with pad (== eos in its vocabularies), visible to every token unless --mask-pad-token, in training and in
+generation alike; ours ends at [gMASK] in both, and pad_batch right-pads after Part B, where no real token
+attends.
 
 Truncation, as the official Seq2SeqDataset (counted in each sample's `source_truncated` / `target_truncated`):
   * max_source = the longest Part A, [CLS] and [gMASK] included (the official --src-seq-length counts its prompt

@@ -99,6 +99,8 @@ def test_truncation_keeps_source_head_and_cuts_target_with_its_eop(tok):
     for bad in (dict(max_source=2, max_target=8), dict(max_source=8, max_target=0)):
         with pytest.raises(ValueError, match="max_(source|target)="):
             encode_pair(tok, "a", "b", **bad)
+    with pytest.raises(ValueError, match="target ' ' encodes to no tokens"):
+        encode_pair(tok, "a", " ", max_source=8, max_target=8)
 
 
 # ---- reading pairs --------------------------------------------------------------------------------------------
@@ -225,3 +227,5 @@ def test_tiny_glm_learns_copy_and_reverse_with_the_pretraining_loss(tok, tmp_pat
     beam = evaluate_generation(glm, tok, held_out[:20], strategy="beam", num_beams=3, max_new_tokens=10,
                                max_source=16)
     assert beam["exact_match"] >= 0.9 and len(beam["predictions"]) == 20
+    with pytest.raises(ValueError, match="pass the plain GLM"):
+        evaluate_generation(model, tok, held_out[:1])
