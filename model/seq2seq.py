@@ -93,7 +93,8 @@ def evaluate_generation(model: GLM, tok, pairs: Sequence[dict], *, strategy: str
     strategy, num_beams, max_new_tokens, length_penalty, no_repeat_ngram_size, min_length, seed: as
     model.generate.fill_blanks (strategy "greedy", "beam" or "sample"). max_source: Part A limit as in
     training (default: the model's max_position_embeddings).
-    Returns exact_match, rouge1, rouge2, rougeL (0..1), num_pairs, predictions and references (lists of str)."""
+    Returns exact_match, rouge1, rouge2, rougeL (0..1), num_pairs, source_truncated (how many sources lost
+    tokens to max_source), predictions and references (lists of str, one per pair, in order)."""
     if not pairs:
         raise ValueError("pairs is empty; pass at least one {source, target} pair (pipeline.seq2seq.read_pairs)")
     if not isinstance(model, GLM):
@@ -101,8 +102,11 @@ def evaluate_generation(model: GLM, tok, pairs: Sequence[dict], *, strategy: str
     sp = tok.specials
     limit = model.config.max_position_embeddings if max_source is None else max_source
     predictions, references = [], []
+    truncated = 0
     for pair in pairs:
-        ctx = source_context(tok.encode(pair["source"]), sp, limit)
+        ids = tok.encode(pair["source"])
+        truncated += len(ids) > limit - 2
+        ctx = source_context(ids, sp, limit)
         (answer,) = fill_blanks(model, ctx, sp, strategy, max_new_tokens, num_beams=num_beams,
                                 length_penalty=length_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                 min_length=min_length, seed=seed, vocab_size=tok.vocab_size)
@@ -111,4 +115,5 @@ def evaluate_generation(model: GLM, tok, pairs: Sequence[dict], *, strategy: str
     exact = sum(_normalize(p) == _normalize(r) for p, r in zip(predictions, references)) / len(pairs)
     return {"exact_match": exact, **rouge(predictions, references, rouge_tokenizer=rouge_tokenizer,
                                           rouge_stemmer=rouge_stemmer),
-            "num_pairs": len(pairs), "predictions": predictions, "references": references}
+            "num_pairs": len(pairs), "source_truncated": truncated, "predictions": predictions,
+            "references": references}

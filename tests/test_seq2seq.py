@@ -169,6 +169,24 @@ def test_rouge_equals_rouge_score_and_the_hand_count():
         rouge(preds, refs, rouge_tokenizer="nltk")
 
 
+def test_evaluate_generation_runs_every_strategy_and_counts_truncated_sources(tok):
+    torch.manual_seed(0)
+    glm = GLMComposer(dataclasses.replace(PRESETS["tiny"], vocab_size=tok.vocab_size)).model
+    pairs = [{"source": "Fellow citizens of the Senate", "target": "and of the House"},
+             {"source": "the war", "target": "peace"}]
+    assert len(tok.encode(pairs[0]["source"])) > 4 >= len(tok.encode(pairs[1]["source"]))   # max_source 6 keeps 4
+    runs = [evaluate_generation(glm, tok, pairs, strategy=s, num_beams=2, max_new_tokens=3, max_source=6)
+            for s in ("greedy", "beam", "sample")]
+    for r in runs:
+        assert r["num_pairs"] == 2 and r["source_truncated"] == 1 and len(r["predictions"]) == 2
+        assert all(isinstance(p, str) for p in r["predictions"]) and 0.0 <= r["rougeL"] <= 1.0
+    ctx = source_context(tok.encode(pairs[0]["source"]), tok.specials, 6)
+    assert len(ctx) == 6
+    assert runs[0]["predictions"][0] == tok.decode(fill_blanks(glm, ctx, tok.specials, "greedy", 3)[0])
+    with pytest.raises(ValueError, match="pairs is empty"):
+        evaluate_generation(glm, tok, [])
+
+
 # ---- learning: copy and reverse -------------------------------------------------------------------------------
 
 def _digit_pairs(rng: np.random.Generator, n: int) -> list[dict]:
