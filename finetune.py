@@ -201,9 +201,9 @@ def build_cloze(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: i
         sources = [source]
         overrides = cfg.verbalizers or None
     pid = task.default_pattern if cfg.pattern_id < 0 else cfg.pattern_id
-    majority = FT.majority_accuracy(train, test[:cfg.test_limit] if cfg.test_limit > 0 else test)
     if cfg.test_limit > 0:
         test = test[:cfg.test_limit]
+    majority, shares = FT.majority_accuracy(train, test), FT.label_shares(test)
     enc_train, skip_train = FT.encode_examples(task, pid, train, tok, seq_len, overrides)
     enc_test, skip_test = FT.encode_examples(task, pid, test, tok, seq_len, overrides)
     if not enc_train or not enc_test:
@@ -221,7 +221,8 @@ def build_cloze(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: i
     example = " ".join(FT.render(task, pid, train[0]).split())
     notes = [f"task {task.name} pattern {pid}{'' if cfg.task == 'cloze' else ' split ' + cfg.split}: "
              f"train {len(enc_train)} examples (+{skip_train} too long, skipped), test {len(enc_test)} "
-             f"(+{skip_test} skipped); majority-class accuracy on test {majority:.4f}; "
+             f"(+{skip_test} skipped); majority-class accuracy on test {majority:.4f} (the training set's most "
+             f"frequent label; label shares in test {[round(x, 4) for x in shares]}); "
              + (f"multi-token candidates{' + eop' if cfg.include_eop else ''}" if task.multi_token else
                 f"labels {dict(zip(task.labels, enc_train[0].choice_ids))}"),
              f"example: {example[:300]}"]

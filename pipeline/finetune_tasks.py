@@ -354,6 +354,12 @@ def majority_accuracy(train: Sequence[Example], test: Sequence[Example]) -> floa
     return float(np.mean([e.label == int(counts.argmax()) for e in test]))
 
 
+def label_shares(examples: Sequence[Example]) -> list[float]:
+    """Share of each label index among examples (multi-token tasks: of each gold position)."""
+    counts = np.bincount([e.label for e in examples]) if examples else np.zeros(1)
+    return [float(c) / max(1, len(examples)) for c in counts]
+
+
 def _main() -> None:
     import argparse
 
