@@ -173,7 +173,9 @@ class ClozeComposer(GLMComposer):
         return cloze_loss(outputs, batch["label"])
 
     def update_metric(self, batch: dict, outputs: torch.Tensor, metric) -> None:
-        metric.update(outputs, batch["label"])
+        keep = batch["valid"]            # padding copies (test set padded to the world size) are not counted
+        if keep.any():
+            metric.update(outputs[keep], batch["label"][keep])
 
     def flops_per_batch(self, batch: dict) -> int:
         ids = batch["input_ids"]
@@ -212,10 +214,11 @@ def build_cloze(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: i
     num_labels = len(task.labels) if task.labels else 0
     model = ClozeComposer(gcfg, num_labels)
     collate_fn = lambda xs: collate(xs, tok.specials, cfg.include_eop)
+    test_padded = pad_to_world(enc_test, lambda x: dataclasses.replace(x, valid=False))
     train_loader = DataLoader(enc_train, batch_size=cfg.batch_size, collate_fn=collate_fn,
                               sampler=dist.get_sampler(enc_train, shuffle=True, seed=cfg.seed))
-    test_loader = DataLoader(enc_test, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_fn,
-                             sampler=dist.get_sampler(enc_test, shuffle=False))
+    test_loader = DataLoader(test_padded, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_fn,
+                             sampler=dist.get_sampler(test_padded, shuffle=False))
     evaluator = Evaluator(label="test", dataloader=test_loader, metric_names=list(model.eval_metrics),
                           device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size)
     example = " ".join(FT.render(task, pid, train[0]).split())
@@ -234,6 +237,15 @@ def build_cloze(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: i
                    "data_sha256": [s["sha256"] for s in sources], "verbalizers": dict(cfg.verbalizers),
                    "include_eop": cfg.include_eop}
     return Job(model, train_loader, [evaluator], [], task.main_metric, fingerprint, notes)
+
+
+def pad_to_world(items: list, copy) -> list:
+    """The test set padded to a multiple of the world size with copies marked invalid, so that every rank runs the
+    same number of evaluation batches (FSDP2) and no example is counted twice (DistributedSampler would repeat
+    real ones)."""
+    world = dist.get_world_size()
+    extra = -len(items) % world
+    return items + [copy(items[i % len(items)]) for i in range(extra)]
 
 
 def _has_choices(path: str) -> bool:
@@ -292,13 +304,17 @@ def build_seq2seq(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len:
 
     def collate_pairs(samples: list[dict]) -> dict:
         arrays = pad_batch(samples, pad_id=tok.specials.pad)
-        return {k: torch.from_numpy(v).long() for k, v in arrays.items()}
+        batch = {k: torch.from_numpy(v).long() for k, v in arrays.items()}
+        batch["loss_mask"] *= torch.tensor([s.get("valid", True) for s in samples])[:, None]   # padding copies
+        return batch
+
+    test_padded = pad_to_world(test_samples, lambda s: {**s, "valid": False})
 
     model = GLMComposer(gcfg, objectives=())
     train_loader = DataLoader(train_samples, batch_size=cfg.batch_size, collate_fn=collate_pairs,
                               sampler=dist.get_sampler(train_samples, shuffle=True, seed=cfg.seed))
-    test_loader = DataLoader(test_samples, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_pairs,
-                             sampler=dist.get_sampler(test_samples, shuffle=False))
+    test_loader = DataLoader(test_padded, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_pairs,
+                             sampler=dist.get_sampler(test_padded, shuffle=False))
     evaluator = Evaluator(label="test", dataloader=test_loader, metric_names=list(model.eval_metrics),
                           device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size)
     generation = GenerationEval(tok, test, cfg.eval_interval, "rougeL", strategy=cfg.strategy,

@@ -33,9 +33,11 @@ def collate(examples: Sequence, specials, include_eop: bool = True) -> dict[str,
     """Encoded examples (pipeline.finetune_tasks.Encoded: .context, .label, .choice_ids | .candidates) -> a batch.
 
     Single-token: input_ids / position_ids / block_position_ids [B,T], sep [B], score_index [B], choice_ids [B,N],
-    choice_mask [B,N], label [B]. Multi-token: the same per candidate row, [B,N,T] and sep [B,N], plus targets and
-    target_mask [B,N,T]; a missing candidate (fewer than N) is a dummy row with choice_mask 0."""
+    choice_mask [B,N], label [B], valid [B] (False: a padding copy that metrics skip). Multi-token: the same per
+    candidate row, [B,N,T] and sep [B,N], plus targets and target_mask [B,N,T]; a missing candidate (fewer than N)
+    is a dummy row with choice_mask 0."""
     label = torch.tensor([e.label for e in examples], dtype=torch.long)
+    valid = torch.tensor([getattr(e, "valid", True) for e in examples], dtype=torch.bool)
     if not examples[0].candidates:
         rows = [_row(e.context, [], specials) for e in examples]
         n = max(len(e.choice_ids) for e in examples)
@@ -44,7 +46,7 @@ def collate(examples: Sequence, specials, include_eop: bool = True) -> dict[str,
         batch["choice_ids"] = torch.tensor([list(e.choice_ids) + [0] * (n - len(e.choice_ids)) for e in examples])
         batch["choice_mask"] = torch.tensor([[1] * len(e.choice_ids) + [0] * (n - len(e.choice_ids))
                                              for e in examples], dtype=torch.bool)
-        batch["label"] = label
+        batch["label"], batch["valid"] = label, valid
         return batch
     n = max(len(e.candidates) for e in examples)
     rows = []
@@ -55,7 +57,7 @@ def collate(examples: Sequence, specials, include_eop: bool = True) -> dict[str,
     batch = {k: v.view(len(examples), n, *v.shape[1:]) for k, v in flat.items()}
     batch["choice_mask"] = torch.tensor([[1] * len(e.candidates) + [0] * (n - len(e.candidates)) for e in examples],
                                         dtype=torch.bool)
-    batch["label"] = label
+    batch["label"], batch["valid"] = label, valid
     return batch
 
 

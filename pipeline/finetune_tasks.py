@@ -267,6 +267,7 @@ class Encoded:
     label: int
     choice_ids: list[int] = field(default_factory=list)
     candidates: list[list[int]] = field(default_factory=list)
+    valid: bool = True              # False: a copy that only pads the test set to a multiple of the world size
 
 
 def render(task: ClozeTask, pattern_id: int, e: Example) -> str:

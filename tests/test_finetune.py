@@ -444,11 +444,11 @@ def test_help_lists_every_setting():
 
 @pytest.mark.slow
 def test_world_size_two_fsdp2(ft_tok, pretrained, tmp_path):
-    """`composer -n 2`: FSDP2 shards the model (the verbaliser rows and the candidate logits gather the sharded
-    embedding), both ranks evaluate, rank 0 writes the gathered best model."""
+    """`composer -n 2`: FSDP2 shards the model (the verbaliser rows gather the sharded embedding), both ranks
+    evaluate their half of the test set (padded with an uncounted copy), rank 0 writes the gathered best model."""
     from conftest import free_port
 
-    train, test = write_rule_task(tmp_path, 32, 16)
+    train, test = write_rule_task(tmp_path, 32, 15)    # 15: one rank gets a padding copy, never counted
     out = str(tmp_path / "fsdp")
     cmd = [COMPOSER, "-n", "2", "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
            *ft_args(ft_tok, pretrained, out, "--task=cloze", f"--train-file={train}", f"--test-file={test}",
@@ -461,6 +461,13 @@ def test_world_size_two_fsdp2(ft_tok, pretrained, tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     best = read_state_dict(os.path.join(out, "best"))[0]
     assert best["word_embeddings.weight"].shape == (1024, PRESETS["tiny"].d_model)   # whole, not a shard
+    # the 2-rank evaluation counts each of the 15 test examples once: the best model scores the same in 1 process
+    recorded = json.load(open(os.path.join(out, "best", "best.json")))
+    task = FT.user_task({"yes": " Yes", "no": " No"}, False)
+    enc, _ = FT.encode_examples(task, 0, FT.read_jsonl(test, task.labels), ft_tok, 64)
+    scores = cloze_scores(load_checkpoint(os.path.join(out, "best")).eval(), collate(enc, ft_tok.specials))
+    right = (scores.argmax(-1) == torch.tensor([x.label for x in enc])).sum().item()
+    assert 0 < right < 15 and recorded["value"] == pytest.approx(right / 15, abs=1e-6)   # k/16 would differ
     assert os.path.isdir(os.path.join(out, "ep2-ba4"))                    # a sharded Composer checkpoint
 
 
