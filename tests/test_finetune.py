@@ -293,6 +293,13 @@ def test_kill_and_autoresume_continue_exactly(ft_tok, pretrained, tmp_path):
     # a finished run is not restarted: the same command names the fix
     p = subprocess.run(cmd(run), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "finished run" in p.stderr and "--max-duration" in p.stderr
+    # a longer run in the same folder, but with other data settings, is refused naming the setting
+    import finetune
+
+    swapped = ["--verbalizers={'yes': ' No', 'no': ' Yes'}", "--max-duration=6ep"]
+    other = ft_args(ft_tok, pretrained, run, *args[:3], *swapped, *args[5:])
+    with pytest.raises(ValueError, match=r"trained on data with verbalizers=\{'yes': ' Yes', 'no': ' No'\}"):
+        finetune.main(finetune.parse_args(other))
 
 
 def test_bad_settings_and_files_are_named_with_the_fix(ft_tok, pretrained, tmp_path, tokenizer_path):
