@@ -256,9 +256,10 @@ def _has_choices(path: str) -> bool:
         for line in f:
             if line.strip():
                 try:
-                    return isinstance(json.loads(line), dict) and "choices" in json.loads(line)
+                    first = json.loads(line)
                 except json.JSONDecodeError:
                     return False   # read_jsonl names the line
+                return isinstance(first, dict) and "choices" in first
     return False
 
 

@@ -171,7 +171,7 @@ def test_cloze_loss_equals_a_hand_computation(ft_tok, pretrained):
     assert math.isclose(float(loss.detach()), float(torch.stack(by_hand).mean()), rel_tol=1e-5)
 
 
-def test_multi_token_scores_equal_the_evaluator(ft_tok, pretrained):
+def test_multi_token_scores_equal_the_evaluator(ft_tok, pretrained, tmp_path):
     model = tiny_glm(pretrained)
     dev, _ = FT.read_dev("copa")
     task = FT.TASKS["copa"]
@@ -190,6 +190,19 @@ def test_multi_token_scores_equal_the_evaluator(ft_tok, pretrained):
                                    rtol=1e-5, atol=1e-4)
     loss = cloze_loss(ours, collate(enc, ft_tok.specials)["label"])
     assert math.isclose(float(loss), float(F.cross_entropy(ours, torch.tensor([x.label for x in enc]))))
+    # a user's file with 2 and 3 candidates in one batch: the missing slot scores -inf, the others as above
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"text": "The war [MASK] ended.", "choices": ["has", "has not"], "gold": 0}\n'
+                    '{"text": "The people of the [MASK].", "choices": ["nation", "states", "world"], "gold": 2}\n')
+    task = FT.user_task({}, multi_token=True)
+    enc, _ = FT.encode_examples(task, 0, FT.read_jsonl(str(path)), ft_tok, 128)
+    ours = cloze_scores(model, collate(enc, ft_tok.specials))
+    assert ours.shape == (2, 3) and ours[0, 2] == float("-inf")
+    for i, x in enumerate(enc):
+        torch.testing.assert_close(ours[i, :len(x.candidates)],
+                                   score_candidates(model, x.context, ft_tok.specials, x.candidates).float(),
+                                   rtol=1e-5, atol=1e-4)
+    assert math.isfinite(float(cloze_loss(ours, torch.tensor([0, 2]))))
 
 
 # ------------------------------------------------------------------------------------------------ finetune.py
