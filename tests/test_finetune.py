@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def ft_tok(tmp_path_factory, small_corpus) -> Tokenizer:
     """A 1,000-piece tokenizer of real speeches plus lines that make every official verbaliser word one piece."""
     from pipeline import tokenizer as T
 
-    docs = [open(p, encoding="utf-8").read() for p in small_corpus[:8]]
+    docs = [Path(p).read_text(encoding="utf-8") for p in small_corpus[:8]]
     words = VERBAL_WORDS.split()
     rng = np.random.default_rng(0)
     docs.append("\n".join(" ".join(rng.choice(words, 8)) for _ in range(3000)))
@@ -235,6 +236,10 @@ def ft_args(tok, pretrained, folder, *more) -> list[str]:
             "--logger=file", *more]
 
 
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def metrics_rows(folder) -> list[dict]:
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -253,7 +258,7 @@ def test_synthetic_rule_is_learned_to_95_percent(ft_tok, pretrained, tmp_path):
     trainer.close()
     accs = [r["metrics/test/accuracy"] for r in metrics_rows(out) if "metrics/test/accuracy" in r]
     assert len(accs) == 6 and max(accs) >= 0.95, accs                        # one evaluation per epoch
-    best = json.load(open(os.path.join(out, "best", "best.json")))
+    best = read_json(os.path.join(out, "best", "best.json"))
     assert best["metric"] == "metrics/test/accuracy" and best["value"] == max(accs)
     assert best["epoch"] == accs.index(max(accs)) + 1
     print(f"rule learned: {accs} in {time.time() - t0:.1f} s")
@@ -299,7 +304,7 @@ def test_kill_and_autoresume_continue_exactly(ft_tok, pretrained, tmp_path):
                             if "metrics/test/accuracy" in r}
     assert evals(run) == evals(ref) and sorted(evals(ref)) == [12, 24, 36, 48, 60]
     assert any(r.get("event") == "resume" for r in metrics_rows(run))
-    best = lambda folder: json.load(open(os.path.join(folder, "best", "best.json")))
+    best = lambda folder: read_json(os.path.join(folder, "best", "best.json"))
     assert best(run) == best(ref)
     wa, wb = (read_state_dict(os.path.join(f, "best"))[0] for f in (ref, run))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -357,7 +362,7 @@ def test_bad_settings_and_files_are_named_with_the_fix(ft_tok, pretrained, tmp_p
                  '{"text": "a [MASK]", "label": "perhaps"}': r"rule-train.jsonl:2: \"label\" 'perhaps' is not one of",
                  "{not json": r"rule-train.jsonl:2: not JSON",
                  '{"text": "a [MASK]", "choices": ["x"], "gold": 0}': r"rule-train.jsonl:2: \"choices\" must be >= 2"}
-    first = open(train).readline()
+    first = Path(train).read_text().splitlines(keepends=True)[0]
     for line, message in bad_lines.items():
         with open(train, "w") as f:
             f.write(first + line + "\n")
@@ -387,7 +392,7 @@ def test_official_test_vector_checkpoint_fine_tunes(tv, tmp_path, small_corpus):
     torch.save({"module": tv["state_dict"], "iteration": 0}, release / "release" / "mp_rank_00_model_states.pt")
     (tmp_path / "config.json").write_text(json.dumps(tv["config"]))
     model_bytes = io.BytesIO()
-    text = open(small_corpus[0], encoding="utf-8").read().splitlines()
+    text = Path(small_corpus[0]).read_text(encoding="utf-8").splitlines()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=model_bytes, vocab_size=200,
                                    model_type="unigram", num_threads=1, minloglevel=2)
     (tmp_path / "off.model").write_bytes(model_bytes.getvalue())
@@ -436,7 +441,7 @@ def test_composer_launcher_copa_multi_token(ft_tok, pretrained, tmp_path):
     rows = [r for r in metrics_rows(out) if "metrics/test/accuracy" in r]
     assert [r["step"] for r in rows] == [2, 4] and all(0 <= r["metrics/test/accuracy"] <= 1 for r in rows)
     assert all("metrics/test/f1_macro" not in r for r in rows)             # candidates, not a fixed label set
-    best = json.load(open(os.path.join(out, "best", "best.json")))
+    best = read_json(os.path.join(out, "best", "best.json"))
     assert best["value"] == max(r["metrics/test/accuracy"] for r in rows) and best["task"] == "copa"
     assert load_checkpoint(os.path.join(out, "best")).config.n_layer == PRESETS["tiny"].n_layer
 
@@ -482,7 +487,7 @@ def test_world_size_two_fsdp2(ft_tok, pretrained, tmp_path):
     best = read_state_dict(os.path.join(out, "best"))[0]
     assert best["word_embeddings.weight"].shape == (1024, PRESETS["tiny"].d_model)   # whole, not a shard
     # the 2-rank evaluation counts each of the 15 test examples once: the best model scores the same in 1 process
-    recorded = json.load(open(os.path.join(out, "best", "best.json")))
+    recorded = read_json(os.path.join(out, "best", "best.json"))
     task = FT.user_task({"yes": " Yes", "no": " No"}, False)
     enc, _ = FT.encode_examples(task, 0, FT.read_jsonl(test, task.labels), ft_tok, 64)
     scores = cloze_scores(load_checkpoint(os.path.join(out, "best")).eval(), collate(enc, ft_tok.specials))
@@ -491,7 +496,6 @@ def test_world_size_two_fsdp2(ft_tok, pretrained, tmp_path):
     assert os.path.isdir(os.path.join(out, "ep2-ba4"))                    # a sharded Composer checkpoint
 
 
-@pytest.mark.slow
 def test_seq2seq_task_trains_evaluates_by_generation_and_keeps_the_best(ft_tok, pretrained, tmp_path):
     """task=seq2seq through finetune.py (target: the source's first word): encode_pair samples with the
     pretraining loss, generation evaluated
@@ -523,9 +527,10 @@ def test_seq2seq_task_trains_evaluates_by_generation_and_keeps_the_best(ft_tok, 
     assert all({"metrics/test/exact_match", "metrics/test/rouge1", "metrics/test/rouge2"} <= r.keys() for r in gen)
     losses = [r["metrics/test/loss"] for r in rows if "metrics/test/loss" in r]
     assert len(losses) == 6 and losses[-1] < losses[0]                        # teacher-forced test loss
-    best = json.load(open(os.path.join(out, "best", "best.json")))
+    best = read_json(os.path.join(out, "best", "best.json"))
     assert best["metric"] == "metrics/test/rougeL" and best["value"] == max(r["metrics/test/rougeL"] for r in gen)
     model = load_checkpoint(os.path.join(out, "best")).eval()
-    again = evaluate_generation(model, ft_tok, [json.loads(x) for x in open(files["test"])], max_new_tokens=16,
+    again = evaluate_generation(model, ft_tok, [json.loads(x) for x in Path(files["test"]).read_text().splitlines()],
+                                max_new_tokens=16,
                                 max_source=64 - 16)
     assert again["rougeL"] == best["value"] and again["exact_match"] == best["metrics"]["exact_match"]
