@@ -210,18 +210,19 @@ def test_tiny_glm_learns_copy_and_reverse_with_the_pretraining_loss(tok, tmp_pat
     train = read_pairs(str(path))
     seen = {p["source"] for p in train}
     fresh = [p for p in _digit_pairs(np.random.default_rng(1), 300) if p["source"] not in seen]
-    dev, held_out = fresh[:20], fresh[20:60]       # dev decides when to stop; held_out is scored once
+    dev, held_out = fresh[:40], fresh[40:80]       # dev decides when to stop; held_out is scored once
     assert len(held_out) == 40 and {p["source"].split()[0] for p in held_out} == {"copy", "reverse"}
     samples = [encode_pair(tok, p["source"], p["target"], max_source=16, max_target=8) for p in train]
-    cfg = dataclasses.replace(PRESETS["tiny"], d_model=128, vocab_size=tok.vocab_size, max_position_embeddings=32,
-                              embedding_dropout=0.0, attention_dropout=0.0, hidden_dropout=0.0)
+    cfg = dataclasses.replace(PRESETS["tiny"], d_model=128, n_head=8, vocab_size=tok.vocab_size,
+                              max_position_embeddings=32, embedding_dropout=0.0, attention_dropout=0.0,
+                              hidden_dropout=0.0)
     torch.manual_seed(0)
     model = GLMComposer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     dev_match = []
-    for step in range(1, 601):                     # until dev exact match >= 0.95 (about 300-450 steps)
+    for step in range(1, 801):                     # until dev exact match >= 0.975 (300-600 steps)
         for g in opt.param_groups:
-            g["lr"] = 2e-3 * min(1.0, step / 20) * (1 - step / 600)        # warmup, linear decay
+            g["lr"] = 2e-3 * min(1.0, step / 20) * (1 - step / 800)        # warmup, linear decay
         idx = rng.choice(len(samples), size=32, replace=False)
         batch = {k: torch.as_tensor(v, dtype=torch.long)
                  for k, v in pad_batch([samples[i] for i in idx], pad_id=tok.specials.pad).items()}
@@ -232,12 +233,11 @@ def test_tiny_glm_learns_copy_and_reverse_with_the_pretraining_loss(tok, tmp_pat
         if step % 50 == 0 and step >= 200:
             dev_match.append(evaluate_generation(model.model, tok, dev, max_new_tokens=10, max_source=16)
                              ["exact_match"])
-            if dev_match[-1] >= 0.95:
+            if dev_match[-1] >= 0.975:
                 break
-    assert dev_match[-1] >= 0.95, f"dev exact match by 50 steps from step 200: {dev_match}"
     glm = model.model
     greedy = evaluate_generation(glm, tok, held_out, max_new_tokens=10, max_source=16)
-    assert greedy["exact_match"] >= 0.9, list(zip(greedy["predictions"], greedy["references"]))
+    assert greedy["exact_match"] >= 0.9, (dev_match, list(zip(greedy["predictions"], greedy["references"])))
     assert greedy["rouge1"] >= 0.9 and greedy["references"] == [tok.decode(tok.encode(p["target"])) for p in held_out]
     # the predictions are fill_blanks' answers on [CLS] source [gMASK]
     ctx = source_context(tok.encode(held_out[0]["source"]), tok.specials, 16)
