@@ -56,6 +56,11 @@ def test_encode_pair_layout_matches_hand_built_and_reconstructs(tok):
                        s["sep"], s["spans"])
     assert set(ref) <= set(s) and all(s[k].dtype == ref[k].dtype for k in ref if k not in ("sep", "spans"))
     assert reconstruct(s, sp).tolist() == [sp.cls, *src, *tgt]
+    # the --no-block-position ablation: every Part B block position is 1, the rest unchanged
+    nb = encode_pair(tok, "Gentlemen of the Senate", "and House of Representatives", max_source=64, max_target=32,
+                     block_position_encoding=False)
+    assert nb["block_position_ids"].tolist() == [0] * A + [1] * G
+    assert nb["input_ids"].tolist() == s["input_ids"].tolist() and nb["targets"].tolist() == s["targets"].tolist()
     # generation sees exactly this Part A: fill_blanks' context is the training Part A, unchanged
     ctx = source_context(src, sp, 64)
     assert ctx == a and build_context(ctx, sp) == (a, [A - 1])
