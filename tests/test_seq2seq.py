@@ -56,6 +56,11 @@ def test_encode_pair_layout_matches_hand_built_and_reconstructs(tok):
                        s["sep"], s["spans"])
     assert set(ref) <= set(s) and all(s[k].dtype == ref[k].dtype for k in ref if k not in ("sep", "spans"))
     assert reconstruct(s, sp).tolist() == [sp.cls, *src, *tgt]
+    # the --no-block-position ablation: every Part B block position is 1, the rest unchanged
+    nb = encode_pair(tok, "Gentlemen of the Senate", "and House of Representatives", max_source=64, max_target=32,
+                     block_position_encoding=False)
+    assert nb["block_position_ids"].tolist() == [0] * A + [1] * G
+    assert nb["input_ids"].tolist() == s["input_ids"].tolist() and nb["targets"].tolist() == s["targets"].tolist()
     # generation sees exactly this Part A: fill_blanks' context is the training Part A, unchanged
     ctx = source_context(src, sp, 64)
     assert ctx == a and build_context(ctx, sp) == (a, [A - 1])
@@ -210,18 +215,19 @@ def test_tiny_glm_learns_copy_and_reverse_with_the_pretraining_loss(tok, tmp_pat
     train = read_pairs(str(path))
     seen = {p["source"] for p in train}
     fresh = [p for p in _digit_pairs(np.random.default_rng(1), 300) if p["source"] not in seen]
-    dev, held_out = fresh[:20], fresh[20:60]       # dev decides when to stop; held_out is scored once
+    dev, held_out = fresh[:40], fresh[40:80]       # dev decides when to stop; held_out is scored once
     assert len(held_out) == 40 and {p["source"].split()[0] for p in held_out} == {"copy", "reverse"}
     samples = [encode_pair(tok, p["source"], p["target"], max_source=16, max_target=8) for p in train]
-    cfg = dataclasses.replace(PRESETS["tiny"], d_model=128, vocab_size=tok.vocab_size, max_position_embeddings=32,
-                              embedding_dropout=0.0, attention_dropout=0.0, hidden_dropout=0.0)
+    cfg = dataclasses.replace(PRESETS["tiny"], d_model=128, n_head=8, vocab_size=tok.vocab_size,
+                              max_position_embeddings=32, embedding_dropout=0.0, attention_dropout=0.0,
+                              hidden_dropout=0.0)
     torch.manual_seed(0)
     model = GLMComposer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.0)
     dev_match = []
-    for step in range(1, 601):                     # until dev exact match >= 0.95 (about 300-450 steps)
+    for step in range(1, 801):                     # until dev exact match >= 0.975 (300-600 steps)
         for g in opt.param_groups:
-            g["lr"] = 2e-3 * min(1.0, step / 20) * (1 - step / 600)        # warmup, linear decay
+            g["lr"] = 2e-3 * min(1.0, step / 20) * (1 - step / 800)        # warmup, linear decay
         idx = rng.choice(len(samples), size=32, replace=False)
         batch = {k: torch.as_tensor(v, dtype=torch.long)
                  for k, v in pad_batch([samples[i] for i in idx], pad_id=tok.specials.pad).items()}
@@ -232,12 +238,11 @@ def test_tiny_glm_learns_copy_and_reverse_with_the_pretraining_loss(tok, tmp_pat
         if step % 50 == 0 and step >= 200:
             dev_match.append(evaluate_generation(model.model, tok, dev, max_new_tokens=10, max_source=16)
                              ["exact_match"])
-            if dev_match[-1] >= 0.95:
+            if dev_match[-1] >= 0.975:
                 break
-    assert dev_match[-1] >= 0.95, f"dev exact match by 50 steps from step 200: {dev_match}"
     glm = model.model
     greedy = evaluate_generation(glm, tok, held_out, max_new_tokens=10, max_source=16)
-    assert greedy["exact_match"] >= 0.9, list(zip(greedy["predictions"], greedy["references"]))
+    assert greedy["exact_match"] >= 0.9, (dev_match, list(zip(greedy["predictions"], greedy["references"])))
     assert greedy["rouge1"] >= 0.9 and greedy["references"] == [tok.decode(tok.encode(p["target"])) for p in held_out]
     # the predictions are fill_blanks' answers on [CLS] source [gMASK]
     ctx = source_context(tok.encode(held_out[0]["source"]), tok.specials, 16)
