@@ -84,6 +84,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline import _infill_kernels as _K
 from pipeline.shards import ARRAY_COLUMNS
 from pipeline.tokenizer import Specials
 
@@ -518,6 +519,15 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     if loss_mask is not None and len(loss_mask) != n:
         raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
 
+    if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
+            and loss_mask is None and type(rng.bit_generator) is np.random.PCG64):
+        out = _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding,
+                             bert_ratio, sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob,
+                             gpt_min_ratio, sentence_mask_cls)
+        if out is not None:
+            return out
+        # not placeable: the numpy path below makes the same draws and raises its error
+
     if objective == "bert":
         if single_span:
             cdf = _pmf_and_cdf(avg_block_length, max_block_length)[1]
@@ -579,6 +589,46 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         _context_mask(out, s, ln, n, rng, specials, context_mask_ratio, context_mask_range)
     out.update(layout=layout, objective=objective, single_span=single_span)
     return out
+
+
+def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding, bert_ratio,
+                   sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
+                   sentence_mask_cls) -> dict | None:
+    """make_sample by the compiled kernels (pipeline/_infill_kernels.py): the numpy path's draws from the same
+    PCG64 stream, so the same bytes; the Generator is advanced as the numpy path would advance it. None when
+    the chunk cannot be placed (the Generator is then untouched and the numpy path raises)."""
+    if t.dtype not in (np.int32, np.int64) or not t.flags.c_contiguous:
+        t = np.ascontiguousarray(t, dtype=np.int64)
+    n = len(t)
+    bg = rng.bit_generator
+    st, state = _K.get_state(bg)
+    mask_id = mask_token_id(objective, specials, task_mask)
+    if objective == "bert":
+        target = int(bert_ratio * n)
+        status, arr, loss, sep, sb, lb = _K.bert(
+            t, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
+            int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos, mask_id, specials.sop,
+            specials.eop, shuffle_spans, block_position_encoding, bert_ratio)
+        layout = "bert"
+    elif objective == "sentence":
+        status, arr, loss, sep, sb, lb = _K.sentence(
+            t, st, _boundary_lut(specials.eos, specials.sentence_end_ids), int(sentence_ratio * n), specials.cls,
+            mask_id, specials.sop, specials.eop, shuffle_spans, block_position_encoding, sentence_mask_cls)
+        layout = "sentence"
+    else:
+        lo = int(gpt_min_ratio * n)
+        if lo > n - 2:
+            return None                                   # the numpy path raises the ValueError
+        status, arr, loss, sep, sb, lb, suffix = _K.gpt(
+            t, st, lo, gpt_infill_prob, specials.eos, specials.cls, mask_id, specials.sop, specials.eop,
+            block_position_encoding)
+        layout = "gpt_suffix" if suffix else "gpt_single_span"
+    if status:
+        return None
+    _K.put_state(bg, st, state)
+    return {"input_ids": arr[0], "targets": arr[1], "loss_mask": loss, "position_ids": arr[2],
+            "block_position_ids": arr[3], "sep": int(sep), "spans": list(zip(sb.tolist(), (sb + lb).tolist())),
+            "layout": layout, "objective": objective, "single_span": False}
 
 
 def _block_mask(out: dict, rng: np.random.Generator, specials: Specials, p: float) -> None:
