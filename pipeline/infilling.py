@@ -521,11 +521,12 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
 
     if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
             and loss_mask is None and type(rng.bit_generator) is np.random.PCG64):
-        out = _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding,
-                             bert_ratio, sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob,
-                             gpt_min_ratio, sentence_mask_cls)
-        if out is not None:
-            return out
+        with rng.bit_generator.lock:          # the kernels read and write the state as numpy's methods do
+            plan = _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio,
+                                avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
+                                sentence_mask_cls)
+            if plan is not None:
+                return _kernel_sample(plan, objective, rng, specials, task_mask, block_position_encoding)
         # not placeable: the numpy path below makes the same draws and raises its error
 
     if objective == "bert":
@@ -591,44 +592,64 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     return out
 
 
-def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding, bert_ratio,
-                   sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
-                   sentence_mask_cls) -> dict | None:
-    """make_sample by the compiled kernels (pipeline/_infill_kernels.py): the numpy path's draws from the same
-    PCG64 stream, so the same bytes; the Generator is advanced as the numpy path would advance it. None when
-    the chunk cannot be placed (the Generator is then untouched and the numpy path raises)."""
+def _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
+                 max_block_length, gpt_infill_prob, gpt_min_ratio, sentence_mask_cls):
+    """The draws of a sample by the compiled kernels (pipeline/_infill_kernels.py): the numpy path's draws
+    from a copy of the Generator's PCG64 state. Returns (t, kind, k_or_g, work, st, state): kind "blocks" (k
+    spans planned in work) or "suffix" (g); None when the numpy path must run (chunk not placeable, bad
+    option), which then makes the same draws and raises its error."""
     if t.dtype not in (np.int32, np.int64) or not t.flags.c_contiguous:
         t = np.ascontiguousarray(t, dtype=np.int64)
     n = len(t)
     bg = rng.bit_generator
-    st, state = _K.get_state(bg)
-    mask_id = mask_token_id(objective, specials, task_mask)
+    if _K.direct_state():
+        st, state = np.empty(6, np.uint64), None
+        _K.load_state(bg.ctypes.state_address, st)
+    else:
+        st, state = _K.get_state(bg)
+    work = np.empty(5 * n + 8, np.int64)
     if objective == "bert":
         target = int(bert_ratio * n)
-        status, arr, loss, sep, sb, lb = _K.bert(
-            t, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
-            int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos, mask_id, specials.sop,
-            specials.eop, shuffle_spans, block_position_encoding, bert_ratio)
-        layout = "bert"
+        status, k = _K.plan_bert(t, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
+                                 int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos,
+                                 shuffle_spans, bert_ratio, work)
     elif objective == "sentence":
-        status, arr, loss, sep, sb, lb = _K.sentence(
-            t, st, _boundary_lut(specials.eos, specials.sentence_end_ids), int(sentence_ratio * n), specials.cls,
-            mask_id, specials.sop, specials.eop, shuffle_spans, block_position_encoding, sentence_mask_cls)
-        layout = "sentence"
+        status, k = _K.plan_sentence(t, st, _boundary_lut(specials.eos, specials.sentence_end_ids),
+                                     int(sentence_ratio * n), specials.cls, shuffle_spans, sentence_mask_cls, work)
     else:
         lo = int(gpt_min_ratio * n)
         if lo > n - 2:
-            return None                                   # the numpy path raises the ValueError
-        status, arr, loss, sep, sb, lb, suffix = _K.gpt(
-            t, st, lo, gpt_infill_prob, specials.eos, specials.cls, mask_id, specials.sop, specials.eop,
-            block_position_encoding)
-        layout = "gpt_suffix" if suffix else "gpt_single_span"
-    if status:
-        return None
-    _K.put_state(bg, st, state)
+            return None
+        suffix, g = _K.plan_gpt(t, st, lo, gpt_infill_prob, specials.eos, work)
+        return (t, "suffix", g, work, st, state) if suffix else (t, "blocks", 1, work, st, state)
+    return None if status else (t, "blocks", k, work, st, state)
+
+
+def _kernel_sample(plan, objective, rng, specials, task_mask, block_position_encoding) -> dict:
+    """Build a planned sample (arrays allocated here, written by the compiled fill) and advance the
+    Generator as the numpy path would have."""
+    t, kind, k, work, st, state = plan
+    n = len(t)
+    mask_id = mask_token_id(objective, specials, task_mask)
+    length = n + 1 if kind == "suffix" else n + 2 * k
+    arr = np.empty((4, length), ID_DTYPE)
+    loss = np.empty(length, LOSS_DTYPE)
+    if kind == "suffix":
+        sep = _K.fill_suffix(t, k, arr, loss, mask_id, specials.sop, specials.cls, block_position_encoding)
+        spans = [(n - k, n)]
+        layout = "gpt_suffix"
+    else:
+        sep = _K.fill_blocks(t, work, k, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding)
+        pairs = iter(work[3 * k:5 * k].tolist())
+        spans = list(zip(pairs, pairs))
+        layout = "gpt_single_span" if objective == "gpt" else objective
+    if state is None:
+        _K.store_state(rng.bit_generator.ctypes.state_address, st)
+    else:
+        _K.put_state(rng.bit_generator, st, state)
     return {"input_ids": arr[0], "targets": arr[1], "loss_mask": loss, "position_ids": arr[2],
-            "block_position_ids": arr[3], "sep": int(sep), "spans": list(zip(sb.tolist(), (sb + lb).tolist())),
-            "layout": layout, "objective": objective, "single_span": False}
+            "block_position_ids": arr[3], "sep": sep, "spans": spans, "layout": layout, "objective": objective,
+            "single_span": False}
 
 
 def _block_mask(out: dict, rng: np.random.Generator, specials: Specials, p: float) -> None:
