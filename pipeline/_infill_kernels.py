@@ -142,6 +142,64 @@ def _permutation(st, k):
     return p
 
 
+# -------------------------------------------------------------------------------------------- state transfer
+# Two ways to hand the Generator's state to the kernels: numpy's state dict (`get_state` / `put_state`, ~3 us a
+# sample) or, where verified, the PCG64 state record itself through numpy's documented ctypes interface
+# (`bit_generator.ctypes.state_address`, the route numpy's own "extending via numba" example takes; ~0.3 us):
+# struct {pcg64_random_t *rng; int has_uint32; uint32_t uinteger}, rng = {uint128 state; uint128 inc}.
+# `direct_state()` checks that layout once against the state dict (read and write) and otherwise keeps the dict.
+
+
+def get_state(bit_generator) -> tuple[np.ndarray, dict]:
+    """A PCG64's state as the kernels' uint64[6] record, and numpy's state dict (to write back into)."""
+    d = bit_generator.state
+    s, inc = d["state"]["state"], d["state"]["inc"]
+    st = np.array([s >> 64, s & _MASK64, inc >> 64, inc & _MASK64, d["has_uint32"], d["uinteger"]], dtype=np.uint64)
+    return st, d
+
+
+def put_state(bit_generator, st: np.ndarray, d: dict) -> None:
+    """Write the kernels' advanced record back into the PCG64 (numpy's state setter)."""
+    hi, lo, _, _, has32, u32 = st.tolist()
+    d["state"]["state"] = (hi << 64) | lo
+    d["has_uint32"] = has32
+    d["uinteger"] = u32
+    bit_generator.state = d
+
+
+if numba is not None:
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    @_intrinsic
+    def _u64_ptr(typingctx, addr):
+        """An integer address as a uint64 pointer."""
+        if not isinstance(addr, _types.Integer):
+            return None
+        sig = _types.CPointer(_types.uint64)(addr)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+        return sig, codegen
+
+    @_njit
+    def load_state(addr, st):
+        """The PCG64 state record at `addr` (ctypes.state_address) into st (little-endian, 128-bit ints)."""
+        p = _u64_ptr(addr)
+        q = _u64_ptr(p[0])
+        st[0], st[1], st[2], st[3] = q[1], q[0], q[3], q[2]
+        w = p[1]
+        st[4], st[5] = w & _M32, w >> _S32
+
+    @_njit
+    def store_state(addr, st):
+        """st back into the PCG64 state record at `addr` (the increment never changes)."""
+        p = _u64_ptr(addr)
+        q = _u64_ptr(p[0])
+        q[1], q[0] = st[0], st[1]
+        p[1] = (st[4] & _M32) | (st[5] << _S32)
+
+
 # ------------------------------------------------------------------------------------------------------ layout
 # Two calls per sample, so that no array crosses back from compiled code (each one costs ~1 us to box): a plan
 # (the draws; spans into `work`) returns scalars, then the caller allocates the outputs and a fill writes them.
@@ -150,7 +208,7 @@ def _permutation(st, k):
 
 
 @_njit
-def fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions):
+def fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions, addr, st):
     """The §3.6 layout of the planned spans into out int32[4, n + 2k] (input_ids, targets, position_ids,
     block_position_ids) and loss uint8[n + 2k]; returns sep."""
     n = t.shape[0]
@@ -182,23 +240,25 @@ def fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions):
     b = sep
     for jj in range(k):
         j = order[jj]
-        st, m, le = s[j], mpos[j], ln[j]
+        st_j, m, le = s[j], mpos[j], ln[j]
         out[0, b] = sop
         for q in range(le + 1):
             if q > 0:
-                out[0, b + q] = t[st + q - 1]
-            out[1, b + q] = t[st + q] if q < le else eop
+                out[0, b + q] = t[st_j + q - 1]
+            out[1, b + q] = t[st_j + q] if q < le else eop
             out[2, b + q] = m
             out[3, b + q] = q + 1 if block_positions else 1
             loss[b + q] = 1
         b += le + 1
-        pairs[2 * jj] = st
-        pairs[2 * jj + 1] = st + le
+        pairs[2 * jj] = st_j
+        pairs[2 * jj + 1] = st_j + le
+    if addr:
+        store_state(addr, st)
     return sep
 
 
 @_njit
-def fill_suffix(t, g, out, loss, mask_id, sop, cls, block_positions):
+def fill_suffix(t, g, out, loss, mask_id, sop, cls, block_positions, addr, st):
     """The §3.5 suffix / prefix-LM layout into out int32[4, n + 1], loss uint8[n + 1] (0 at [CLS]); returns sep."""
     n = t.shape[0]
     div = n - g
@@ -222,6 +282,8 @@ def fill_suffix(t, g, out, loss, mask_id, sop, cls, block_positions):
         out[2, p] = div
         out[3, p] = q + 1 if block_positions else 1
         loss[p] = 1 if t[div + q] != cls else 0
+    if addr:
+        store_state(addr, st)
     return div + 1
 
 
@@ -254,9 +316,11 @@ def _sample_spans(st, lengths, total, offset, dest):
 
 
 @_njit
-def plan_bert(t, st, cdf, target, batch, cls, eos, shuffle, bert_ratio, work):
+def plan_bert(t, addr, st, cdf, target, batch, cls, eos, shuffle, bert_ratio, work):
     """Draw and place a bert sample's spans (make_sample's numpy path, same draws) into work; returns
     (status, k): status NO_FIT when not every drawn span can be placed."""
+    if addr:
+        load_state(addr, st)
     n = t.shape[0]
     # span lengths: batches of `batch` uniforms until the lengths sum to >= target (every batch fully drawn)
     cap = batch
@@ -367,9 +431,11 @@ def plan_bert(t, st, cdf, target, batch, cls, eos, shuffle, bert_ratio, work):
 
 
 @_njit
-def plan_sentence(t, st, lut, target, cls, shuffle, mask_cls, work):
+def plan_sentence(t, addr, st, lut, target, cls, shuffle, mask_cls, work):
     """Pick a sentence sample's sentences (make_sample's numpy path, same draws) into work; returns
     (status, k): status NO_FIT when the chunk has no sentence."""
+    if addr:
+        load_state(addr, st)
     n = t.shape[0]
     nl = lut.shape[0]
     ss = np.empty(n + 1, np.int64)
@@ -415,9 +481,11 @@ def plan_sentence(t, st, lut, target, cls, shuffle, mask_cls, work):
 
 
 @_njit
-def plan_gpt(t, st, lo, infill_prob, eos, work):
+def plan_gpt(t, addr, st, lo, infill_prob, eos, work):
     """A gpt sample's draws (make_sample's numpy path): returns (suffix, g); for the single-span layout the
     span is planned into work (k = 1)."""
+    if addr:
+        load_state(addr, st)
     n = t.shape[0]
     g = _bounded(st, lo, n - 1)                    # U{lo .. n-2}
     first_eos = -1
@@ -433,64 +501,6 @@ def plan_gpt(t, st, lo, infill_prob, eos, work):
     work[1] = g
     work[2] = 0
     return False, g
-
-
-# -------------------------------------------------------------------------------------------- state transfer
-# Two ways to hand the Generator's state to the kernels: numpy's state dict (`get_state` / `put_state`, ~3 us a
-# sample) or, where verified, the PCG64 state record itself through numpy's documented ctypes interface
-# (`bit_generator.ctypes.state_address`, the route numpy's own "extending via numba" example takes; ~0.3 us):
-# struct {pcg64_random_t *rng; int has_uint32; uint32_t uinteger}, rng = {uint128 state; uint128 inc}.
-# `direct_state()` checks that layout once against the state dict (read and write) and otherwise keeps the dict.
-
-
-def get_state(bit_generator) -> tuple[np.ndarray, dict]:
-    """A PCG64's state as the kernels' uint64[6] record, and numpy's state dict (to write back into)."""
-    d = bit_generator.state
-    s, inc = d["state"]["state"], d["state"]["inc"]
-    st = np.array([s >> 64, s & _MASK64, inc >> 64, inc & _MASK64, d["has_uint32"], d["uinteger"]], dtype=np.uint64)
-    return st, d
-
-
-def put_state(bit_generator, st: np.ndarray, d: dict) -> None:
-    """Write the kernels' advanced record back into the PCG64 (numpy's state setter)."""
-    hi, lo, _, _, has32, u32 = st.tolist()
-    d["state"]["state"] = (hi << 64) | lo
-    d["has_uint32"] = has32
-    d["uinteger"] = u32
-    bit_generator.state = d
-
-
-if numba is not None:
-    from numba.core import types as _types
-    from numba.extending import intrinsic as _intrinsic
-
-    @_intrinsic
-    def _u64_ptr(typingctx, addr):
-        """An integer address as a uint64 pointer."""
-        if not isinstance(addr, _types.Integer):
-            return None
-        sig = _types.CPointer(_types.uint64)(addr)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-        return sig, codegen
-
-    @_njit
-    def load_state(addr, st):
-        """The PCG64 state record at `addr` (ctypes.state_address) into st (little-endian, 128-bit ints)."""
-        p = _u64_ptr(addr)
-        q = _u64_ptr(p[0])
-        st[0], st[1], st[2], st[3] = q[1], q[0], q[3], q[2]
-        w = p[1]
-        st[4], st[5] = w & _M32, w >> _S32
-
-    @_njit
-    def store_state(addr, st):
-        """st back into the PCG64 state record at `addr` (the increment never changes)."""
-        p = _u64_ptr(addr)
-        q = _u64_ptr(p[0])
-        q[1], q[0] = st[0], st[1]
-        p[1] = (st[4] & _M32) | (st[5] << _S32)
 
 
 _DIRECT: bool | None = None
@@ -534,10 +544,11 @@ def compile_seconds() -> float:
         for dtype in (np.int32, np.int64):
             t = np.array([2, 20, 21, 22, 23, 10, 0, 2, 24, 25, 26, 27, 28], dtype=dtype)
             work = np.empty(5 * len(t) + 8, np.int64)
-            plan_bert(t, st, cdf, 1, 9, 2, 0, True, 0.15, work)
-            plan_sentence(t, st, lut, 1, 2, True, True, work)
-            plan_gpt(t, st, 6, 0.5, 0, work)
-            fill_blocks(t, work, 1, out, loss, 3, 6, 7, True)
-            fill_suffix(t, 3, out, loss, 3, 6, 2, True)
+            plan_bert(t, 0, st, cdf, 1, 9, 2, 0, True, 0.15, work)
+            plan_sentence(t, 0, st, lut, 1, 2, True, True, work)
+            plan_gpt(t, 0, st, 6, 0.5, 0, work)
+            fill_blocks(t, work, 1, out, loss, 3, 6, 7, True, 0, st)
+            fill_suffix(t, 3, out, loss, 3, 6, 2, True, 0, st)
+        direct_state()
         _COMPILE_SECONDS = time.perf_counter() - t0
     return _COMPILE_SECONDS

@@ -95,6 +95,7 @@ LAYOUTS = ("bert", "sentence", "gpt_suffix", "gpt_single_span", "masked_lm")  # 
 MIN_CHUNK_LEN = {"bert": 7, "sentence": 4, "gpt": 4}
 ID_DTYPE = ARRAY_COLUMNS["input_ids"]      # the token columns' dtype (the shard schema's)
 LOSS_DTYPE = ARRAY_COLUMNS["loss_mask"]
+_I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
 
 
 class SpanPlacementError(ValueError):
@@ -497,14 +498,15 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         raise ValueError(f"specials={specials!r}: pass the tokenizer's Specials record (tokenizer.specials)")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
-    for name, p in (("single_span_prob", single_span_prob), ("block_mask_prob", block_mask_prob),
-                    ("context_mask_ratio", context_mask_ratio)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name}={p}: must be a probability in [0, 1] (0 = off, the default)")
-    if (block_mask_prob > 0 or context_mask_ratio > 0) and specials.dblock is None:
-        raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
-                         "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] existed): "
-                         "retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
+    if single_span_prob or block_mask_prob or context_mask_ratio:   # all 0 (off) is valid: skip the checks
+        for name, p in (("single_span_prob", single_span_prob), ("block_mask_prob", block_mask_prob),
+                        ("context_mask_ratio", context_mask_ratio)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}={p}: must be a probability in [0, 1] (0 = off, the default)")
+        if (block_mask_prob > 0 or context_mask_ratio > 0) and specials.dblock is None:
+            raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
+                             "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] "
+                             "existed): retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
     # single span (§3.2): the official construct_blocks turns the whole batch into bert mode with ONE span of
     # Poisson length; here it is drawn per sample, first, so the other draws are unchanged when it is off.
     single_span = single_span_prob > 0 and rng.random() < single_span_prob
@@ -512,16 +514,18 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         objective = "bert"
     t = _as_tokens(tokens, specials)
     n = len(t)
-    need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
-    if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
-        raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
-                                 f"{need}); pack longer chunks or skip this one")
+    if n < 64 or objective == "bert" and int(bert_ratio * n) < 1:   # (no chunk of 64+ tokens is too short)
+        need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
+        if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
+                raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
+                                     f"{need}); pack longer chunks or skip this one")
     if loss_mask is not None and len(loss_mask) != n:
         raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
 
     if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
             and loss_mask is None and type(rng.bit_generator) is np.random.PCG64):
         with rng.bit_generator.lock:          # the kernels read and write the state as numpy's methods do
+            # (they plan from a copy of the state; the fill writes the advanced state back)
             plan = _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio,
                                 avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
                                 sentence_mask_cls)
@@ -595,58 +599,61 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
 def _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
                  max_block_length, gpt_infill_prob, gpt_min_ratio, sentence_mask_cls):
     """The draws of a sample by the compiled kernels (pipeline/_infill_kernels.py): the numpy path's draws
-    from a copy of the Generator's PCG64 state. Returns (t, kind, k_or_g, work, st, state): kind "blocks" (k
-    spans planned in work) or "suffix" (g); None when the numpy path must run (chunk not placeable, bad
-    option), which then makes the same draws and raises its error."""
-    if t.dtype not in (np.int32, np.int64) or not t.flags.c_contiguous:
-        t = np.ascontiguousarray(t, dtype=np.int64)
+    from a copy of the Generator's PCG64 state (the Generator itself is not advanced). Returns (t, kind, k_or_g,
+    work, st): kind "blocks" (k spans planned in work) or "suffix" (g); None when the numpy path must run
+    (chunk not placeable, bad option), which then makes the same draws and raises its error."""
+    if not (t.dtype is _I64 or t.dtype is _I32) or not t.flags.c_contiguous:
+        if t.dtype not in (_I64, _I32) or not t.flags.c_contiguous:
+            t = np.ascontiguousarray(t, dtype=np.int64)
     n = len(t)
-    bg = rng.bit_generator
+    st = np.empty(6, np.uint64)
     if _K.direct_state():
-        st, state = np.empty(6, np.uint64), None
-        _K.load_state(bg.ctypes.state_address, st)
+        addr = rng.bit_generator.ctypes.state_address          # the kernel loads the state from there
     else:
-        st, state = _K.get_state(bg)
+        addr = 0
+        st[:] = _K.get_state(rng.bit_generator)[0]
     work = np.empty(5 * n + 8, np.int64)
     if objective == "bert":
         target = int(bert_ratio * n)
-        status, k = _K.plan_bert(t, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
+        status, k = _K.plan_bert(t, addr, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
                                  int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos,
                                  shuffle_spans, bert_ratio, work)
     elif objective == "sentence":
-        status, k = _K.plan_sentence(t, st, _boundary_lut(specials.eos, specials.sentence_end_ids),
+        status, k = _K.plan_sentence(t, addr, st, _boundary_lut(specials.eos, specials.sentence_end_ids),
                                      int(sentence_ratio * n), specials.cls, shuffle_spans, sentence_mask_cls, work)
     else:
         lo = int(gpt_min_ratio * n)
         if lo > n - 2:
             return None
-        suffix, g = _K.plan_gpt(t, st, lo, gpt_infill_prob, specials.eos, work)
-        return (t, "suffix", g, work, st, state) if suffix else (t, "blocks", 1, work, st, state)
-    return None if status else (t, "blocks", k, work, st, state)
+        suffix, g = _K.plan_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, work)
+        return (t, "suffix", g, work, st) if suffix else (t, "blocks", 1, work, st)
+    return None if status else (t, "blocks", k, work, st)
 
 
 def _kernel_sample(plan, objective, rng, specials, task_mask, block_position_encoding) -> dict:
     """Build a planned sample (arrays allocated here, written by the compiled fill) and advance the
-    Generator as the numpy path would have."""
-    t, kind, k, work, st, state = plan
+    Generator to where the numpy path would leave it."""
+    t, kind, k, work, st = plan
     n = len(t)
-    mask_id = mask_token_id(objective, specials, task_mask)
-    length = n + 1 if kind == "suffix" else n + 2 * k
-    arr = np.empty((4, length), ID_DTYPE)
-    loss = np.empty(length, LOSS_DTYPE)
+    mask_id = specials.mask if not task_mask or objective == "bert" else mask_token_id(objective, specials, True)
+    bg = rng.bit_generator
+    addr = bg.ctypes.state_address if _K.direct_state() else 0
     if kind == "suffix":
-        sep = _K.fill_suffix(t, k, arr, loss, mask_id, specials.sop, specials.cls, block_position_encoding)
+        arr = np.empty((4, n + 1), ID_DTYPE)
+        loss = np.empty(n + 1, LOSS_DTYPE)
+        sep = _K.fill_suffix(t, k, arr, loss, mask_id, specials.sop, specials.cls, block_position_encoding, addr, st)
         spans = [(n - k, n)]
         layout = "gpt_suffix"
     else:
-        sep = _K.fill_blocks(t, work, k, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding)
+        arr = np.empty((4, n + 2 * k), ID_DTYPE)
+        loss = np.empty(n + 2 * k, LOSS_DTYPE)
+        sep = _K.fill_blocks(t, work, k, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding,
+                             addr, st)
         pairs = iter(work[3 * k:5 * k].tolist())
         spans = list(zip(pairs, pairs))
         layout = "gpt_single_span" if objective == "gpt" else objective
-    if state is None:
-        _K.store_state(rng.bit_generator.ctypes.state_address, st)
-    else:
-        _K.put_state(rng.bit_generator, st, state)
+    if not addr:
+        _K.put_state(bg, st, bg.state)
     return {"input_ids": arr[0], "targets": arr[1], "loss_mask": loss, "position_ids": arr[2],
             "block_position_ids": arr[3], "sep": sep, "spans": spans, "layout": layout, "objective": objective,
             "single_span": False}
