@@ -503,6 +503,39 @@ def plan_gpt(t, addr, st, lo, infill_prob, eos, work):
     return False, g
 
 
+# ------------------------------------------------------------------------------------------ plan + fill, one call
+# make_sample's path: the caller allocates out / loss for the longest possible sample (n + 2 (target + 1)
+# for bert and sentence, each span masking >= 1 token; n + 2 for gpt) and keeps views of the first
+# n + 2k (or n + 1) columns; one compiled call instead of two saves the second dispatch.
+
+
+@_njit
+def sample_bert(t, addr, st, cdf, target, batch, cls, eos, shuffle, bert_ratio, work, out, loss, mask_id, sop, eop,
+                block_positions):
+    status, k = plan_bert(t, addr, st, cdf, target, batch, cls, eos, shuffle, bert_ratio, work)
+    if status:
+        return status, 0, 0
+    return 0, k, fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions, addr, st)
+
+
+@_njit
+def sample_sentence(t, addr, st, lut, target, cls, shuffle, mask_cls, work, out, loss, mask_id, sop, eop,
+                    block_positions):
+    status, k = plan_sentence(t, addr, st, lut, target, cls, shuffle, mask_cls, work)
+    if status:
+        return status, 0, 0
+    return 0, k, fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions, addr, st)
+
+
+@_njit
+def sample_gpt(t, addr, st, lo, infill_prob, eos, cls, work, out, loss, mask_id, sop, eop, block_positions):
+    """Returns (suffix, g, sep)."""
+    suffix, g = plan_gpt(t, addr, st, lo, infill_prob, eos, work)
+    if suffix:
+        return True, g, fill_suffix(t, g, out, loss, mask_id, sop, cls, block_positions, addr, st)
+    return False, g, fill_blocks(t, work, 1, out, loss, mask_id, sop, eop, block_positions, addr, st)
+
+
 _DIRECT: bool | None = None
 
 
@@ -549,6 +582,9 @@ def compile_seconds() -> float:
             plan_gpt(t, 0, st, 6, 0.5, 0, work)
             fill_blocks(t, work, 1, out, loss, 3, 6, 7, True, 0, st)
             fill_suffix(t, 3, out, loss, 3, 6, 2, True, 0, st)
+            sample_bert(t, 0, st, cdf, 1, 9, 2, 0, True, 0.15, work, out, loss, 3, 6, 7, True)
+            sample_sentence(t, 0, st, lut, 1, 2, True, True, work, out, loss, 3, 6, 7, True)
+            sample_gpt(t, 0, st, 6, 0.5, 0, 2, work, out, loss, 3, 6, 7, True)
         direct_state()
         _COMPILE_SECONDS = time.perf_counter() - t0
     return _COMPILE_SECONDS

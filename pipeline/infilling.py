@@ -525,12 +525,12 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
             and loss_mask is None and type(rng.bit_generator) is np.random.PCG64):
         with rng.bit_generator.lock:          # the kernels read and write the state as numpy's methods do
-            # (they plan from a copy of the state; the fill writes the advanced state back)
-            plan = _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio,
-                                avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
-                                sentence_mask_cls)
-            if plan is not None:
-                return _kernel_sample(plan, objective, rng, specials, task_mask, block_position_encoding)
+            # (they draw on a copy of the state and write the advanced state back when the sample is made)
+            out = _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding,
+                                 bert_ratio, sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob,
+                                 gpt_min_ratio, sentence_mask_cls)
+            if out is not None:
+                return out
         # not placeable: the numpy path below makes the same draws and raises its error
 
     if objective == "bert":
@@ -630,33 +630,70 @@ def _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentenc
     return None if status else (t, "blocks", k, work, st)
 
 
-def _kernel_sample(plan, objective, rng, specials, task_mask, block_position_encoding) -> dict:
-    """Build a planned sample (arrays allocated here, written by the compiled fill) and advance the
-    Generator to where the numpy path would leave it."""
-    t, kind, k, work, st = plan
+def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding, bert_ratio,
+                   sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
+                   sentence_mask_cls) -> dict | None:
+    """make_sample by one compiled call (plan + fill, pipeline/_infill_kernels.py): the numpy path's draws from
+    the same PCG64 stream, so the same bytes, and the Generator advanced as the numpy path advances it. None
+    when the numpy path must run (chunk not placeable, bad option; the Generator is then untouched)."""
+    if not (t.dtype is _I64 or t.dtype is _I32) or not t.flags.c_contiguous:
+        if t.dtype not in (_I64, _I32) or not t.flags.c_contiguous:
+            t = np.ascontiguousarray(t, dtype=np.int64)
     n = len(t)
-    mask_id = specials.mask if not task_mask or objective == "bert" else mask_token_id(objective, specials, True)
     bg = rng.bit_generator
-    addr = bg.ctypes.state_address if _K.direct_state() else 0
-    if kind == "suffix":
-        arr = np.empty((4, n + 1), ID_DTYPE)
-        loss = np.empty(n + 1, LOSS_DTYPE)
-        sep = _K.fill_suffix(t, k, arr, loss, mask_id, specials.sop, specials.cls, block_position_encoding, addr, st)
-        spans = [(n - k, n)]
-        layout = "gpt_suffix"
+    st = np.empty(6, np.uint64)
+    if _K.direct_state():
+        addr = bg.ctypes.state_address
     else:
-        arr = np.empty((4, n + 2 * k), ID_DTYPE)
-        loss = np.empty(n + 2 * k, LOSS_DTYPE)
-        sep = _K.fill_blocks(t, work, k, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding,
-                             addr, st)
+        addr = 0
+        st[:], state = _K.get_state(bg)
+    work = np.empty(5 * n + 8, np.int64)
+    mask_id = specials.mask if not task_mask or objective == "bert" else mask_token_id(objective, specials, True)
+    if objective == "bert":
+        target = int(bert_ratio * n)
+        arr = np.empty((4, n + 2 * target + 2), ID_DTYPE)
+        loss = np.empty(n + 2 * target + 2, LOSS_DTYPE)
+        status, k, sep = _K.sample_bert(
+            t, addr, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
+            int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos, shuffle_spans,
+            bert_ratio, work, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding)
+        layout = "bert"
+    elif objective == "sentence":
+        target = int(sentence_ratio * n)
+        arr = np.empty((4, n + 2 * target + 2), ID_DTYPE)
+        loss = np.empty(n + 2 * target + 2, LOSS_DTYPE)
+        status, k, sep = _K.sample_sentence(
+            t, addr, st, _boundary_lut(specials.eos, specials.sentence_end_ids), target, specials.cls,
+            shuffle_spans, sentence_mask_cls, work, arr, loss, mask_id, specials.sop, specials.eop,
+            block_position_encoding)
+        layout = "sentence"
+    else:
+        lo = int(gpt_min_ratio * n)
+        if lo > n - 2:
+            return None                                   # the numpy path raises the ValueError
+        arr = np.empty((4, n + 2), ID_DTYPE)
+        loss = np.empty(n + 2, LOSS_DTYPE)
+        suffix, g, sep = _K.sample_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, specials.cls, work, arr,
+                                       loss, mask_id, specials.sop, specials.eop, block_position_encoding)
+        status = 0
+        if suffix:
+            length = n + 1
+            spans = [(n - g, n)]
+            layout = "gpt_suffix"
+        else:
+            k = 1
+            layout = "gpt_single_span"
+    if status:
+        return None
+    if layout != "gpt_suffix":
+        length = n + 2 * k
         pairs = iter(work[3 * k:5 * k].tolist())
         spans = list(zip(pairs, pairs))
-        layout = "gpt_single_span" if objective == "gpt" else objective
     if not addr:
-        _K.put_state(bg, st, bg.state)
-    return {"input_ids": arr[0], "targets": arr[1], "loss_mask": loss, "position_ids": arr[2],
-            "block_position_ids": arr[3], "sep": sep, "spans": spans, "layout": layout, "objective": objective,
-            "single_span": False}
+        _K.put_state(bg, st, state)
+    return {"input_ids": arr[0, :length], "targets": arr[1, :length], "loss_mask": loss[:length],
+            "position_ids": arr[2, :length], "block_position_ids": arr[3, :length], "sep": sep, "spans": spans,
+            "layout": layout, "objective": objective, "single_span": False}
 
 
 def _block_mask(out: dict, rng: np.random.Generator, specials: Specials, p: float) -> None:
