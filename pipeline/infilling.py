@@ -318,6 +318,21 @@ def _as_tokens(tokens, specials: Specials) -> np.ndarray:
     return t
 
 
+def _checked_chunk(tokens, objective: str, specials: Specials, bert_ratio: float, loss_mask) -> np.ndarray:
+    """The chunk as an array, refused when it is not one, is too short for the objective or its loss_mask does
+    not match it."""
+    t = _as_tokens(tokens, specials)
+    n = len(t)
+    if n < 64 or objective == "bert" and int(bert_ratio * n) < 1:   # (no chunk of 64+ tokens is too short)
+        need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
+        if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
+            raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
+                                     f"{need}); pack longer chunks or skip this one")
+    if loss_mask is not None and len(loss_mask) != n:
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
+    return t
+
+
 def source_loss_mask(tokens: np.ndarray, specials: Specials) -> np.ndarray:
     """The dataset loss mask of a packed chunk (§2): 0 at every [CLS], 1 elsewhere (eos included)."""
     return (np.asarray(tokens) != specials.cls).astype(LOSS_DTYPE)
@@ -478,7 +493,8 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
                 block_position_encoding: bool = True, bert_ratio: float = 0.15, sentence_ratio: float = 0.15,
                 avg_block_length: float = 3.0, max_block_length: int = 40, gpt_infill_prob: float = 0.5,
                 gpt_min_ratio: float = 0.5, sentence_mask_cls: bool = True, single_span_prob: float = 0.0,
-                block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0, context_mask_range: int = 3) -> dict:
+                block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0, context_mask_range: int = 3,
+                _length_only: bool = False) -> dict:
     """One GLM training sample from one chunk (module docstring has the rules).
 
     tokens: 1-D int array, `[CLS] doc eos [CLS] doc ...`. objective: "bert" | "sentence" | "gpt".
@@ -507,20 +523,21 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
             raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
                              "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] "
                              "existed): retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
+    if _length_only:
+        return _sample_length(tokens, objective, rng, specials, dict(
+            task_mask=task_mask, loss_mask=loss_mask, masked_lm=masked_lm, shuffle_spans=shuffle_spans,
+            block_position_encoding=block_position_encoding, bert_ratio=bert_ratio, sentence_ratio=sentence_ratio,
+            avg_block_length=avg_block_length, max_block_length=max_block_length, gpt_infill_prob=gpt_infill_prob,
+            gpt_min_ratio=gpt_min_ratio, sentence_mask_cls=sentence_mask_cls, single_span_prob=single_span_prob,
+            block_mask_prob=block_mask_prob, context_mask_ratio=context_mask_ratio,
+            context_mask_range=context_mask_range))
     # single span (§3.2): the official construct_blocks turns the whole batch into bert mode with ONE span of
     # Poisson length; here it is drawn per sample, first, so the other draws are unchanged when it is off.
     single_span = single_span_prob > 0 and rng.random() < single_span_prob
     if single_span:
         objective = "bert"
-    t = _as_tokens(tokens, specials)
+    t = _checked_chunk(tokens, objective, specials, bert_ratio, loss_mask)
     n = len(t)
-    if n < 64 or objective == "bert" and int(bert_ratio * n) < 1:   # (no chunk of 64+ tokens is too short)
-        need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
-        if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
-                raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
-                                     f"{need}); pack longer chunks or skip this one")
-    if loss_mask is not None and len(loss_mask) != n:
-        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
 
     if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
             and loss_mask is None and type(rng.bit_generator) is np.random.PCG64):
@@ -596,22 +613,47 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     return out
 
 
-def _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
-                 max_block_length, gpt_infill_prob, gpt_min_ratio, sentence_mask_cls):
-    """The draws of a sample by the compiled kernels (pipeline/_infill_kernels.py): the numpy path's draws
-    from a copy of the Generator's PCG64 state (the Generator itself is not advanced). Returns (t, kind, k_or_g,
-    work, st): kind "blocks" (k spans planned in work) or "suffix" (g); None when the numpy path must run
-    (chunk not placeable, bad option), which then makes the same draws and raises its error."""
+def sample_length(tokens, objective: str, rng: np.random.Generator, *, specials: Specials, **options) -> int:
+    """The length of the arrays `make_sample(tokens, objective, rng, specials=specials, **options)` would
+    return (n + 2 * #spans; n + 1 for the gpt suffix layout; n for masked_lm), known from the drawn spans before
+    any layout is built, WITHOUT advancing `rng`: a packer can try chunk lengths against it and then make the
+    one sample it keeps with the same Generator. Raises what make_sample would raise."""
+    return make_sample(tokens, objective, rng, specials=specials, _length_only=True, **options)
+
+
+def _sample_length(tokens, objective: str, rng: np.random.Generator, specials: Specials, options: dict) -> int:
+    if (_K.AVAILABLE and not (options["masked_lm"] or options["single_span_prob"])
+            and options["loss_mask"] is None and type(rng.bit_generator) is np.random.PCG64):
+        t = _checked_chunk(tokens, objective, specials, options["bert_ratio"], None)
+        # (the block and context masks draw after the layout and never change its length)
+        with rng.bit_generator.lock:
+            length = _kernel_length(t, objective, rng, specials, options["shuffle_spans"], options["bert_ratio"],
+                                    options["sentence_ratio"], options["avg_block_length"],
+                                    options["max_block_length"], options["gpt_infill_prob"],
+                                    options["gpt_min_ratio"], options["sentence_mask_cls"])
+        if length is not None:
+            return length
+    copy = np.random.Generator(type(rng.bit_generator)())   # the numpy path, on a copy of the Generator
+    copy.bit_generator.state = rng.bit_generator.state
+    return len(make_sample(tokens, objective, copy, specials=specials, **options)["input_ids"])
+
+
+def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
+                   max_block_length, gpt_infill_prob, gpt_min_ratio, sentence_mask_cls) -> int | None:
+    """The output length of the sample make_sample would make, from the compiled plan alone (the draws and the
+    spans; no layout), on a copy of the Generator's state (it is not advanced). None when the numpy path must
+    answer (chunk not placeable, bad option)."""
     if not (t.dtype is _I64 or t.dtype is _I32) or not t.flags.c_contiguous:
         if t.dtype not in (_I64, _I32) or not t.flags.c_contiguous:
             t = np.ascontiguousarray(t, dtype=np.int64)
     n = len(t)
+    bg = rng.bit_generator
     st = np.empty(6, np.uint64)
     if _K.direct_state():
-        addr = rng.bit_generator.ctypes.state_address          # the kernel loads the state from there
+        addr = bg.ctypes.state_address
     else:
         addr = 0
-        st[:] = _K.get_state(rng.bit_generator)[0]
+        st[:] = _K.get_state(bg)[0]
     work = np.empty(5 * n + 8, np.int64)
     if objective == "bert":
         target = int(bert_ratio * n)
@@ -625,9 +667,9 @@ def _kernel_plan(t, objective, rng, specials, shuffle_spans, bert_ratio, sentenc
         lo = int(gpt_min_ratio * n)
         if lo > n - 2:
             return None
-        suffix, g = _K.plan_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, work)
-        return (t, "suffix", g, work, st) if suffix else (t, "blocks", 1, work, st)
-    return None if status else (t, "blocks", k, work, st)
+        suffix, _ = _K.plan_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, work)
+        return n + 1 if suffix else n + 2
+    return None if status else n + 2 * k
 
 
 def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding, bert_ratio,
