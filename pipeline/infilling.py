@@ -665,7 +665,7 @@ def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sente
                                      int(sentence_ratio * n), specials.cls, shuffle_spans, sentence_mask_cls, work)
     else:
         lo = int(gpt_min_ratio * n)
-        if lo > n - 2:
+        if not 1 <= lo <= n - 2:          # the numpy path raises (or, at lo = 0, handles a G of 0 its own way)
             return None
         suffix, _ = _K.plan_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, work)
         return n + 1 if suffix else n + 2
@@ -711,8 +711,8 @@ def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_
         layout = "sentence"
     else:
         lo = int(gpt_min_ratio * n)
-        if lo > n - 2:
-            return None                                   # the numpy path raises the ValueError
+        if not 1 <= lo <= n - 2:          # the numpy path raises (or, at lo = 0, handles a G of 0 its own way)
+            return None
         arr = np.empty((4, n + 2), ID_DTYPE)
         loss = np.empty(n + 2, LOSS_DTYPE)
         suffix, g, sep = _K.sample_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, specials.cls, work, arr,
