@@ -574,7 +574,7 @@ def compile_seconds() -> float:
         cdf = np.linspace(0.5, 1.0, 4)
         lut = np.zeros(12, np.int8)
         out, loss = np.empty((4, 64), np.int32), np.empty(64, np.uint8)
-        for dtype in (np.int32, np.int64):
+        for dtype in (np.int32,):                     # make_sample hands the kernels int32 chunks only
             t = np.array([2, 20, 21, 22, 23, 10, 0, 2, 24, 25, 26, 27, 28], dtype=dtype)
             work = np.empty(5 * len(t) + 8, np.int64)
             plan_bert(t, 0, st, cdf, 1, 9, 2, 0, True, 0.15, work)

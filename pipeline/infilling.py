@@ -95,7 +95,7 @@ LAYOUTS = ("bert", "sentence", "gpt_suffix", "gpt_single_span", "masked_lm")  # 
 MIN_CHUNK_LEN = {"bert": 7, "sentence": 4, "gpt": 4}
 ID_DTYPE = ARRAY_COLUMNS["input_ids"]      # the token columns' dtype (the shard schema's)
 LOSS_DTYPE = ARRAY_COLUMNS["loss_mask"]
-_I32, _I64 = np.dtype(np.int32), np.dtype(np.int64)
+_I32 = np.dtype(np.int32)
 
 
 class SpanPlacementError(ValueError):
@@ -613,6 +613,15 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     return out
 
 
+def _as_int32(t: np.ndarray) -> np.ndarray | None:
+    """The chunk as contiguous int32 (the one dtype the kernels are compiled for: ids are int32 in the shards);
+    None when an id does not fit (the numpy path then decides)."""
+    t32 = np.ascontiguousarray(t, dtype=np.int32)
+    if t.dtype.itemsize > 2 and t.dtype != _I32 and not np.array_equal(t32, t):
+        return None
+    return t32
+
+
 def sample_length(tokens, objective: str, rng: np.random.Generator, *, specials: Specials, **options) -> int:
     """The length of the arrays `make_sample(tokens, objective, rng, specials=specials, **options)` would
     return (n + 2 * #spans; n + 1 for the gpt suffix layout; n for masked_lm), known from the drawn spans before
@@ -643,9 +652,10 @@ def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sente
     """The output length of the sample make_sample would make, from the compiled plan alone (the draws and the
     spans; no layout), on a copy of the Generator's state (it is not advanced). None when the numpy path must
     answer (chunk not placeable, bad option)."""
-    if not (t.dtype is _I64 or t.dtype is _I32) or not t.flags.c_contiguous:
-        if t.dtype not in (_I64, _I32) or not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t, dtype=np.int64)
+    if t.dtype is not _I32 or not t.flags.c_contiguous:
+        t = _as_int32(t)
+        if t is None:
+            return None
     n = len(t)
     bg = rng.bit_generator
     st = np.empty(6, np.uint64)
@@ -678,9 +688,10 @@ def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_
     """make_sample by one compiled call (plan + fill, pipeline/_infill_kernels.py): the numpy path's draws from
     the same PCG64 stream, so the same bytes, and the Generator advanced as the numpy path advances it. None
     when the numpy path must run (chunk not placeable, bad option; the Generator is then untouched)."""
-    if not (t.dtype is _I64 or t.dtype is _I32) or not t.flags.c_contiguous:
-        if t.dtype not in (_I64, _I32) or not t.flags.c_contiguous:
-            t = np.ascontiguousarray(t, dtype=np.int64)
+    if t.dtype is not _I32 or not t.flags.c_contiguous:
+        t = _as_int32(t)
+        if t is None:
+            return None
     n = len(t)
     bg = rng.bit_generator
     st = np.empty(6, np.uint64)
