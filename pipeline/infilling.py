@@ -126,6 +126,13 @@ def span_length_pmf(avg_block_length: float = 3.0, max_block_length: int = 40) -
 
 
 @functools.cache
+def _cdf_and_table(lam: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The length cdf and the compiled length draw's lookup table (pipeline/_infill_kernels.length_table)."""
+    cdf = _pmf_and_cdf(lam, max_len)[1]
+    return cdf, _K.length_table(cdf)
+
+
+@functools.cache
 def _pmf_and_cdf(lam: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
     if lam <= 0 or max_len < 2:
         raise ValueError(f"avg_block_length={lam}, max_block_length={max_len}: need lam > 0 and max >= 2")
@@ -667,7 +674,7 @@ def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sente
     work = np.empty(5 * n + 8, np.int64)
     if objective == "bert":
         target = int(bert_ratio * n)
-        status, k = _K.plan_bert(t, addr, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
+        status, k = _K.plan_bert(t, addr, st, *_cdf_and_table(avg_block_length, max_block_length), target,
                                  int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos,
                                  shuffle_spans, bert_ratio, work)
     elif objective == "sentence":
@@ -707,7 +714,7 @@ def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_
         arr = np.empty((4, n + 2 * target + 2), ID_DTYPE)
         loss = np.empty(n + 2 * target + 2, LOSS_DTYPE)
         status, k, sep = _K.sample_bert(
-            t, addr, st, _pmf_and_cdf(avg_block_length, max_block_length)[1], target,
+            t, addr, st, *_cdf_and_table(avg_block_length, max_block_length), target,
             int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos, shuffle_spans,
             bert_ratio, work, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding)
         layout = "bert"
