@@ -71,9 +71,15 @@ Both masks need `specials.dblock`; without it make_sample raises a ValueError na
 
 Dtypes: those of the shard columns (`pipeline.shards.ARRAY_COLUMNS`); sep a python int.
 
-Speed: no per-token python; outputs are written into preallocated arrays. What is left per sample is a few
-dozen numpy calls and a few Generator calls; much faster needs a layout vectorised across many samples at
-once (not written). `benchmarks/infilling.py` prints the time per sample next to sentencepiece's encoding time.
+Speed: the default configuration (a PCG64 Generator, no masked_lm / single-span / block or context mask /
+explicit loss_mask) runs in ONE compiled call per sample (`pipeline/_infill_kernels.py`, numba): the same draws
+from the same stream as the numpy code below, so the same bytes and the Generator left in the same state
+(tests/test_infilling.py::test_kernel_equals_numpy_path_sample_for_sample). Everything else, and every chunk the
+kernel cannot place, takes the numpy path, which stays the reference; GLM_INFILL_KERNEL=0 forces it.
+`sample_length(...)` gives the length a sample would have (n + 2 * #spans, ...) from its drawn spans alone,
+without building it or advancing the Generator: the packer fits chunk lengths with it and makes one sample.
+`benchmarks/infilling.py` times make_sample against the official ConstructBlockStrategy (`--official DIR`) and
+against sentencepiece encoding.
 """
 
 from __future__ import annotations
