@@ -536,14 +536,25 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
             raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
                              "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] "
                              "existed): retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
-    if _length_only:
-        return _sample_length(tokens, objective, rng, specials, dict(
-            task_mask=task_mask, loss_mask=loss_mask, masked_lm=masked_lm, shuffle_spans=shuffle_spans,
-            block_position_encoding=block_position_encoding, bert_ratio=bert_ratio, sentence_ratio=sentence_ratio,
-            avg_block_length=avg_block_length, max_block_length=max_block_length, gpt_infill_prob=gpt_infill_prob,
-            gpt_min_ratio=gpt_min_ratio, sentence_mask_cls=sentence_mask_cls, single_span_prob=single_span_prob,
-            block_mask_prob=block_mask_prob, context_mask_ratio=context_mask_ratio,
-            context_mask_range=context_mask_range))
+    if _length_only:                        # sample_length: from the drawn spans, the Generator not advanced
+        if (_K.AVAILABLE and not (masked_lm or single_span_prob) and loss_mask is None
+                and type(rng.bit_generator) is np.random.PCG64):
+            t = _checked_chunk(tokens, objective, specials, bert_ratio, None)
+            with rng.bit_generator.lock:    # (the block and context masks never change the length)
+                length = _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio,
+                                        avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
+                                        sentence_mask_cls)
+            if length is not None:
+                return length
+        copy = np.random.Generator(type(rng.bit_generator)())   # the numpy path, on a copy of the Generator
+        copy.bit_generator.state = rng.bit_generator.state
+        return len(make_sample(
+            tokens, objective, copy, specials=specials, task_mask=task_mask, loss_mask=loss_mask,
+            masked_lm=masked_lm, shuffle_spans=shuffle_spans, block_position_encoding=block_position_encoding,
+            bert_ratio=bert_ratio, sentence_ratio=sentence_ratio, avg_block_length=avg_block_length,
+            max_block_length=max_block_length, gpt_infill_prob=gpt_infill_prob, gpt_min_ratio=gpt_min_ratio,
+            sentence_mask_cls=sentence_mask_cls, single_span_prob=single_span_prob, block_mask_prob=block_mask_prob,
+            context_mask_ratio=context_mask_ratio, context_mask_range=context_mask_range)["input_ids"])
     # single span (§3.2): the official construct_blocks turns the whole batch into bert mode with ONE span of
     # Poisson length; here it is drawn per sample, first, so the other draws are unchanged when it is off.
     single_span = single_span_prob > 0 and rng.random() < single_span_prob
@@ -641,23 +652,6 @@ def sample_length(tokens, objective: str, rng: np.random.Generator, *, specials:
     any layout is built, WITHOUT advancing `rng`: a packer can try chunk lengths against it and then make the
     one sample it keeps with the same Generator. Raises what make_sample would raise."""
     return make_sample(tokens, objective, rng, specials=specials, _length_only=True, **options)
-
-
-def _sample_length(tokens, objective: str, rng: np.random.Generator, specials: Specials, options: dict) -> int:
-    if (_K.AVAILABLE and not (options["masked_lm"] or options["single_span_prob"])
-            and options["loss_mask"] is None and type(rng.bit_generator) is np.random.PCG64):
-        t = _checked_chunk(tokens, objective, specials, options["bert_ratio"], None)
-        # (the block and context masks draw after the layout and never change its length)
-        with rng.bit_generator.lock:
-            length = _kernel_length(t, objective, rng, specials, options["shuffle_spans"], options["bert_ratio"],
-                                    options["sentence_ratio"], options["avg_block_length"],
-                                    options["max_block_length"], options["gpt_infill_prob"],
-                                    options["gpt_min_ratio"], options["sentence_mask_cls"])
-        if length is not None:
-            return length
-    copy = np.random.Generator(type(rng.bit_generator)())   # the numpy path, on a copy of the Generator
-    copy.bit_generator.state = rng.bit_generator.state
-    return len(make_sample(tokens, objective, copy, specials=specials, **options)["input_ids"])
 
 
 def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
