@@ -214,6 +214,7 @@ def fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions, addr,
     n = t.shape[0]
     s, ln, order = work[:k], work[k:2 * k], work[2 * k:3 * k]
     pairs = work[3 * k:5 * k]
+    inp, tgt, pos, blk = out[0], out[1], out[2], out[3]
     removed = 0
     for j in range(k):
         removed += ln[j] - 1
@@ -222,36 +223,37 @@ def fill_blocks(t, work, k, out, loss, mask_id, sop, eop, block_positions, addr,
     a = 0                                          # Part A write index
     last = 0                                       # source read index
     for j in range(k):
-        for i in range(last, s[j]):
-            out[0, a] = t[i]
-            a += 1
+        run = s[j] - last
+        inp[a:a + run] = t[last:s[j]]
+        a += run
         mpos[j] = a                                # the span's mask index in Part A
-        out[0, a] = mask_id
+        inp[a] = mask_id
         a += 1
         last = s[j] + ln[j]
-    for i in range(last, n):
-        out[0, a] = t[i]
-        a += 1
+    inp[a:sep] = t[last:n]
+    tgt[:sep] = inp[:sep]
     for i in range(sep):
-        out[1, i] = out[0, i]
-        out[2, i] = i
-        out[3, i] = 0
-        loss[i] = 0
+        pos[i] = i
+    blk[:sep] = 0
+    loss[:sep] = 0
     b = sep
     for jj in range(k):
         j = order[jj]
-        st_j, m, le = s[j], mpos[j], ln[j]
-        out[0, b] = sop
-        for q in range(le + 1):
-            if q > 0:
-                out[0, b + q] = t[st_j + q - 1]
-            out[1, b + q] = t[st_j + q] if q < le else eop
-            out[2, b + q] = m
-            out[3, b + q] = q + 1 if block_positions else 1
-            loss[b + q] = 1
+        st_j, le = s[j], ln[j]
+        inp[b] = sop
+        inp[b + 1:b + 1 + le] = t[st_j:st_j + le]
+        tgt[b:b + le] = t[st_j:st_j + le]
+        tgt[b + le] = eop
+        pos[b:b + le + 1] = mpos[j]
+        if block_positions:
+            for q in range(le + 1):
+                blk[b + q] = q + 1
+        else:
+            blk[b:b + le + 1] = 1
         b += le + 1
         pairs[2 * jj] = st_j
         pairs[2 * jj + 1] = st_j + le
+    loss[sep:b] = 1
     if addr:
         store_state(addr, st)
     return sep
@@ -262,26 +264,22 @@ def fill_suffix(t, g, out, loss, mask_id, sop, cls, block_positions, addr, st):
     """The §3.5 suffix / prefix-LM layout into out int32[4, n + 1], loss uint8[n + 1] (0 at [CLS]); returns sep."""
     n = t.shape[0]
     div = n - g
-    for i in range(div):
-        out[0, i] = t[i]
-        out[1, i] = t[i]
-        out[2, i] = i
-        out[3, i] = 0
-        loss[i] = 0
-    out[0, div] = mask_id
-    out[1, div] = mask_id
-    out[2, div] = div
-    out[3, div] = 0
-    loss[div] = 0
-    out[0, div + 1] = sop
+    inp, tgt, pos, blk = out[0], out[1], out[2], out[3]
+    inp[:div] = t[:div]
+    tgt[:div] = t[:div]
+    for i in range(div + 1):
+        pos[i] = i
+    blk[:div + 1] = 0
+    loss[:div + 1] = 0
+    inp[div] = mask_id
+    tgt[div] = mask_id
+    inp[div + 1] = sop
+    inp[div + 2:div + 1 + g] = t[div:n - 1]
+    tgt[div + 1:div + 1 + g] = t[div:n]
+    pos[div + 1:div + 1 + g] = div
     for q in range(g):
-        p = div + 1 + q
-        if q > 0:
-            out[0, p] = t[div + q - 1]
-        out[1, p] = t[div + q]
-        out[2, p] = div
-        out[3, p] = q + 1 if block_positions else 1
-        loss[p] = 1 if t[div + q] != cls else 0
+        blk[div + 1 + q] = q + 1 if block_positions else 1
+        loss[div + 1 + q] = 1 if t[div + q] != cls else 0
     if addr:
         store_state(addr, st)
     return div + 1
