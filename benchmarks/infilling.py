@@ -178,6 +178,7 @@ def run(quick: bool, official_dir: str | None = None) -> list[dict]:
     chunks = pack(ids, tok.specials.cls, tok.specials.eos, N)
     official_dir = official_dir or os.environ.get("GLM_OFFICIAL_DIR")    # `make bench` passes no argument
     official_cls = load_official(official_dir) if official_dir else None
+    print(f"{len(chunks)} chunks of {N} tokens from {len(enc_texts)} speeches", file=sys.stderr)
     compile_s = kernels.compile_seconds()               # the compiled path's one-off cost, measured
     print(f"infilling kernels: compiled or loaded from numba's cache in {compile_s:.1f} s" if kernels.AVAILABLE
           else "infilling kernels: off (numpy path)", file=sys.stderr)
