@@ -587,3 +587,24 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
         for col in ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids"):
             np.testing.assert_array_equal(row[col], again[col], err_msg=f"{row['sample_key']} {col}")
         assert row["sep"] == again["sep"] and row["layout"] == again["layout"]
+
+
+def test_without_numba_or_with_the_kernels_off_the_numpy_path_makes_the_same_bytes():
+    """numba is optional at run time: with it blocked from importing (or GLM_INFILL_KERNEL=0) make_sample takes
+    the numpy path, in a fresh process, and the samples are the same bytes as the compiled path's here."""
+    out = []
+    for seed in range(30):
+        t = random_chunk(np.random.default_rng(seed + 100))
+        for obj in ("bert", "sentence", "gpt"):
+            try:
+                out.append(make_sample(t, obj, np.random.default_rng(seed), specials=SP, task_mask=True))
+            except ValueError:
+                pass
+    script = DIGEST_SCRIPT.format(root=str(ROOT), tests=str(Path(__file__).resolve().parent))
+    blocked = "import sys; sys.modules['numba'] = None\n"
+    probe = "\nfrom pipeline import _infill_kernels as K; print(K.AVAILABLE)"
+    for prefix, env in ((blocked, {}), ("", {"GLM_INFILL_KERNEL": "0"})):
+        res = subprocess.run([sys.executable, "-c", prefix + script + probe], capture_output=True, text=True,
+                             env=dict(os.environ, **env), timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == [_digest(out), "False"]
