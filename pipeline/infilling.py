@@ -560,7 +560,11 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     single_span = single_span_prob > 0 and rng.random() < single_span_prob
     if single_span:
         objective = "bert"
-    t = _checked_chunk(tokens, objective, specials, bert_ratio, loss_mask)
+    if (type(tokens) is np.ndarray and tokens.dtype is _I32 and tokens.ndim == 1 and tokens.shape[0] >= 64
+            and loss_mask is None and tokens[0] == specials.cls and int(bert_ratio * tokens.shape[0]) >= 1):
+        t = tokens                          # a packer's chunk: every check of _checked_chunk holds
+    else:
+        t = _checked_chunk(tokens, objective, specials, bert_ratio, loss_mask)
     n = len(t)
 
     if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
