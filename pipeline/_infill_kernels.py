@@ -575,8 +575,10 @@ _COMPILE_SECONDS: float | None = None
 
 
 def compile_seconds() -> float:
-    """Compile (or load from numba's cache) every kernel once on a tiny chunk; seconds it took (0 when
-    unavailable). The build calls it once per worker, so the cost is measured and reported, not hidden."""
+    """Compile (or load from numba's cache) every kernel once on a tiny chunk; wall seconds it took (0 when
+    unavailable; later calls return the first figure). Call it before timing anything or once per worker
+    process to have the one-off cost up front and measured (benchmarks/infilling.py prints it); otherwise each
+    kernel compiles or loads on its first use."""
     global _COMPILE_SECONDS
     if _COMPILE_SECONDS is None:
         if not AVAILABLE:
