@@ -536,23 +536,16 @@ def test_sample_length_is_the_sample_length_and_leaves_the_generator_alone():
     assert checked > 600
 
 
-class _Rows:
-    """A ShardWriter stand-in that keeps the rows (the Packer calls add(row))."""
-
-    def __init__(self):
-        self.rows = []
-
-    def add(self, row):
-        self.rows.append(row)
-
-
-def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_its_seed(monkeypatch):
+def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_its_seed(monkeypatch, tmp_path):
     """Fitting a chunk to seq_len tries lengths from the drawn spans (sample_length), never whole trial samples:
     make_sample runs exactly once per kept sample (it ran once per fit trial before, ~1.45 per chunk), and every
     kept sample is make_sample(chunk, objective, default_rng(its chunk seed)) — the build stays a pure function
     of its inputs and seed."""
+    import fsspec
+
     from pipeline import build as B
     from pipeline import infilling
+    from pipeline import shards as S
     from pipeline.config import BuildConfig
     calls = []
     real = infilling.make_sample
@@ -564,8 +557,9 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
 
     monkeypatch.setattr(infilling, "make_sample", counting)
     cfg = BuildConfig(seq_len=160, short_seq_prob=0.15)
-    rows, acc = _Rows(), B.new_accounting()
-    packer = B.Packer(cfg, SP, "train", 3, 1, rows, acc)
+    fs = fsspec.filesystem("file")
+    writer, acc = B.ShardWriter(fs, str(tmp_path), "parquet", 3, 1, 64), B.new_accounting()
+    packer = B.Packer(cfg, SP, "train", 3, 1, writer, acc)
     docs = np.random.default_rng(8)
     for d in range(120):
         m = int(docs.integers(5, 400))
@@ -573,10 +567,13 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
         words[docs.random(m) < 0.08] = 10
         packer.push(np.concatenate(([SP.cls], words, [SP.eos])).astype(np.int32), "docs", d)
     packer.finish()
-    assert len(rows.rows) == acc["samples"] > 50 and acc["short_seq_samples"] > 0
+    writer.flush()
+    rows = [shard.row(i) for info in writer.shards
+            for shard in [S.read_shard(fs, f"{tmp_path}/{info.name}", info, "parquet")] for i in range(len(shard))]
+    assert len(rows) == acc["samples"] > 50 and acc["short_seq_samples"] > 0
     assert len(calls) == acc["samples"] < acc["fit_trials"]
     monkeypatch.setattr(infilling, "make_sample", real)
-    for row in rows.rows:
+    for row in rows:
         assert len(row["input_ids"]) <= cfg.seq_len
         chunk = reconstruct(dict(row), SP)
         seed = np.random.SeedSequence([cfg.seed, B.SPLIT_ID["train"], 3, 1, row["chunk_index"]])
