@@ -152,10 +152,13 @@ class Packer:
         return np.random.SeedSequence([self.cfg.seed, SPLIT_ID[self.split], self.group, self.variant,
                                        self.chunk_index])
 
-    def _make(self, chunk: np.ndarray, objective: str, seed: np.random.SeedSequence, fallback: bool = False) -> dict:
+    def _make(self, chunk: np.ndarray, objective: str, rng: np.random.Generator, fallback: bool = False,
+              length_only: bool = False):
+        """The chunk's sample, or with length_only its length only (from the drawn spans, no layout built, rng
+        not advanced: infilling.sample_length), so a fit tries lengths and makes one sample."""
         cfg = self.cfg
-        return infilling.make_sample(
-            chunk, objective, np.random.default_rng(seed), specials=self.specials, task_mask=cfg.task_mask,
+        return (infilling.sample_length if length_only else infilling.make_sample)(
+            chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
             gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
             block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
             context_mask_ratio=cfg.context_mask_ratio,
@@ -189,6 +192,7 @@ class Packer:
                 e += 1                                            # never start the next piece with an eos
             piece_seed = self._seed()
             objective = self._objective(piece_seed)
+            rng = np.random.default_rng(piece_seed)   # lengths do not advance it: one Generator per piece
             sample, n = None, e
             for obj in (objective, "gpt") if objective != "gpt" else ("gpt",):
                 if obj != objective:
@@ -198,13 +202,13 @@ class Packer:
                     if n < infilling.MIN_CHUNK_LEN["gpt"]:
                         break
                     try:
-                        sample = self._make(look[:n], obj, piece_seed, fallback=obj != objective)
+                        over = self._make(look[:n], obj, rng, obj != objective, length_only=True) - cfg.seq_len
                     except (infilling.SpanPlacementError, infilling.ChunkTooShortError):   # next objective
                         break
-                    over = len(sample["input_ids"]) - cfg.seq_len
                     if over <= 0:
+                        sample = self._make(look[:n], obj, rng, fallback=obj != objective)
                         break
-                    n, sample = n - over, None
+                    n -= over
                 if sample is not None:
                     break
             source, doc_index = q.provenance
@@ -223,12 +227,15 @@ class Packer:
     def _fit(self, objective: str, seed: np.random.SeedSequence, fallback: bool = False
              ) -> tuple[np.ndarray, dict] | None:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
-        trials, same seed each): the first guess n = seq_len / growth usually lands within the slack."""
+        trials, same seed each): the first guess n = seq_len / growth usually lands within the slack. A trial
+        computes the sample's length from its drawn spans only (infilling.sample_length: no layout, the
+        Generator not advanced); the one sample kept is made once, at the end, from the same Generator."""
         seq_len = self.cfg.seq_len
         slack = max(1, seq_len // 64)    # <= 1.6% padding accepted without another trial
         avail = self.queue.available
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
-        best: tuple[np.ndarray, dict] | None = None
+        rng = np.random.default_rng(seed)
+        best: np.ndarray | None = None
         tried: set[int] = set()
         for _ in range(12):
             if self.finishing and 0 < avail - n < MIN_REMNANT and avail - MIN_REMNANT >= MIN_REMNANT:
@@ -238,17 +245,16 @@ class Packer:
             tried.add(n)
             self.acc["fit_trials"] += 1
             chunk = self.queue.peek(n)
-            sample = self._make(chunk, objective, seed, fallback)
-            over = len(sample["input_ids"]) - seq_len
+            over = self._make(chunk, objective, rng, fallback, length_only=True) - seq_len
             if over <= 0:
-                if best is None or len(chunk) > len(best[0]):
-                    best = (chunk, sample)
+                if best is None or len(chunk) > len(best):
+                    best = chunk
                 if over >= -slack or n >= avail or (n + 1) in tried:
                     break
                 n = min(avail, n + max(1, -over // 2))
             else:
                 n -= max(1, over)
-        return best
+        return None if best is None else (best, self._make(best, objective, rng, fallback))
 
     def _cut(self) -> None:
         seed = self._seed()

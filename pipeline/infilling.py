@@ -71,9 +71,15 @@ Both masks need `specials.dblock`; without it make_sample raises a ValueError na
 
 Dtypes: those of the shard columns (`pipeline.shards.ARRAY_COLUMNS`); sep a python int.
 
-Speed: no per-token python; outputs are written into preallocated arrays. What is left per sample is a few
-dozen numpy calls and a few Generator calls; much faster needs a layout vectorised across many samples at
-once (not written). `benchmarks/infilling.py` prints the time per sample next to sentencepiece's encoding time.
+Speed: the default configuration (a PCG64 Generator, no masked_lm / single-span / block or context mask /
+explicit loss_mask) runs in ONE compiled call per sample (`pipeline/_infill_kernels.py`, numba): the same draws
+from the same stream as the numpy code below, so the same bytes and the Generator left in the same state
+(tests/test_infilling.py::test_kernel_equals_numpy_path_sample_for_sample). Everything else, and every chunk the
+kernel cannot place, takes the numpy path, which stays the reference; GLM_INFILL_KERNEL=0 forces it.
+`sample_length(...)` gives the length a sample would have (n + 2 * #spans, ...) from its drawn spans alone,
+without building it or advancing the Generator: the packer fits chunk lengths with it and makes one sample.
+`benchmarks/infilling.py` times make_sample against the official ConstructBlockStrategy (`--official DIR`) and
+against sentencepiece encoding.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pipeline import _infill_kernels as _K
 from pipeline.shards import ARRAY_COLUMNS
 from pipeline.tokenizer import Specials
 
@@ -94,6 +101,7 @@ LAYOUTS = ("bert", "sentence", "gpt_suffix", "gpt_single_span", "masked_lm")  # 
 MIN_CHUNK_LEN = {"bert": 7, "sentence": 4, "gpt": 4}
 ID_DTYPE = ARRAY_COLUMNS["input_ids"]      # the token columns' dtype (the shard schema's)
 LOSS_DTYPE = ARRAY_COLUMNS["loss_mask"]
+_I32 = np.dtype(np.int32)
 
 
 class SpanPlacementError(ValueError):
@@ -121,6 +129,13 @@ def span_length_pmf(avg_block_length: float = 3.0, max_block_length: int = 40) -
     """pmf[k-1] = P(length = k), k = 1..max_block_length-1: Poisson(avg_block_length) truncated and renormalised
     (the official `block_length_distribution`, which `random.choices` renormalises)."""
     return _pmf_and_cdf(avg_block_length, max_block_length)[0]
+
+
+@functools.cache
+def _cdf_and_table(lam: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The length cdf and the compiled length draw's lookup table (pipeline/_infill_kernels.length_table)."""
+    cdf = _pmf_and_cdf(lam, max_len)[1]
+    return cdf, _K.length_table(cdf)
 
 
 @functools.cache
@@ -316,6 +331,21 @@ def _as_tokens(tokens, specials: Specials) -> np.ndarray:
     return t
 
 
+def _checked_chunk(tokens, objective: str, specials: Specials, bert_ratio: float, loss_mask) -> np.ndarray:
+    """The chunk as an array, refused when it is not one, is too short for the objective or its loss_mask does
+    not match it."""
+    t = _as_tokens(tokens, specials)
+    n = len(t)
+    if n < 64 or objective == "bert" and int(bert_ratio * n) < 1:   # (no chunk of 64+ tokens is too short)
+        need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
+        if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
+            raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
+                                     f"{need}); pack longer chunks or skip this one")
+    if loss_mask is not None and len(loss_mask) != n:
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
+    return t
+
+
 def source_loss_mask(tokens: np.ndarray, specials: Specials) -> np.ndarray:
     """The dataset loss mask of a packed chunk (§2): 0 at every [CLS], 1 elsewhere (eos included)."""
     return (np.asarray(tokens) != specials.cls).astype(LOSS_DTYPE)
@@ -476,7 +506,8 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
                 block_position_encoding: bool = True, bert_ratio: float = 0.15, sentence_ratio: float = 0.15,
                 avg_block_length: float = 3.0, max_block_length: int = 40, gpt_infill_prob: float = 0.5,
                 gpt_min_ratio: float = 0.5, sentence_mask_cls: bool = True, single_span_prob: float = 0.0,
-                block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0, context_mask_range: int = 3) -> dict:
+                block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0, context_mask_range: int = 3,
+                _length_only: bool = False) -> dict:
     """One GLM training sample from one chunk (module docstring has the rules).
 
     tokens: 1-D int array, `[CLS] doc eos [CLS] doc ...`. objective: "bert" | "sentence" | "gpt".
@@ -496,27 +527,56 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         raise ValueError(f"specials={specials!r}: pass the tokenizer's Specials record (tokenizer.specials)")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: choose one of {OBJECTIVES}")
-    for name, p in (("single_span_prob", single_span_prob), ("block_mask_prob", block_mask_prob),
-                    ("context_mask_ratio", context_mask_ratio)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"{name}={p}: must be a probability in [0, 1] (0 = off, the default)")
-    if (block_mask_prob > 0 or context_mask_ratio > 0) and specials.dblock is None:
-        raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
-                         "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] existed): "
-                         "retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
+    if single_span_prob or block_mask_prob or context_mask_ratio:   # all 0 (off) is valid: skip the checks
+        for name, p in (("single_span_prob", single_span_prob), ("block_mask_prob", block_mask_prob),
+                        ("context_mask_ratio", context_mask_ratio)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name}={p}: must be a probability in [0, 1] (0 = off, the default)")
+        if (block_mask_prob > 0 or context_mask_ratio > 0) and specials.dblock is None:
+            raise ValueError(f"block_mask_prob={block_mask_prob}, context_mask_ratio={context_mask_ratio} need a "
+                             "[dBLOCK] token, and this vocabulary has none (a tokenizer trained before [dBLOCK] "
+                             "existed): retrain it with `python jobs/train_tokenizer.py`, or set both knobs to 0")
+    if _length_only:                        # sample_length: from the drawn spans, the Generator not advanced
+        if (_K.AVAILABLE and not (masked_lm or single_span_prob) and loss_mask is None
+                and type(rng.bit_generator) is np.random.PCG64):
+            t = _checked_chunk(tokens, objective, specials, bert_ratio, None)
+            with rng.bit_generator.lock:    # (the block and context masks never change the length)
+                length = _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio,
+                                        avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
+                                        sentence_mask_cls)
+            if length is not None:
+                return length
+        copy = np.random.Generator(type(rng.bit_generator)())   # the numpy path, on a copy of the Generator
+        copy.bit_generator.state = rng.bit_generator.state
+        return len(make_sample(
+            tokens, objective, copy, specials=specials, task_mask=task_mask, loss_mask=loss_mask,
+            masked_lm=masked_lm, shuffle_spans=shuffle_spans, block_position_encoding=block_position_encoding,
+            bert_ratio=bert_ratio, sentence_ratio=sentence_ratio, avg_block_length=avg_block_length,
+            max_block_length=max_block_length, gpt_infill_prob=gpt_infill_prob, gpt_min_ratio=gpt_min_ratio,
+            sentence_mask_cls=sentence_mask_cls, single_span_prob=single_span_prob, block_mask_prob=block_mask_prob,
+            context_mask_ratio=context_mask_ratio, context_mask_range=context_mask_range)["input_ids"])
     # single span (§3.2): the official construct_blocks turns the whole batch into bert mode with ONE span of
     # Poisson length; here it is drawn per sample, first, so the other draws are unchanged when it is off.
     single_span = single_span_prob > 0 and rng.random() < single_span_prob
     if single_span:
         objective = "bert"
-    t = _as_tokens(tokens, specials)
+    if (type(tokens) is np.ndarray and tokens.dtype is _I32 and tokens.ndim == 1 and tokens.shape[0] >= 64
+            and loss_mask is None and tokens[0] == specials.cls and int(bert_ratio * tokens.shape[0]) >= 1):
+        t = tokens                          # a packer's chunk: every check of _checked_chunk holds
+    else:
+        t = _checked_chunk(tokens, objective, specials, bert_ratio, loss_mask)
     n = len(t)
-    need = MIN_CHUNK_LEN[objective] if objective != "bert" else max(4, math.ceil(1.0 / bert_ratio - 1e-9))
-    if objective == "bert" and int(bert_ratio * n) < 1 or n < need:
-        raise ChunkTooShortError(f"chunk of {n} tokens is too short for objective {objective!r} (needs >= "
-                                 f"{need}); pack longer chunks or skip this one")
-    if loss_mask is not None and len(loss_mask) != n:
-        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {n} tokens; pass one value per token")
+
+    if (_K.AVAILABLE and not (masked_lm or single_span or block_mask_prob or context_mask_ratio)
+            and loss_mask is None and type(rng.bit_generator) is np.random.PCG64):
+        with rng.bit_generator.lock:          # the kernels read and write the state as numpy's methods do
+            # (they draw on a copy of the state and write the advanced state back when the sample is made)
+            out = _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding,
+                                 bert_ratio, sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob,
+                                 gpt_min_ratio, sentence_mask_cls)
+            if out is not None:
+                return out
+        # not placeable: the numpy path below makes the same draws and raises its error
 
     if objective == "bert":
         if single_span:
@@ -579,6 +639,125 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
         _context_mask(out, s, ln, n, rng, specials, context_mask_ratio, context_mask_range)
     out.update(layout=layout, objective=objective, single_span=single_span)
     return out
+
+
+def _as_int32(t: np.ndarray) -> np.ndarray | None:
+    """The chunk as contiguous int32 (the one dtype the kernels are compiled for: ids are int32 in the shards);
+    None when an id does not fit (the numpy path then decides)."""
+    t32 = np.ascontiguousarray(t, dtype=np.int32)
+    if t.dtype.itemsize > 2 and t.dtype != _I32 and not np.array_equal(t32, t):
+        return None
+    return t32
+
+
+def sample_length(tokens, objective: str, rng: np.random.Generator, *, specials: Specials, **options) -> int:
+    """The length of the arrays `make_sample(tokens, objective, rng, specials=specials, **options)` would
+    return (n + 2 * #spans; n + 1 for the gpt suffix layout; n for masked_lm), known from the drawn spans before
+    any layout is built, WITHOUT advancing `rng`: a packer can try chunk lengths against it and then make the
+    one sample it keeps with the same Generator. Raises what make_sample would raise."""
+    return make_sample(tokens, objective, rng, specials=specials, _length_only=True, **options)
+
+
+def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
+                   max_block_length, gpt_infill_prob, gpt_min_ratio, sentence_mask_cls) -> int | None:
+    """The output length of the sample make_sample would make, from the compiled plan alone (the draws and the
+    spans; no layout), on a copy of the Generator's state (it is not advanced). None when the numpy path must
+    answer (chunk not placeable, bad option)."""
+    if t.dtype is not _I32 or not t.flags.c_contiguous:
+        t = _as_int32(t)
+        if t is None:
+            return None
+    n = len(t)
+    bg = rng.bit_generator
+    st = np.empty(6, np.uint64)
+    if _K.direct_state():
+        addr = bg.ctypes.state_address
+    else:
+        addr = 0
+        st[:] = _K.get_state(bg)[0]
+    work = np.empty(5 * n + 8, np.int64)
+    if objective == "bert":
+        target = int(bert_ratio * n)
+        status, k = _K.plan_bert(t, addr, st, *_cdf_and_table(avg_block_length, max_block_length), target,
+                                 int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos,
+                                 shuffle_spans, bert_ratio, work)
+    elif objective == "sentence":
+        status, k = _K.plan_sentence(t, addr, st, _boundary_lut(specials.eos, specials.sentence_end_ids),
+                                     int(sentence_ratio * n), specials.cls, shuffle_spans, sentence_mask_cls, work)
+    else:
+        lo = int(gpt_min_ratio * n)
+        if not 1 <= lo <= n - 2:          # the numpy path raises (or, at lo = 0, handles a G of 0 its own way)
+            return None
+        suffix, _ = _K.plan_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, work)
+        return n + 1 if suffix else n + 2
+    return None if status else n + 2 * k
+
+
+def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_position_encoding, bert_ratio,
+                   sentence_ratio, avg_block_length, max_block_length, gpt_infill_prob, gpt_min_ratio,
+                   sentence_mask_cls) -> dict | None:
+    """make_sample by one compiled call (plan + fill, pipeline/_infill_kernels.py): the numpy path's draws from
+    the same PCG64 stream, so the same bytes, and the Generator advanced as the numpy path advances it. None
+    when the numpy path must run (chunk not placeable, bad option; the Generator is then untouched)."""
+    if t.dtype is not _I32 or not t.flags.c_contiguous:
+        t = _as_int32(t)
+        if t is None:
+            return None
+    n = len(t)
+    bg = rng.bit_generator
+    st = np.empty(6, np.uint64)
+    if _K.direct_state():
+        addr = bg.ctypes.state_address
+    else:
+        addr = 0
+        st[:], state = _K.get_state(bg)
+    work = np.empty(5 * n + 8, np.int64)
+    mask_id = specials.mask if not task_mask or objective == "bert" else mask_token_id(objective, specials, True)
+    if objective == "bert":
+        target = int(bert_ratio * n)
+        arr = np.empty((4, n + 2 * target + 2), ID_DTYPE)
+        loss = np.empty(n + 2 * target + 2, LOSS_DTYPE)
+        status, k, sep = _K.sample_bert(
+            t, addr, st, *_cdf_and_table(avg_block_length, max_block_length), target,
+            int(target / max(avg_block_length, 1.0) * 1.25) + 8, specials.cls, specials.eos, shuffle_spans,
+            bert_ratio, work, arr, loss, mask_id, specials.sop, specials.eop, block_position_encoding)
+        layout = "bert"
+    elif objective == "sentence":
+        target = int(sentence_ratio * n)
+        arr = np.empty((4, n + 2 * target + 2), ID_DTYPE)
+        loss = np.empty(n + 2 * target + 2, LOSS_DTYPE)
+        status, k, sep = _K.sample_sentence(
+            t, addr, st, _boundary_lut(specials.eos, specials.sentence_end_ids), target, specials.cls,
+            shuffle_spans, sentence_mask_cls, work, arr, loss, mask_id, specials.sop, specials.eop,
+            block_position_encoding)
+        layout = "sentence"
+    else:
+        lo = int(gpt_min_ratio * n)
+        if not 1 <= lo <= n - 2:          # the numpy path raises (or, at lo = 0, handles a G of 0 its own way)
+            return None
+        arr = np.empty((4, n + 2), ID_DTYPE)
+        loss = np.empty(n + 2, LOSS_DTYPE)
+        suffix, g, sep = _K.sample_gpt(t, addr, st, lo, gpt_infill_prob, specials.eos, specials.cls, work, arr,
+                                       loss, mask_id, specials.sop, specials.eop, block_position_encoding)
+        status = 0
+        if suffix:
+            length = n + 1
+            spans = [(n - g, n)]
+            layout = "gpt_suffix"
+        else:
+            k = 1
+            layout = "gpt_single_span"
+    if status:
+        return None
+    if layout != "gpt_suffix":
+        length = n + 2 * k
+        pairs = iter(work[3 * k:5 * k].tolist())
+        spans = list(zip(pairs, pairs))
+    if not addr:
+        _K.put_state(bg, st, state)
+    return {"input_ids": arr[0, :length], "targets": arr[1, :length], "loss_mask": loss[:length],
+            "position_ids": arr[2, :length], "block_position_ids": arr[3, :length], "sep": sep, "spans": spans,
+            "layout": layout, "objective": objective, "single_span": False}
 
 
 def _block_mask(out: dict, rng: np.random.Generator, specials: Specials, p: float) -> None:

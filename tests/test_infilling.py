@@ -9,6 +9,7 @@ fresh subprocess, and sentence mode with a real sentencepiece tokenizer trained 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -434,3 +435,173 @@ def test_sentence_mode_with_real_tokenizer(tokenizer):
             assert a == 1 or int(c[a - 1]) in sp.sentence_end_ids or int(c[a - 1]) == sp.eos
         masks = s["input_ids"][: s["sep"]] == sp.smask
         assert masks.sum() == len(s["spans"])
+
+
+# ------------------------------------------------------------------------ compiled kernels and sample_length
+
+def _sample_or_error(t, objective, rng, **kw):
+    try:
+        return make_sample(t, objective, rng, specials=SP, **kw)
+    except ValueError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _same_sample(a, b) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) if isinstance(b[k], np.ndarray)
+        else type(a[k]) is type(b[k]) and a[k] == b[k] for k in b)
+
+
+KERNEL_OPTIONS = ({}, {"task_mask": True, "shuffle_spans": False},
+                  {"block_position_encoding": False, "sentence_mask_cls": False, "gpt_infill_prob": 0.0},
+                  {"bert_ratio": 0.3, "sentence_ratio": 0.4, "avg_block_length": 5.0, "gpt_min_ratio": 0.2,
+                   "gpt_infill_prob": 1.0})
+
+
+@pytest.mark.parametrize("state_path", ["direct", "dict"])
+def test_kernel_equals_numpy_path_sample_for_sample(monkeypatch, state_path):
+    """The compiled path (pipeline/_infill_kernels.py) makes the numpy path's samples byte for byte, raises the
+    same errors, and leaves the Generator where the numpy path leaves it (checked by drawing on after each
+    sample from ONE shared Generator, which also carries numpy's buffered half 32-bit draw across samples);
+    with the PCG64 state read in place and through numpy's state dict."""
+    from pipeline import _infill_kernels as K
+    pytest.importorskip("numba")
+    assert K.AVAILABLE, "set GLM_INFILL_KERNEL=1 (or unset it) to test the compiled path"
+    if state_path == "dict":
+        monkeypatch.setattr(K, "_DIRECT", False)
+    else:
+        assert K.direct_state(), "numpy's PCG64 state layout did not check out on this platform"
+    rng_chunks = np.random.default_rng(2024)
+    chunks = [random_chunk(rng_chunks) for _ in range(700)]
+    chunks[0] = np.array([1, 11, 0] * 7)                                     # bert spans never fit
+    chunks[1] = np.array([1, 11, 12, 13, 0, 1, 14, 15, 16, 0])               # no sentence
+    chunks += [np.concatenate(([1], rng_chunks.integers(11, 500, 511))) for _ in range(30)]   # n=512, one doc
+    layouts = set()
+    for obj in ("bert", "sentence", "gpt"):
+        for opts in KERNEL_OPTIONS:
+            fast, ref = np.random.default_rng([7, len(opts)]), np.random.default_rng([7, len(opts)])
+            for i, c in enumerate(chunks):
+                c = c.astype((np.int32, np.int64, np.uint16)[i % 3])
+                if i % 7 == 0:
+                    c = np.repeat(c, 2)[::2]                                 # a strided view
+                a = _sample_or_error(c, obj, fast, **opts)
+                monkeypatch.setattr(K, "AVAILABLE", False)
+                b = _sample_or_error(c, obj, ref, **opts)
+                monkeypatch.setattr(K, "AVAILABLE", True)
+                assert _same_sample(a, b), (obj, opts, i)
+                assert fast.bit_generator.state == ref.bit_generator.state, (obj, opts, i)
+                if not isinstance(a, str):
+                    layouts.add(a["layout"])
+                if i % 5 == 0:                                               # the stream goes on identically
+                    assert fast.integers(0, 1000, size=3).tolist() == ref.integers(0, 1000, size=3).tolist()
+    assert layouts == {"bert", "sentence", "gpt_suffix", "gpt_single_span"}
+
+
+def _state(rng) -> str:
+    return json.dumps(rng.bit_generator.state, default=lambda a: a.tolist(), sort_keys=True)
+
+
+def test_sample_length_is_the_sample_length_and_leaves_the_generator_alone():
+    """sample_length (what the packer fits chunk lengths with) equals the length of make_sample's arrays for the
+    same Generator state, raises make_sample's errors, and does not advance the Generator; on the compiled
+    path and on the numpy path (options the kernels do not take, another bit generator)."""
+    from pipeline.infilling import sample_length
+    sp = dataclasses.replace(SP, dblock=7)
+    rng_chunks = np.random.default_rng(11)
+    option_sets = ({}, {"task_mask": True}, {"single_span_prob": 0.5}, {"masked_lm": True},
+                   {"block_mask_prob": 0.2, "context_mask_ratio": 0.1}, {"gpt_min_ratio": 0.2})
+    checked = 0
+    for i in range(300):
+        t = random_chunk(rng_chunks)
+        for obj in ("bert", "sentence", "gpt"):
+            opts = option_sets[i % len(option_sets)]
+            if opts.get("masked_lm") and obj != "bert":
+                continue
+            bg = np.random.PCG64([i]) if i % 4 else np.random.MT19937([i])
+            rng = np.random.Generator(bg)
+            before = _state(rng)
+            try:
+                length = sample_length(t, obj, rng, specials=sp, **opts)
+            except ValueError as e:
+                with pytest.raises(type(e)):
+                    make_sample(t, obj, np.random.Generator(type(bg)([i])), specials=sp, **opts)
+                continue
+            finally:
+                assert _state(rng) == before
+            s = make_sample(t, obj, rng, specials=sp, **opts)
+            assert length == output_length(s), (i, obj, opts)
+            checked += 1
+    assert checked > 600
+
+
+def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_its_seed(monkeypatch, tmp_path):
+    """Fitting a chunk to seq_len tries lengths from the drawn spans (sample_length), never whole trial samples:
+    make_sample runs exactly once per kept sample (it ran once per fit trial before, ~1.45 per chunk), and every
+    kept sample is make_sample(chunk, objective, default_rng(its chunk seed)) — the build stays a pure function
+    of its inputs and seed."""
+    import fsspec
+
+    from pipeline import build as B
+    from pipeline import infilling
+    from pipeline import shards as S
+    from pipeline.config import BuildConfig
+    calls = []
+    real = infilling.make_sample
+
+    def counting(*a, **kw):
+        if not kw.get("_length_only"):
+            calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(infilling, "make_sample", counting)
+    cfg = BuildConfig(seq_len=160, short_seq_prob=0.15)
+    fs = fsspec.filesystem("file")
+    writer, acc = B.ShardWriter(fs, str(tmp_path), "parquet", 3, 1, 64), B.new_accounting()
+    packer = B.Packer(cfg, SP, "train", 3, 1, writer, acc)
+    docs = np.random.default_rng(8)
+    for d in range(120):
+        m = int(docs.integers(5, 400))
+        words = docs.integers(11, 500, m)
+        words[docs.random(m) < 0.08] = 10
+        packer.push(np.concatenate(([SP.cls], words, [SP.eos])).astype(np.int32), "docs", d)
+    packer.finish()
+    writer.flush()
+    rows = [shard.row(i) for info in writer.shards
+            for shard in [S.read_shard(fs, f"{tmp_path}/{info.name}", info, "parquet")] for i in range(len(shard))]
+    assert len(rows) == acc["samples"] > 50 and acc["short_seq_samples"] > 0
+    assert len(calls) == acc["samples"] < acc["fit_trials"]
+    monkeypatch.setattr(infilling, "make_sample", real)
+    for row in rows:
+        assert len(row["input_ids"]) <= cfg.seq_len
+        chunk = reconstruct(dict(row), SP)
+        seed = np.random.SeedSequence([cfg.seed, B.SPLIT_ID["train"], 3, 1, row["chunk_index"]])
+        again = make_sample(chunk, row["objective"], np.random.default_rng(seed), specials=SP,
+                            task_mask=cfg.task_mask, gpt_min_ratio=cfg.gpt_min_ratio,
+                            gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
+                            block_position_encoding=cfg.block_position_encoding)
+        for col in ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids"):
+            np.testing.assert_array_equal(row[col], again[col], err_msg=f"{row['sample_key']} {col}")
+        assert row["sep"] == again["sep"] and row["layout"] == again["layout"]
+
+
+def test_without_numba_or_with_the_kernels_off_the_numpy_path_makes_the_same_bytes():
+    """numba is optional at run time: with it blocked from importing (or GLM_INFILL_KERNEL=0) make_sample takes
+    the numpy path, in a fresh process, and the samples are the same bytes as the compiled path's here."""
+    out = []
+    for seed in range(30):
+        t = random_chunk(np.random.default_rng(seed + 100))
+        for obj in ("bert", "sentence", "gpt"):
+            try:
+                out.append(make_sample(t, obj, np.random.default_rng(seed), specials=SP, task_mask=True))
+            except ValueError:
+                pass
+    script = DIGEST_SCRIPT.format(root=str(ROOT), tests=str(Path(__file__).resolve().parent))
+    blocked = "import sys; sys.modules['numba'] = None\n"
+    probe = "\nfrom pipeline import _infill_kernels as K; print(K.AVAILABLE)"
+    for prefix, env in ((blocked, {}), ("", {"GLM_INFILL_KERNEL": "0"})):
+        res = subprocess.run([sys.executable, "-c", prefix + script + probe], capture_output=True, text=True,
+                             env=dict(os.environ, **env), timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == [_digest(out), "False"]
