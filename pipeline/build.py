@@ -128,6 +128,7 @@ class Packer:
         self.chunk_index = 0
         self.finishing = False
         self.writer, self.acc = writer, acc
+        self.span_lengths: dict[str, list[int]] = {}   # objective -> Part B span lengths, folded in by finish()
         check_specials(cfg, specials)
         self.objectives = sorted(cfg.objectives)
         probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
@@ -147,6 +148,12 @@ class Packer:
                 self.queue.consume(self.queue.available)
                 break
             self._cut()
+        for objective, lengths in sorted(self.span_lengths.items()):   # one bincount, not a dict update per span
+            hist = self.acc["span_length_hist"].setdefault(objective, {})
+            counts = np.bincount(np.array(lengths, dtype=np.int64))
+            for length in np.flatnonzero(counts).tolist():
+                hist[length] = hist.get(length, 0) + int(counts[length])
+        self.span_lengths = {}
 
     def _seed(self) -> np.random.SeedSequence:
         return np.random.SeedSequence([self.cfg.seed, SPLIT_ID[self.split], self.group, self.variant,
@@ -296,37 +303,39 @@ class Packer:
         acc["objectives"][objective] = acc["objectives"].get(objective, 0) + 1
         layout = sample["layout"]
         acc["layouts"][layout] = acc["layouts"].get(layout, 0) + 1
-        hist = acc["span_length_hist"].setdefault(objective, {})
-        for s, e in sample["spans"]:
-            hist[int(e - s)] = hist.get(int(e - s), 0) + 1
-        self.writer.add(S.sample_row(
+        if objective not in self.span_lengths:
+            self.span_lengths[objective] = []
+        self.span_lengths[objective].extend([int(e - s) for s, e in sample["spans"]])
+        self.writer.add(
             sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
-            chunk_index=self.chunk_index, sample_key=f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}"))
+            chunk_index=self.chunk_index, sample_key=f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}")
 
 
 class ShardWriter:
-    """Buffers rows of one (split, group, variant) and commits a shard every samples_per_shard rows."""
+    """Buffers rows of one (split, group, variant) in column buffers (S.ShardBuffer) and commits a shard every
+    rows_per_shard rows."""
 
     def __init__(self, fs, folder: str, fmt: str, group: int, variant: int, rows_per_shard: int):
         self.fs, self.folder, self.fmt = fs, folder, fmt
         self.group, self.variant, self.rows_per_shard = group, variant, rows_per_shard
-        self.rows: list[dict] = []
+        self.rows = S.ShardBuffer()
         self.shards: list[S.ShardInfo] = []
 
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
+    def add(self, sample: dict, **provenance) -> None:
+        """One infilling sample plus its provenance columns (S.ShardBuffer.add)."""
+        self.rows.add(sample, **provenance)
         if len(self.rows) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:
-        if not self.rows:
+        if not len(self.rows):
             return
         name = f"g{self.group:05d}-v{self.variant:02d}-{len(self.shards):04d}{S.SUFFIX[self.fmt]}"
-        data = S.encode(S.ShardSamples.from_rows(self.rows), self.fmt)
+        data = S.encode(self.rows.samples(), self.fmt)
         S.atomic_write(self.fs, f"{self.folder}/{name}", data)
         self.shards.append(S.ShardInfo(name=name, rows=len(self.rows), bytes=len(data), sha256=S.sha256(data),
                                        variant=self.variant, group=self.group))
-        self.rows = []
+        self.rows.clear()
 
 
 # ------------------------------------------------------------------------------------------- one group
@@ -363,19 +372,23 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
         ids = tok.encode_batch(flat, num_threads=1)
         i = 0
         for doc, segs in batch:
-            toks = [t for part in ids[i:i + len(segs)] for t in part]
+            parts = ids[i:i + len(segs)]
             i += len(segs)
+            n = sum(map(len, parts))
             split = "validation" if D.is_validation(doc, cfg.validation_fraction) else "train"
-            if len(toks) < cfg.min_doc_tokens:
+            if n < cfg.min_doc_tokens:
                 accs[split]["documents_too_short"] += 1
                 skips.append(D.Skip(f"{doc.source}#{doc.index}",
-                                    f"document has {len(toks)} tokens < min_doc_tokens={cfg.min_doc_tokens}"))
+                                    f"document has {n} tokens < min_doc_tokens={cfg.min_doc_tokens}"))
                 continue
             accs[split]["documents"] += 1
-            accs[split]["tokens_in"] += len(toks)
-            framed = np.empty(len(toks) + 2, dtype=np.int32)
+            accs[split]["tokens_in"] += n
+            framed = np.empty(n + 2, dtype=np.int32)   # [CLS] doc eos, the segments' ids copied in place
             framed[0], framed[-1] = specials.cls, specials.eos
-            framed[1:-1] = toks
+            at = 1
+            for part in parts:
+                framed[at:at + len(part)] = part
+                at += len(part)
             for p in packers[split]:
                 p.push(framed, names.get(doc.source, doc.source), doc.index)
 
