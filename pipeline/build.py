@@ -25,6 +25,7 @@ worker processes across tasks), not once per task.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import glob
 import importlib.util
@@ -117,6 +118,15 @@ def check_specials(cfg: BuildConfig, specials: T.Specials) -> None:
             "--tokenizer to train one here) or set block_mask_prob=0 and context_mask_ratio=0.")
 
 
+def uint32_words(x: int) -> list[int]:
+    """The uint32 words numpy's SeedSequence makes of a non-negative int (little-endian; 0 is one word)."""
+    out = [x & 0xFFFFFFFF]
+    while x >> 32:
+        x >>= 32
+        out.append(x & 0xFFFFFFFF)
+    return out
+
+
 class Packer:
     """Cuts one (split, group, variant) token stream into chunks sized so the finished sample fills seq_len,
     infills each chunk, and hands finished samples to a ShardWriter."""
@@ -129,6 +139,8 @@ class Packer:
         self.finishing = False
         self.writer, self.acc = writer, acc
         self.span_lengths: dict[str, list[int]] = {}   # objective -> Part B span lengths, folded in by finish()
+        self.seed_words = np.array([*uint32_words(cfg.seed), SPLIT_ID[split], *uint32_words(group),
+                                    *uint32_words(variant), 0], dtype=np.uint32)   # last: the chunk index
         check_specials(cfg, specials)
         self.objectives = sorted(cfg.objectives)
         probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
@@ -156,8 +168,14 @@ class Packer:
         self.span_lengths = {}
 
     def _seed(self) -> np.random.SeedSequence:
-        return np.random.SeedSequence([self.cfg.seed, SPLIT_ID[self.split], self.group, self.variant,
-                                       self.chunk_index])
+        """SeedSequence([seed, split, group, variant, chunk index]), built from its uint32 entropy words: the same
+        pool (numpy coerces a list to exactly these words), at a third of the cost of coercing the list."""
+        if self.chunk_index >> 32:
+            return np.random.SeedSequence([self.cfg.seed, SPLIT_ID[self.split], self.group, self.variant,
+                                           self.chunk_index])
+        words = self.seed_words.copy()   # a new array each time: the SeedSequence keeps it as its .entropy
+        words[-1] = self.chunk_index
+        return np.random.SeedSequence(words)
 
     def _make(self, chunk: np.ndarray, objective: str, seed: np.random.SeedSequence, fallback: bool = False) -> dict:
         cfg = self.cfg
@@ -386,8 +404,8 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
             framed = np.empty(n + 2, dtype=np.int32)   # [CLS] doc eos, the segments' ids copied in place
             framed[0], framed[-1] = specials.cls, specials.eos
             at = 1
-            for part in parts:
-                framed[at:at + len(part)] = part
+            for part in parts:   # list -> array.array -> numpy: a third faster than numpy converting the list
+                framed[at:at + len(part)] = np.frombuffer(array.array("i", part), dtype=np.int32)
                 at += len(part)
             for p in packers[split]:
                 p.push(framed, names.get(doc.source, doc.source), doc.index)
