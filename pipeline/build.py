@@ -333,10 +333,12 @@ class ShardWriter:
     """Buffers rows of one (split, group, variant) in column buffers (S.ShardBuffer) and commits a shard every
     rows_per_shard rows."""
 
-    def __init__(self, fs, folder: str, fmt: str, group: int, variant: int, rows_per_shard: int):
+    def __init__(self, fs, folder: str, fmt: str, group: int, variant: int, rows_per_shard: int,
+                 seq_len: int = 512):
         self.fs, self.folder, self.fmt = fs, folder, fmt
         self.group, self.variant, self.rows_per_shard = group, variant, rows_per_shard
-        self.rows = S.ShardBuffer()
+        # room for a full shard up front (pages are only touched as rows arrive), so the buffers never regrow
+        self.rows = S.ShardBuffer(capacity=min(rows_per_shard * seq_len, 1 << 22))
         self.shards: list[S.ShardInfo] = []
 
     def add(self, sample: dict, **provenance) -> None:
@@ -380,7 +382,7 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     skips: list[D.Skip] = []
     accs = {s: new_accounting() for s in O.SPLITS}
     variants = {"train": cfg.variants, "validation": 1}   # one fixed mask variant is enough to evaluate on
-    writers = {s: [ShardWriter(fs, f"{root}/{s}", cfg.format, group, v, cfg.samples_per_shard)
+    writers = {s: [ShardWriter(fs, f"{root}/{s}", cfg.format, group, v, cfg.samples_per_shard, cfg.seq_len)
                    for v in range(variants[s])] for s in O.SPLITS}
     packers = {s: [Packer(cfg, specials, s, group, v, writers[s][v], accs[s]) for v in range(variants[s])]
                for s in O.SPLITS}
