@@ -369,8 +369,9 @@ def test_ray_job_submit_against_a_started_cluster(small_corpus, tokenizer_path, 
 
 @pytest.mark.parametrize("seed,group,variant", [(7, 0, 1), (2**40 + 5, 2**33 + 2, 0), (0, 12, 3)])
 def test_chunk_seeds_are_numpy_seed_sequences_of_the_list(tokenizer_path, tmp_path, seed, group, variant):
-    """Packer._seed builds the chunk's SeedSequence from uint32 words (3x cheaper); the samples' bytes depend on
-    it drawing exactly what SeedSequence([seed, split, group, variant, chunk]) draws, for multi-word ints too."""
+    """Packer._seed builds the chunk's SeedSequence from uint32 words (3x cheaper) and the objective draw reads
+    its pool directly; the samples' bytes depend on both drawing exactly what SeedSequence([seed, split, group,
+    variant, chunk]).generate_state draws, for multi-word ints too."""
     import numpy as np
 
     from pipeline import build as B
@@ -384,6 +385,7 @@ def test_chunk_seeds_are_numpy_seed_sequences_of_the_list(tokenizer_path, tmp_pa
             got = packer._seed()
             want = np.random.SeedSequence([seed, B.SPLIT_ID[split], group, variant, chunk])
             assert got.generate_state(4, np.uint64).tolist() == want.generate_state(4, np.uint64).tolist()
+            assert B.first_uint64(got) == int(want.generate_state(1, np.uint64)[0])   # the objective draw
             assert (np.random.default_rng(got).integers(0, 2**62, 3).tolist()
                     == np.random.default_rng(want).integers(0, 2**62, 3).tolist())
             child = np.random.SeedSequence(got.entropy, spawn_key=(1,))   # as _split_short derives its stream
