@@ -376,6 +376,12 @@ class ShardWriter:
 _TOKENIZERS: dict[str, T.Tokenizer] = {}
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _tokenizer(model_bytes: bytes, commands: str = "ours") -> T.Tokenizer:
     key = S.sha256(model_bytes) + commands
     if key not in _TOKENIZERS:
@@ -388,7 +394,7 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     """Build every shard of one packing group and commit its receipt. Pure function of its arguments. `names`:
     how the shards and the receipt name each input (output.input_names; default: its URL)."""
     names = names or {f.url: f.url for f in files}
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu_seconds()
     tok = _tokenizer(model_bytes, cfg.tokenizer_commands)
     specials = tok.specials
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
@@ -451,8 +457,8 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     S.atomic_write(fs, f"{root}/{O.RECEIPTS}/g{group:05d}.json", json.dumps(receipt, sort_keys=True).encode())
     tokens = accs["train"]["tokens_in"] + accs["validation"]["tokens_in"]
     # Run statistics (not part of any committed file: they depend on timing and the machine).
-    return {"group": group, "tokens": tokens, "seconds": time.time() - t0, "pid": os.getpid(),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"group": group, "tokens": tokens, "seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
+            "pid": os.getpid(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "documents": accs["train"]["documents"] + accs["validation"]["documents"]}
 
 
@@ -747,7 +753,7 @@ def storage_error(e: BaseException) -> str | None:
 def build(cfg: BuildConfig, stats: dict | None = None) -> dict:
     """Build (or resume) the shard sets of cfg; returns {split: Manifest}, or for a multi-source build (cfg.sources)
     {source: {split: Manifest}}. `stats`, when given, receives this run's figures: tokens, seconds (excluding Ray
-    start-up), peak RSS (MB) of each worker process.
+    start-up), cpu_seconds (of the group tasks, all their threads), peak RSS (MB) of each worker process.
 
     Object-store errors that mean missing credentials or a wrong endpoint are raised as ValueError naming the
     fix."""
@@ -951,7 +957,7 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
 
 def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenizer, lock: O.OutputLock,
                 stats: dict | None, t0: float) -> int:
-    tokens = 0
+    tokens, cpu = 0, 0.0
     if not todo:
         return tokens
     import ray
@@ -972,6 +978,7 @@ def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenize
             res = ray.get(ready[0])
             lock.check()
             tokens += res["tokens"]
+            cpu += res["cpu_seconds"]
             if stats is not None:
                 rss = stats.setdefault("worker_peak_rss_mb", {})
                 rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
@@ -982,5 +989,5 @@ def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenize
         for ref in pending:   # a failed build leaves no task writing into the output after its lock is gone
             ray.cancel(ref, force=True)
     if stats is not None:
-        stats.update(tokens=tokens, seconds=time.time() - t_work)
+        stats.update(tokens=tokens, seconds=time.time() - t_work, cpu_seconds=cpu)
     return tokens
