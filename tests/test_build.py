@@ -124,10 +124,14 @@ def test_rerun_is_identical_and_other_config_refused(reference, small_corpus, to
         build(cfg_for(small_corpus, reference, tokenizer_path, seq_len=96))
     # a second, separate build of the same config gives the same manifests and shards, byte for byte
     other = tmp_path / "again"
-    build(cfg_for(small_corpus, other, tokenizer_path))
+    stats: dict = {}
+    manifests = build(cfg_for(small_corpus, other, tokenizer_path), stats=stats)
     again = tree_bytes(other)
     for k, v in before.items():
         assert again[k] == v, k
+    # the run's figures benchmarks/build.py divides by (not part of any file): tokens, CPU time, worker RSS
+    assert stats["tokens"] == sum(m.accounting["tokens_in"] for m in manifests.values())
+    assert 0 < stats["cpu_seconds"] and all(rss > 50 for rss in stats["worker_peak_rss_mb"].values())
 
 
 def test_overwrite_and_wds(small_corpus, tokenizer_path, tmp_path, ray_local):
