@@ -1,7 +1,7 @@
 """End-to-end shard build throughput against raw sentencepiece encoding of the same text on the same cores,
 and peak RSS per Ray worker at 100 MB and 1 GB (goal: flat).
 
-    python -m benchmarks.build            # 100 MB and 1 GB corpora (what `make bench` runs; ~4 minutes on 2 cores)
+    python -m benchmarks.build            # 100 MB and 1 GB (what `make bench` runs; ~4 min on 2 idle cores)
     python -m benchmarks.build --quick    # 2 MB and 20 MB
     python -m benchmarks.build --sizes=100    # any sizes, in MB
 
@@ -112,7 +112,7 @@ def run(quick: bool, sizes: tuple[int, ...] | None = None) -> list[dict]:
             rows.append({"benchmark": "build", "metric": f"build tokens/s vs raw sentencepiece, {mb} MB, "
                          f"{CPUS} CPUs", "value": rate, "baseline": base_rate, "ratio": rate / base_rate,
                          "goal": ">= 0.85"})
-            # the same ratio in tokens per CPU-second: what it would be on idle cores, whatever else shares them
+            # the same ratio in tokens per CPU-second: not moved by whatever else shares the cores
             cpu_rate, cpu_base = stats["tokens"] / stats["cpu_seconds"], base_tokens / min(cpu_before, cpu_after)
             rows.append({"benchmark": "build", "metric": f"build tokens per CPU-second vs raw sentencepiece, {mb} MB",
                          "value": cpu_rate, "baseline": cpu_base, "ratio": cpu_rate / cpu_base, "goal": ">= 0.85"})
