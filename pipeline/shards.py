@@ -79,6 +79,7 @@ SCALAR_COLUMNS = {  # name -> numpy dtype (object = str)
     "sample_key": object,
 }
 COLUMNS = {**ARRAY_COLUMNS, **SCALAR_COLUMNS}  # every column, in file order
+_STRING_COLUMNS = [c for c, t in SCALAR_COLUMNS.items() if t is object]
 _ARROW = {np.int32: pa.int32(), np.int64: pa.int64(), np.uint8: pa.uint8(), object: pa.string()}
 SCHEMA = pa.schema(
     [pa.field(n, pa.list_(_ARROW[t])) for n, t in ARRAY_COLUMNS.items()]
@@ -148,6 +149,63 @@ def sample_row(sample: dict, **provenance) -> dict:
     return {c: row[c] for c in COLUMNS}
 
 
+_PROVENANCE = frozenset(SCALAR_COLUMNS) - {"sep", "layout"}
+
+
+class ShardBuffer:
+    """The rows of one shard being written, as column buffers: every sample's token arrays are copied once into
+    one growing flat array per column (kept across shards, so memory stays at one shard's worth), the scalars
+    into lists. `samples()` hands the shard to `encode` as contiguous arrays plus list offsets, without a
+    per-row dict or a per-row array on the way."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self.arrays = {c: np.empty(capacity, dtype=t) for c, t in ARRAY_COLUMNS.items()}
+        self.lengths: list[int] = []
+        self.scalars: dict[str, list] = {c: [] for c in SCALAR_COLUMNS}
+        self.used = 0   # tokens in the buffers
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, sample: dict, **provenance) -> None:
+        """One row: an infilling sample's token arrays, sep and layout, plus the provenance columns (objective,
+        variant, source, doc_index, chunk_index, sample_key) as keywords; a missing or unknown column raises."""
+        if provenance.keys() != _PROVENANCE:
+            raise ValueError(f"ShardBuffer.add: provenance columns {sorted(provenance)} do not match the schema's "
+                             f"{sorted(_PROVENANCE)}; pass exactly those (pipeline/shards.py SCALAR_COLUMNS)")
+        a, n = self.used, len(sample["input_ids"])
+        if a + n > len(self.arrays["input_ids"]):
+            cap = max(2 * len(self.arrays["input_ids"]), a + n)
+            for c, old in self.arrays.items():
+                self.arrays[c] = np.empty(cap, dtype=old.dtype)
+                self.arrays[c][:a] = old[:a]
+        for c, buf in self.arrays.items():
+            v = sample[c]
+            if len(v) != n:
+                raise ValueError(f"column {c!r} has {len(v)} entries and input_ids {n} in row "
+                                 f"{provenance['sample_key']!r}; every token column needs one entry per token")
+            buf[a:a + n] = v
+        self.used = a + n
+        self.lengths.append(n)
+        sc = self.scalars
+        sc["sep"].append(sample["sep"])
+        sc["layout"].append(sample["layout"])
+        for c, v in provenance.items():
+            sc[c].append(v)
+
+    def samples(self) -> ShardSamples:
+        """The buffered rows (views into the buffers: encode them before the next add)."""
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return ShardSamples({c: v[:self.used] for c, v in self.arrays.items()}, offsets,
+                            {c: np.array(v, dtype=SCALAR_COLUMNS[c]) for c, v in self.scalars.items()})
+
+    def clear(self) -> None:
+        self.lengths = []
+        self.scalars = {c: [] for c in SCALAR_COLUMNS}
+        self.used = 0
+
+
 def pad_row(row: dict, seq_len: int) -> dict[str, np.ndarray]:
     """Right-pad one row's token columns with 0 to seq_len (spec §3.2: every field padded with 0)."""
     n = len(row["input_ids"])
@@ -164,17 +222,37 @@ def pad_row(row: dict, seq_len: int) -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ encode
 
+def _arrow(values: np.ndarray, t) -> pa.Array:
+    """One column as an Arrow array over its numpy buffer (strings: one UTF-8 buffer plus offsets). Built with
+    from_buffers because pa.array() imports pandas on first use: ~0.3 s in every fresh build worker."""
+    if t is object:
+        data = [v.encode() for v in values.tolist()]
+        ends = np.zeros(len(data) + 1, dtype=np.int64)
+        np.cumsum([len(d) for d in data], out=ends[1:])
+        if ends[-1] >= 2**31:
+            raise ValueError(f"string column of {ends[-1]} bytes in one shard: lower samples_per_shard")
+        return pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(ends.astype(np.int32)),
+                                                              pa.py_buffer(b"".join(data))])
+    a = np.ascontiguousarray(values, dtype=t)
+    return pa.Array.from_buffers(_ARROW[t], len(a), [None, pa.py_buffer(a)])
+
+
 def encode_parquet(samples: ShardSamples) -> bytes:
+    """Parquet from the contiguous column arrays and one offsets array shared by the list columns (no copy of
+    the tokens before the writer). Dictionary encoding only for the string columns: the token columns do not
+    repeat enough for it to pay, and without it they also decode twice as fast."""
     n = len(samples)
-    offsets = pa.array(samples.offsets.astype(np.int32))
-    cols = [pa.ListArray.from_arrays(offsets, pa.array(samples.arrays[c], type=_ARROW[t]))
-            for c, t in ARRAY_COLUMNS.items()]
-    cols += [pa.array(samples.scalars[c].tolist() if t is object else samples.scalars[c], type=_ARROW[t])
-             for c, t in SCALAR_COLUMNS.items()]
+    if samples.offsets[-1] >= 2**31:
+        raise ValueError(f"shard of {samples.offsets[-1]} tokens: Arrow lists hold under 2**31 per shard; lower "
+                         "samples_per_shard")
+    offsets = _arrow(samples.offsets, np.int32)
+    cols = [pa.ListArray.from_arrays(offsets, _arrow(samples.arrays[c], t)) for c, t in ARRAY_COLUMNS.items()]
+    cols += [_arrow(samples.scalars[c], t) for c, t in SCALAR_COLUMNS.items()]
     table = pa.Table.from_arrays(cols, schema=SCHEMA)
     assert table.num_rows == n
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=False)
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=False,
+                   use_dictionary=_STRING_COLUMNS)
     return buf.getvalue()
 
 

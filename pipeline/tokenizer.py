@@ -197,9 +197,9 @@ class Tokenizer:
         if commands != "ours" and ours:
             raise ValueError(f"{source}: this model already holds the GLM command tokens at ids 0..8 (trained by "
                              f"pipeline/tokenizer.py); load it with tokenizer_commands=ours, not {commands!r}")
-        ends = [i for i in range(n)
+        ends = [i for i, piece in enumerate(self.sp.id_to_piece(list(range(n))))   # one batch call, not 11 per id
                 if not self.sp.is_control(i) and not self.sp.is_unknown(i)
-                and any(c in self.sp.id_to_piece(i) for c in SENTENCE_END_CHARS)]
+                and any(c in piece for c in SENTENCE_END_CHARS)]
         if commands == "ours":
             has_dblock = (n > DBLOCK_ID and self.sp.is_control(DBLOCK_ID)
                           and self.sp.id_to_piece(DBLOCK_ID) == "[dBLOCK]")

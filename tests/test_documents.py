@@ -6,8 +6,10 @@ import bz2
 import gzip
 import json
 import lzma
+import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -135,3 +137,32 @@ def test_build_survives_bad_inputs_and_counts_them(tmp_path, paragraphs, tokeniz
     assert 0 < used_from_c < len(paragraphs) - 80
     assert m.accounting["documents"] == 80 + used_from_c + 1
     assert m.num_samples > 0
+
+
+def clean_by_regex(text: str) -> str:
+    """clean() as first written, one regex substitution per rule: the reference its faster form must equal."""
+    text = text.replace("\ufeff", "").replace("\x00", "")
+    text = D._ANNOTATION.sub("", text)
+    text = re.sub(r"[ \t\f\v\r]+", " ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def hostile_texts(n: int, seed: int = 0) -> list[str]:
+    """Random texts built from what clean() treats specially and what it must leave alone: every kind of space
+    and line break (Unicode ones str.strip() removes, \\r\\n, long runs), NUL and BOM, annotations in any case,
+    unclosed and editorial brackets, non-Latin words."""
+    atoms = [" ", "  ", " " * 9, "\t", "\r", "\r\n", "\n", "\n\n", "\n" * 5, "\f", "\v", "\x0b", "\x1c", "\x1f",
+             "\x85", "\xa0", "\u2002", "\u2028", "\u2029", "\u3000", "\ufeff", "\x00", "[", "]", "[Applause]",
+             "[ LAUGHTER and cheers ]", "[see APP Note", "[inaudible\n]", "[the States]", "[booing" + "x" * 45 + "]",
+             "word", "Ünïcödé", "词语", "😀", ".", "!", "\\", "\u200b"]
+    rng = np.random.default_rng(seed)
+    return ["".join(atoms[i] for i in rng.integers(0, len(atoms), int(rng.integers(0, 60)))) for _ in range(n)]
+
+
+def test_clean_equals_the_regex_rules_on_real_and_hostile_text(small_corpus):
+    real = [Path(f).read_text() for f in small_corpus]
+    windows = [t.replace("\n", "\r\n").replace(". ", ".  \t") for t in real[:3]]   # CRLF files, ragged spacing
+    texts = real + windows + hostile_texts(3000) + ["", " ", "\n" * 100_000 + "a" + " " * 100_000 + "b"]
+    for t in texts:
+        assert D.clean(t) == clean_by_regex(t), repr(t[:200])
