@@ -633,7 +633,8 @@ def _assemble(cfg: BuildConfig, fs, root: str, tok: T.Tokenizer, files: list[D.I
                        "path": portable_path(tokenizer_path, f"{cfg.output.rstrip('/')}/{split}")},
             specials=tok.specials.to_json(), variants=cfg.variants if split == "train" else 1, seed=cfg.seed,
             config=config, config_hash=S.config_hash(config),
-            shards=sorted(shards, key=lambda s: (s.variant, s.group, s.name)), accounting=acc)
+            shards=sorted(shards, key=lambda s: (s.variant, s.group, s.name)), accounting=acc,
+            build_format=O.BUILD_FORMAT)
         manifests[split] = m
     # Written last, validation first: train/_manifest.json present means the whole build is complete. A manifest of
     # schema 1 (`manifest.json`, from a build before) goes: Parquet dataset readers would take it for a shard.

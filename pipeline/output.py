@@ -22,8 +22,9 @@ from pipeline import shards as S
 SPLITS = ("train", "validation")
 RECEIPTS = "_receipts"
 BUILD_RECORD = "_build.json"
-BUILD_FORMAT = 3    # shape of _build.json and the receipts (2: input stamps, tokenizer settings, build_format key;
-#                     3: inputs named without the building machine's folders: input_names)
+BUILD_FORMAT = 4    # shape of _build.json, the receipts and the shard bytes (2: input stamps, tokenizer settings,
+#                     build_format key; 3: inputs named without the building machine's folders: input_names;
+#                     4: Parquet token columns without dictionary encoding — same rows, other shard bytes)
 LOCK = "_lock.json"
 LOCK_HEARTBEAT_S = 30     # the lock owner rewrites its heartbeat this often
 LOCK_TIMEOUT_S = 300      # a lock whose heartbeat is older than this is stale (its owner died elsewhere)

@@ -391,6 +391,7 @@ class Manifest:
     config_hash: str                 # sha256 of canonical JSON of `config`: refuses mismatched rebuilds
     shards: list[ShardInfo] = field(default_factory=list)
     accounting: dict = field(default_factory=dict)   # documents, tokens, pad fraction, histograms, skips
+    build_format: int = 0            # pipeline.output.BUILD_FORMAT of the writer (0: written before this field)
 
     @property
     def num_samples(self) -> int:
