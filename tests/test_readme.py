@@ -52,7 +52,7 @@ def workdir(tmp_path_factory, sotu_files) -> str:
     """A fresh folder laid out like a checkout (the code linked in), with a corpus/ of JSONL files for the
     README's `--input 'corpus/*.jsonl'` example."""
     wd = tmp_path_factory.mktemp("readme")
-    for name in ("train.py", "jobs", "configs", "pipeline", "model"):
+    for name in ("train.py", "finetune.py", "jobs", "configs", "pipeline", "model"):
         os.symlink(os.path.join(REPO, name), wd / name)
     (wd / "corpus").mkdir()
     for i, path in enumerate(sotu_files[-3:]):
