@@ -42,6 +42,7 @@ import shutil
 import time
 import zlib
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -566,20 +567,39 @@ def gather(shards: list[ShardSamples], which: np.ndarray, rows: np.ndarray, seq_
 
 class DecodedShards:
     """A process's small LRU of decoded shards, keyed by an int code (the stream's own numbering); read(code)
-    decodes a shard on a miss."""
+    reads and decodes a shard on a miss. prefetch(codes) starts reading shards on one background thread (fetch,
+    checksum and Parquet decode mostly run outside the GIL), so the next block's shards arrive while this one is
+    gathered; a read's error (ShardError, retries exhausted) is raised where the shard is needed, as without it."""
 
     def __init__(self, keep: int, read):
         self.keep, self.read = keep, read
         self.lru: OrderedDict[int, ShardSamples] = OrderedDict()
+        self.pending: dict[int, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, codes) -> None:
+        for code in codes:
+            if code not in self.lru and code not in self.pending:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+                self.pending[code] = self._pool.submit(self.read, code)
 
     def get(self, code: int) -> ShardSamples:
         if code in self.lru:
             self.lru.move_to_end(code)
             return self.lru[code]
-        s = self.lru[code] = self.read(code)
+        f = self.pending.pop(code, None)
+        s = self.lru[code] = f.result() if f is not None else self.read(code)
         while len(self.lru) > self.keep:
             self.lru.popitem(last=False)
         return s
+
+    def close(self) -> None:
+        """Drop reads not started yet (the iteration ended or failed); one in progress finishes on its own."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.pending.clear()
 
 
 def batches(locate, decoded: DecodedShards, seq_len: int, start: int, skip: int, num_samples: int,
@@ -594,19 +614,29 @@ def batches(locate, decoded: DecodedShards, seq_len: int, start: int, skip: int,
     gb, b = global_batch_size, batch_size
     steps = np.arange(skip // gb + worker, num_samples // gb, num_workers, dtype=np.int64)
     block = int(np.clip(window // (gb * num_workers), 1, 32))
-    for s0 in range(0, len(steps), block):
+
+    def located(s0: int) -> tuple:
         todo = steps[s0:s0 + block]
-        g = (start + todo[:, None] * gb + rank * b + np.arange(b)[None, :]).reshape(-1)
-        codes, rows = locate(g)
-        uniq, which = np.unique(codes, return_inverse=True)
-        cols = gather([decoded.get(int(u)) for u in uniq], which, rows, seq_len)
-        tensors = {c: torch.from_numpy(v) for c, v in cols.items() if v.dtype != object}
-        strings = {c: v for c, v in cols.items() if v.dtype == object}
-        for k in range(len(todo)):
-            at = slice(k * b, (k + 1) * b)
-            batch = {c: t[at] for c, t in tensors.items()}
-            batch.update({c: v[at].tolist() for c, v in strings.items()})
-            yield codes[at], batch
+        codes, rows = locate((start + todo[:, None] * gb + rank * b + np.arange(b)[None, :]).reshape(-1))
+        return todo, codes, rows, *np.unique(codes, return_inverse=True)
+
+    try:
+        nxt = located(0) if len(steps) else None
+        for s0 in range(0, len(steps), block):
+            todo, codes, rows, uniq, which = nxt
+            if s0 + block < len(steps):   # the next block's shards are read while this one is gathered and consumed
+                nxt = located(s0 + block)
+                decoded.prefetch([int(u) for u in nxt[3] if u not in uniq])
+            cols = gather([decoded.get(int(u)) for u in uniq], which, rows, seq_len)
+            tensors = {c: torch.from_numpy(v) for c, v in cols.items() if v.dtype != object}
+            strings = {c: v for c, v in cols.items() if v.dtype == object}
+            for k in range(len(todo)):
+                at = slice(k * b, (k + 1) * b)
+                batch = {c: t[at] for c, t in tensors.items()}
+                batch.update({c: v[at].tolist() for c, v in strings.items()})
+                yield codes[at], batch
+    finally:
+        decoded.close()
 
 
 # ------------------------------------------------------------------------------------------------ mixtures
@@ -842,7 +872,8 @@ class MixedStream(IterableDataset):
         prefixes = [f"{n}:" for n in self.names]
         for codes, batch in batches(self.locate, self._decoded, self.seq_len, self._epoch_start, self._iter_skip,
                                     self._epoch_end - self._epoch_start, self.global_batch_size, self.batch_size,
-                                    self.rank, worker, num_workers, self.config.shuffle_window):
+                                    self.rank, worker, num_workers,
+                                    self.config.shuffle_window * len(self.readers)):   # each source: about W
             src = (codes >> 32).tolist()
             batch["sample_key"] = [prefixes[i] + k for i, k in zip(src, batch["sample_key"])]
             batch["mixture_source"] = [self.names[i] for i in src]
