@@ -5,18 +5,21 @@ of 3 sources vs a single source, and the loader's rate vs the demo training step
     python -m benchmarks.loader --quick    # tiny CPU variant (~1 min)
     python -m benchmarks.loader --quick --mixture-only   # only the mixture row (and the single source it needs)
 
-Baseline "raw pyarrow read" (raw_read), one epoch of one variant, shard by shard in file order:
+Baseline "raw pyarrow read" (raw_epoch), one epoch of one variant, shard by shard in file order:
 `pq.ParquetFile(path).read(columns=TRAINING_COLUMNS)` (only the 7 columns a batch holds), the 5 token columns
 right-padded with 0 into int64 [rows, seq_len] arrays in one vectorised step per column (from the Arrow values and
 offsets), `sep` as int64, `objective` / `sample_key` as Python string lists: the outputs a loader yields, with the
 least work any loader must do. It has no shuffle, no batches, no sha256 check, no tensors, no DataLoader; the
-loader adds those (global shuffle over windows of 1024 samples, batches of 16, checksums, torch tensors).
+loader adds those (global shuffle over windows of 1024 samples, batches of 16, checksums, torch tensors). The
+loader side is one ShardStream + StreamLoader made once, as a trainer makes it, read epoch after epoch (the mask
+variants alternate; they are the same size).
 
 Timing: every figure is the best of REPEATS rounds of at least MIN_SECONDS (whole epochs), and the two sides of a
 ratio are measured interleaved in the same rounds (the machine is shared; its load moves between rounds).
 
-S3 row: the same shard set on moto's S3 server on 127.0.0.1 (in this process), read through the loader with a
-cold cache folder in every round (every shard crosses the loopback), vs the same loader on the local folder.
+S3 row: the same shard set on moto's S3 server on 127.0.0.1 (its own process, sharing these cores), read through
+the loader with its cache folder emptied before every epoch (every shard crosses the loopback: one GET each), vs
+the same loader on the local folder.
 
 Mixture row: MixedStream over 3 sources (weights 1:2:1) that are the same built shard set under three names (three
 readers, three independent orders, so every source decodes its own shards), one epoch = 3 passes' worth of samples,
@@ -87,11 +90,21 @@ def raw_epoch(folder: str) -> int:
     return n
 
 
-def loader_epoch(url: str, batch_size: int = 16, storage_options: dict | None = None, cache: str = "") -> int:
-    """One epoch of ShardStream (a new stream: epoch 0 every time, so both sides read variant 0)."""
-    cfg = StreamConfig(shuffle_window=1024, cache_dir=cache)
-    ds = ShardStream(url, batch_size, seed=1, rank=0, world_size=1, config=cfg, storage_options=storage_options)
-    return sum(len(b["sample_key"]) for b in StreamLoader(ds))
+def loader_epochs(url: str, batch_size: int = 16, storage_options: dict | None = None, cold_cache: str = ""):
+    """A ShardStream made once, as a trainer makes it; each call of the returned function reads its next epoch (the
+    variants alternate) and returns the samples. cold_cache: the cache folder, emptied before every epoch (every
+    shard crosses the store)."""
+    cfg = StreamConfig(shuffle_window=1024, cache_dir=cold_cache)
+    loader = StreamLoader(ShardStream(url, batch_size, seed=1, rank=0, world_size=1, config=cfg,
+                                      storage_options=storage_options))
+
+    def epoch() -> int:
+        if cold_cache:
+            for name in os.listdir(cold_cache):
+                os.remove(os.path.join(cold_cache, name))
+        return sum(len(b["sample_key"]) for b in loader)
+
+    return epoch
 
 
 def interleaved(sides: dict, repeats: int = REPEATS) -> dict[str, float]:
@@ -126,34 +139,36 @@ def mixture_vs_single(url: str, batch_size: int = 16, min_samples: int = 30_000)
 
 
 def s3_vs_local(folder: str, repeats: int = REPEATS) -> tuple[float, float]:
-    """(S3 loopback, local) loader samples/s, interleaved; a cold cache folder in every S3 epoch."""
-    import logging
-
+    """(S3 loopback, local) loader samples/s, interleaved; the cache emptied before every S3 epoch. The S3 server is
+    moto's, in its own process on 127.0.0.1 (as any store is outside the reader; in this process its request
+    handling would hold the reader's GIL)."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)   # moto's per-request access log
+    env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        for _ in range(300):   # up to 30 s to start
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
         endpoint = f"http://127.0.0.1:{port}"
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir("bench")
         fs.put(folder, "bench/train", recursive=True)
-        with tempfile.TemporaryDirectory() as caches:
-            def s3_epoch() -> int:   # cold cache: every shard crosses the loopback
-                return loader_epoch("s3://bench/train", storage_options={"endpoint_url": endpoint},
-                                    cache=tempfile.mkdtemp(dir=caches))
-
-            best = interleaved({"s3": s3_epoch, "local": lambda: loader_epoch(folder)}, repeats)
+        with tempfile.TemporaryDirectory() as cache:
+            s3 = loader_epochs("s3://bench/train", storage_options={"endpoint_url": endpoint}, cold_cache=cache)
+            best = interleaved({"s3": s3, "local": loader_epochs(folder)}, repeats)
         return best["s3"], best["local"]
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def step_rate(url: str, batch_size: int = 8, steps: int = 3) -> float:
@@ -190,13 +205,14 @@ def run(quick: bool, mixture_only: bool = False) -> list[dict]:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         train = os.path.join(out, "train")
         raw_epoch(train)  # warm the page cache and pyarrow before timing either side
-        loader_epoch(train)
+        loader = loader_epochs(train)
+        loader()
         mixed, single = mixture_vs_single(train, min_samples=20_000 if quick else 100_000)
         mixed_row = row("mixture of 3 sources samples/s vs single source", mixed, single, ">= 0.95")
         if mixture_only:
             return [mixed_row]
         repeats = 3 if quick else REPEATS
-        best = interleaved({"raw": lambda: raw_epoch(train), "loader": lambda: loader_epoch(train)}, repeats)
+        best = interleaved({"raw": lambda: raw_epoch(train), "loader": loader}, repeats)
         s3, local = s3_vs_local(train, repeats)
         step = step_rate(train, steps=2 if quick else 5)
     return [row("loader samples/s vs raw pyarrow read", best["loader"], best["raw"], ">= 0.7"),
