@@ -19,6 +19,11 @@ which also advances the epoch at every `iter()`. The sample order is a pure func
      w of a rank produces that rank's batches w, w+W, w+2W, ... and PyTorch returns worker batches round-robin,
      so the rank's order is preserved for any worker count; every rank gets the same number of batches.
 
+A dataloader process gathers a block of its steps at once (about one shuffle window of samples) straight from the
+decoded shards' flat columns and list offsets, no per-row Python (`batches`, `gather`, ShardSamples.pad_into), and
+reads the next block's shards on a background thread meanwhile; a batch is the per-row padding of its samples
+(pipeline.shards.pad_row), int64, as a view of its block's tensors.
+
 Resume follows Composer's dataset protocol: `state_dict(num_samples, from_beginning)` (Composer passes the GLOBAL
 sample count of the current epoch, summed over ranks) and `load_state_dict`, after which the next epoch iteration
 starts exactly after those samples without reading the shards it skips. Remote shards go through a local cache
@@ -280,21 +285,17 @@ class EpochOrder:
             self._perm_cache = (w, np.random.default_rng([self.seed, self.epoch, 1, w]).permutation(size))
         return self._perm_cache[1]
 
-    def flat(self, g: np.ndarray) -> np.ndarray:
-        """Global indices [n] -> positions in the epoch's flat sequence [n] (the same window: step 3)."""
-        g = np.asarray(g, dtype=np.int64)
-        if not self.shuffle:
-            return g
-        w = g // self.window
-        flat = np.empty_like(g)
-        for wi in np.unique(w).tolist():                 # a batch spans one or two windows
-            m = w == wi
-            flat[m] = wi * self.window + self._window_perm(wi)[g[m] - wi * self.window]
-        return flat
-
     def locate(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global indices [n] -> (shard position in self.shards [n], row in that shard [n])."""
-        flat = self.flat(g)
+        g = np.asarray(g, dtype=np.int64)
+        if self.shuffle:
+            w = g // self.window
+            flat = np.empty_like(g)
+            for wi in np.unique(w).tolist():                 # a batch spans one or two windows
+                m = w == wi
+                flat[m] = wi * self.window + self._window_perm(wi)[g[m] - wi * self.window]
+        else:
+            flat = g
         k = np.searchsorted(self.starts, flat, side="right") - 1
         return k, flat - self.starts[k]
 

@@ -25,7 +25,7 @@ def test_gpu_benchmark_dry_run_on_cpu(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["device"] == "cpu (dry run)" and report["steps"] == 4
-    assert 0 <= report["numerics"]["fp32 logits"] <= 1e-3 and report["numerics_ok"]   # eager flex vs sdpa forward
+    assert 0 <= report["numerics"]["fp32 logits"] <= 1e-4 and report["numerics_ok"]   # eager flex vs sdpa forward
     assert list(report["train"]) == ["sdpa"]           # no FlexAttention backward on CPU
     t = report["train"]["sdpa"]
     assert t["tokens_per_sec"] > 0 and t["samples_per_sec"] > 0 and 0 < t["final_loss"] < 20
