@@ -46,7 +46,7 @@ import os
 import shutil
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -566,10 +566,14 @@ def gather(shards: list[ShardSamples], which: np.ndarray, rows: np.ndarray, seq_
     return out
 
 
+PREFETCH_BLOCKS = 2    # blocks located ahead of the one being gathered; their shards are read in the background
+PREFETCH_THREADS = 2   # background reads at a time (fetch latency overlaps; decode mostly releases the GIL)
+
+
 class DecodedShards:
     """A process's small LRU of decoded shards, keyed by an int code (the stream's own numbering); read(code)
-    reads and decodes a shard on a miss. prefetch(codes) starts reading shards on one background thread (fetch,
-    checksum and Parquet decode mostly run outside the GIL), so the next block's shards arrive while this one is
+    reads and decodes a shard on a miss. prefetch(codes) starts reading shards on background threads (fetch,
+    checksum and Parquet decode mostly run outside the GIL), so the next blocks' shards arrive while this one is
     gathered; a read's error (ShardError, retries exhausted) is raised where the shard is needed, as without it."""
 
     def __init__(self, keep: int, read):
@@ -582,7 +586,7 @@ class DecodedShards:
         for code in codes:
             if code not in self.lru and code not in self.pending:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+                    self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="shard-prefetch")
                 self.pending[code] = self._pool.submit(self.read, code)
 
     def get(self, code: int) -> ShardSamples:
@@ -621,13 +625,15 @@ def batches(locate, decoded: DecodedShards, seq_len: int, start: int, skip: int,
         codes, rows = locate((start + todo[:, None] * gb + rank * b + np.arange(b)[None, :]).reshape(-1))
         return todo, codes, rows, *np.unique(codes, return_inverse=True)
 
+    starts = range(0, len(steps), block)
+    ahead: deque = deque()   # located blocks: the current one, then up to PREFETCH_BLOCKS whose shards are read now
     try:
-        nxt = located(0) if len(steps) else None
-        for s0 in range(0, len(steps), block):
-            todo, codes, rows, uniq, which = nxt
-            if s0 + block < len(steps):   # the next block's shards are read while this one is gathered and consumed
-                nxt = located(s0 + block)
-                decoded.prefetch([int(u) for u in nxt[3] if u not in uniq])
+        for i in range(len(starts)):
+            while len(ahead) <= PREFETCH_BLOCKS and i + len(ahead) < len(starts):
+                ahead.append(located(starts[i + len(ahead)]))
+                if len(ahead) > 1:
+                    decoded.prefetch([int(u) for u in ahead[-1][3]])
+            todo, codes, rows, uniq, which = ahead.popleft()
             cols = gather([decoded.get(int(u)) for u in uniq], which, rows, seq_len)
             tensors = {c: torch.from_numpy(v) for c, v in cols.items() if v.dtype != object}
             strings = {c: v for c, v in cols.items() if v.dtype == object}

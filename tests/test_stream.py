@@ -258,6 +258,32 @@ def test_batches_equal_per_row_padding_on_real_shards(real_set, monkeypatch, ker
             assert_rows_match(part, rows, seq_len, prefix=f"{src}:")
 
 
+def test_next_blocks_shards_are_read_in_the_background(real_set, monkeypatch):
+    """While a block is gathered, the shards of the next blocks are read (fetched, checked, decoded) on background
+    threads: after the first batch, shards the first block does not need are already decoded; the stream is the
+    same as read one shard at a time."""
+    url, rows = real_set
+    reads: list[tuple[str, str]] = []
+    real_read = ShardStream.read
+
+    def recorded(self, info):
+        out = real_read(self, info)
+        reads.append((info.name, threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(ShardStream, "read", recorded)
+    ds = ShardStream(url, 2, seed=4, rank=0, world_size=1, config=StreamConfig(shuffle_window=4))
+    it = iter(StreamLoader(ds))
+    first = next(it)
+    deadline = time.monotonic() + 10
+    while not any(t.startswith("shard-prefetch") for _, t in reads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(t.startswith("shard-prefetch") for _, t in reads), reads
+    keys = first["sample_key"] + [k for b in it for k in b["sample_key"]]
+    assert len(keys) == len(set(keys)) == len(rows) // 2 * 2
+    assert_rows_match(first, rows, ds.seq_len)
+
+
 def test_sample_longer_than_seq_len_is_named(real_set, tmp_path):
     """A manifest whose seq_len is shorter than its rows (a planted edit) fails on the first batch, naming the
     sample and the fix."""
