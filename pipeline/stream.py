@@ -19,6 +19,11 @@ which also advances the epoch at every `iter()`. The sample order is a pure func
      w of a rank produces that rank's batches w, w+W, w+2W, ... and PyTorch returns worker batches round-robin,
      so the rank's order is preserved for any worker count; every rank gets the same number of batches.
 
+A dataloader process gathers a block of its steps at once (about one shuffle window of samples) straight from the
+decoded shards' flat columns and list offsets, no per-row Python (`batches`, `gather`, ShardSamples.pad_into), and
+reads the next block's shards on a background thread meanwhile; a batch is the per-row padding of its samples
+(pipeline.shards.pad_row), int64, as a view of its block's tensors.
+
 Resume follows Composer's dataset protocol: `state_dict(num_samples, from_beginning)` (Composer passes the GLOBAL
 sample count of the current epoch, summed over ranks) and `load_state_dict`, after which the next epoch iteration
 starts exactly after those samples without reading the shards it skips. Remote shards go through a local cache
@@ -41,7 +46,8 @@ import os
 import shutil
 import time
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -259,12 +265,13 @@ class EpochOrder:
         if not present:
             raise ShardError("the manifest lists no shards; rebuild the shard set")
         self.variant = present[epoch % len(present)]
-        shards = manifest.shards_of_variant(self.variant)
+        index = [i for i, s in enumerate(manifest.shards) if s.variant == self.variant]
         if shuffle:
-            perm = np.random.default_rng([seed, epoch]).permutation(len(shards))
-            shards = [shards[i] for i in perm]
-        self.shards: list[ShardInfo] = shards
-        rows = np.array([s.rows for s in shards], dtype=np.int64)
+            perm = np.random.default_rng([seed, epoch]).permutation(len(index))
+            index = [index[i] for i in perm]
+        self.index = np.array(index, dtype=np.int64)   # position in manifest.shards of each shard, in read order
+        self.shards: list[ShardInfo] = [manifest.shards[i] for i in index]
+        rows = np.array([s.rows for s in self.shards], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(rows)])   # flat index of each shard's first row
         self.num_total = int(self.starts[-1])
         self.num_used = self.num_total // global_batch_size * global_batch_size
@@ -423,7 +430,8 @@ class ShardStream(IterableDataset):
     # ---- reading ------------------------------------------------------------------------------------------
     def _filesystem(self):
         if self._fs is None:
-            self._fs = fsspec.core.url_to_fs(self.url, **self.storage_options)[0]
+            self._fs, manifest_path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            self._folder = manifest_path.rsplit("/", 1)[0]   # shard names are plain file names (checked)
         return self._fs
 
     def _is_local(self) -> bool:
@@ -431,7 +439,8 @@ class ShardStream(IterableDataset):
         return any(x in ("file", "local") for x in ((p,) if isinstance(p, str) else p))
 
     def _shard_path(self, info: ShardInfo) -> str:
-        return fsspec.core.url_to_fs(f"{self.base}/{info.name}", **self.storage_options)[1]
+        self._filesystem()
+        return f"{self._folder}/{info.name}"
 
     def read(self, info: ShardInfo) -> ShardSamples:
         """One shard, through the cache for remote stores, with retries on transient errors."""
@@ -517,45 +526,124 @@ class ShardStream(IterableDataset):
                 time.sleep(delay)
                 delay = min(delay * 2, c.retry_backoff_max_s)
 
-    def make_batch(self, pairs: list[tuple[ShardSamples, int]]) -> dict:
-        b, t = len(pairs), self.seq_len
-        out = {c: np.zeros((b, t), dtype=np.int64) for c in ARRAY_COLUMNS}
-        scalars = {c: [] for c in TRAINING_COLUMNS if c in SCALAR_COLUMNS}   # sep, objective, sample_key
-        for i, (s, r) in enumerate(pairs):
-            a, z = int(s.offsets[r]), int(s.offsets[r + 1])
-            if z - a > t:
-                raise ShardError(f"sample {s.scalars['sample_key'][r]!r} has {z - a} tokens > seq_len {t}")
-            for c in ARRAY_COLUMNS:
-                out[c][i, :z - a] = s.arrays[c][a:z]
-            for c, v in scalars.items():
-                v.append(s.scalars[c][r])
-        batch = {c: torch.from_numpy(v) for c, v in out.items()}
-        for c, v in scalars.items():   # strings -> a list [B], numbers -> an int64 tensor [B]
-            batch[c] = [str(x) for x in v] if SCALAR_COLUMNS[c] is object else torch.tensor(np.array(v, np.int64))
-        return batch
-
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         order = self.order(self._epoch)
-        gb, b = self.global_batch_size, self.batch_size
-        num_steps = order.num_used // gb
-        first = self._iter_skip // gb
-        decoded: OrderedDict[int, ShardSamples] = OrderedDict()   # shard position -> samples (small LRU)
-        min_rows = max(1, min(s.rows for s in order.shards))
-        keep = max(2, order.window // min_rows + 2)
-        for step in range(first + worker, num_steps, num_workers):
-            g = np.arange(step * gb + self.rank * b, step * gb + (self.rank + 1) * b)
-            ks, rows = order.locate(g)
-            pairs = []
-            for k, r in zip(ks.tolist(), rows.tolist()):
-                if k not in decoded:
-                    decoded[k] = self.read(order.shards[k])
-                    while len(decoded) > keep:
-                        decoded.popitem(last=False)
-                decoded.move_to_end(k)
-                pairs.append((decoded[k], r))
-            yield self.make_batch(pairs)
+        keep = max(2, order.window // max(1, min(s.rows for s in order.shards)) + 2)
+        decoded = DecodedShards(keep, lambda i: self.read(self.manifest.shards[i]))
+
+        def locate(g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            k, rows = order.locate(g)
+            return order.index[k], rows   # shard codes: positions in the manifest's shards
+
+        for _, batch in batches(locate, decoded, self.seq_len, 0, self._iter_skip, order.num_used,
+                                self.global_batch_size, self.batch_size, self.rank, worker, num_workers,
+                                order.window):
+            yield batch
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+def gather(shards: list[ShardSamples], which: np.ndarray, rows: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+    """Samples i = row rows[i] of shards[which[i]], in that order: the token columns as [n, seq_len] int64 arrays
+    right-padded with 0 (spec §3.2), `sep` [n] int64, `objective` / `sample_key` [n] object arrays of str. Copied
+    from each shard's flat columns by its list offsets (ShardSamples.pad_into): one write per output position."""
+    n = len(rows)
+    # one allocation for the token columns (pad_into writes every position): from 4 MB on numpy asks for huge pages,
+    # so a block's fresh memory costs a few page faults instead of one per 4 KB (a third of the gather time)
+    buf = np.empty((len(ARRAY_COLUMNS), n, seq_len), dtype=np.int64)
+    out = dict(zip(ARRAY_COLUMNS, buf))
+    out["sep"] = np.empty(n, dtype=np.int64)
+    strings = [c for c in TRAINING_COLUMNS if SCALAR_COLUMNS.get(c) is object]
+    out.update({c: np.empty(n, dtype=object) for c in strings})
+    for j, s in enumerate(shards):
+        at = np.arange(n) if len(shards) == 1 else np.flatnonzero(which == j)
+        r = rows[at]
+        s.pad_into(r, seq_len, out, at)
+        for c in ("sep", *strings):
+            out[c][at] = s.scalars[c][r]
+    return out
+
+
+PREFETCH_BLOCKS = 2    # blocks located ahead of the one being gathered; their shards are read in the background
+PREFETCH_THREADS = 2   # background reads at a time (fetch latency overlaps; decode mostly releases the GIL)
+
+
+class DecodedShards:
+    """A process's small LRU of decoded shards, keyed by an int code (the stream's own numbering); read(code)
+    reads and decodes a shard on a miss. prefetch(codes) starts reading shards on background threads (fetch,
+    checksum and Parquet decode mostly run outside the GIL), so the next blocks' shards arrive while this one is
+    gathered; a read's error (ShardError, retries exhausted) is raised where the shard is needed, as without it."""
+
+    def __init__(self, keep: int, read):
+        self.keep, self.read = keep, read
+        self.lru: OrderedDict[int, ShardSamples] = OrderedDict()
+        self.pending: dict[int, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+
+    def prefetch(self, codes) -> None:
+        for code in codes:
+            if code not in self.lru and code not in self.pending:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="shard-prefetch")
+                self.pending[code] = self._pool.submit(self.read, code)
+
+    def get(self, code: int) -> ShardSamples:
+        if code in self.lru:
+            self.lru.move_to_end(code)
+            return self.lru[code]
+        f = self.pending.pop(code, None)
+        s = self.lru[code] = f.result() if f is not None else self.read(code)
+        while len(self.lru) > self.keep:
+            self.lru.popitem(last=False)
+        return s
+
+    def close(self) -> None:
+        """Drop reads not started yet (the iteration ended or failed); one in progress finishes on its own."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        self.pending.clear()
+
+
+def batches(locate, decoded: DecodedShards, seq_len: int, start: int, skip: int, num_samples: int,
+            global_batch_size: int, batch_size: int, rank: int, worker: int, num_workers: int, window: int):
+    """(shard codes [B], batch) of one rank's dataloader worker (module docstring, step 5), shared by ShardStream
+    and MixedStream: global samples [start, start + num_samples) less the first `skip` (resume);
+    locate(global indices [n]) -> (shard codes [n], rows [n]).
+
+    Steps are located and gathered a block at a time (up to 32 steps, spanning about one shuffle window, so the
+    shards a block touches stay few): one gather per column and shard for the whole block, and every batch is a
+    view of the block's tensors (its own rows)."""
+    gb, b = global_batch_size, batch_size
+    steps = np.arange(skip // gb + worker, num_samples // gb, num_workers, dtype=np.int64)
+    block = int(np.clip(window // (gb * num_workers), 1, 32))
+
+    def located(s0: int) -> tuple:
+        todo = steps[s0:s0 + block]
+        codes, rows = locate((start + todo[:, None] * gb + rank * b + np.arange(b)[None, :]).reshape(-1))
+        return todo, codes, rows, *np.unique(codes, return_inverse=True)
+
+    starts = range(0, len(steps), block)
+    ahead: deque = deque()   # located blocks: the current one, then up to PREFETCH_BLOCKS whose shards are read now
+    try:
+        for i in range(len(starts)):
+            while len(ahead) <= PREFETCH_BLOCKS and i + len(ahead) < len(starts):
+                ahead.append(located(starts[i + len(ahead)]))
+                if len(ahead) > 1:
+                    decoded.prefetch([int(u) for u in ahead[-1][3]])
+            todo, codes, rows, uniq, which = ahead.popleft()
+            cols = gather([decoded.get(int(u)) for u in uniq], which, rows, seq_len)
+            tensors = {c: torch.from_numpy(v) for c, v in cols.items() if v.dtype != object}
+            strings = {c: v for c, v in cols.items() if v.dtype == object}
+            for k in range(len(todo)):
+                at = slice(k * b, (k + 1) * b)
+                batch = {c: t[at] for c, t in tensors.items()}
+                batch.update({c: v[at].tolist() for c, v in strings.items()})
+                yield codes[at], batch
+    finally:
+        decoded.close()
 
 
 # ------------------------------------------------------------------------------------------------ mixtures
@@ -619,11 +707,13 @@ class MixedStream(IterableDataset):
         self._epoch, self._started, self._skip, self._iter_skip = 0, False, 0, 0
         self._epoch_start, self._epoch_end = 0, self.samples_per_epoch
         self._warned: set[str] = set()
-        self._decoded: OrderedDict | None = None   # per process (see __iter__); never sent to workers
+        # per process (see __iter__), never sent to workers: decoded shards, pass orders
+        self._decoded: DecodedShards | None = None
+        self._orders: dict = {}
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_decoded"] = None
+        d["_decoded"], d["_orders"] = None, {}
         return d
 
     # ---- derived figures --------------------------------------------------------------------------------
@@ -757,58 +847,44 @@ class MixedStream(IterableDataset):
                                     self.config.shuffle_window, 1)
         return cache[key]
 
-    def locate(self, g: np.ndarray, orders: dict | None = None) -> list[tuple[int, ShardInfo, int]]:
-        """Global sample indices -> [(source index, shard entry, row)]."""
-        orders = {} if orders is None else orders
+    def locate(self, g: np.ndarray, orders: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Global sample indices [n] -> (shard codes [n]: source index << 32 | position in its manifest's shards,
+        rows [n])."""
+        orders = self._orders if orders is None else orders
         src, j = self.schedule.locate(g)
-        out: list = [None] * len(src)
+        codes, rows = np.empty(len(src), dtype=np.int64), np.empty(len(src), dtype=np.int64)
         for i in np.unique(src).tolist():
             m = np.flatnonzero(src == i)
             passes, idx = self._pass_of(i, j[m])
             for p in np.unique(passes).tolist():
-                mm = passes == p
+                mm = m[passes == p]
                 order = self._order(orders, i, p)
-                ks, rows = order.locate(idx[mm])
-                for pos, k, r in zip(m[mm].tolist(), ks.tolist(), rows.tolist()):
-                    out[pos] = (i, order.shards[k], r)
-        return out
+                k, rows[mm] = order.locate(idx[passes == p])
+                codes[mm] = (i << 32) | order.index[k]
+        return codes, rows
+
+    def _read(self, code: int) -> ShardSamples:
+        i = code >> 32
+        return self.readers[i].read(self.readers[i].manifest.shards[code & 0xFFFFFFFF])
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        gb, b = self.global_batch_size, self.batch_size
-        start = self._epoch_start
-        num_steps = (self._epoch_end - start) // gb
-        first = self._iter_skip // gb
         # decoded shards (small LRU), kept across epochs in this process: mixture epochs are cuts through one
         # continuous sequence, so the next epoch starts inside the shards the last one was reading
         if self._decoded is None:
-            self._decoded = OrderedDict()
-        decoded: OrderedDict[tuple[int, str], ShardSamples] = self._decoded
-        keep = sum(max(2, self.config.shuffle_window // max(1, min(s.rows for s in r.manifest.shards)) + 2)
-                   for r in self.readers)
-        orders: dict = {}
-        steps = list(range(first + worker, num_steps, num_workers))
-        block = 32   # steps located together: the numpy work per call is amortised over 32 batches
-        for s0 in range(0, len(steps), block):
-            todo = np.array(steps[s0:s0 + block], dtype=np.int64)
-            g = (start + todo[:, None] * gb + self.rank * b + np.arange(b)[None, :]).reshape(-1)
-            located = self.locate(g, orders)
-            for k in range(len(todo)):
-                pairs, names = [], []
-                for i, shard, r in located[k * b:(k + 1) * b]:
-                    key = (i, shard.name)
-                    if key not in decoded:
-                        decoded[key] = self.readers[i].read(shard)
-                        while len(decoded) > keep:
-                            decoded.popitem(last=False)
-                    decoded.move_to_end(key)
-                    pairs.append((decoded[key], r))
-                    names.append(self.names[i])
-                batch = self.readers[0].make_batch(pairs)
-                batch["sample_key"] = [f"{n}:{key}" for n, key in zip(names, batch["sample_key"])]
-                batch["mixture_source"] = names
-                yield batch
+            keep = sum(max(2, self.config.shuffle_window // max(1, min(s.rows for s in r.manifest.shards)) + 2)
+                       for r in self.readers)
+            self._decoded = DecodedShards(keep, self._read)
+        prefixes = [f"{n}:" for n in self.names]
+        for codes, batch in batches(self.locate, self._decoded, self.seq_len, self._epoch_start, self._iter_skip,
+                                    self._epoch_end - self._epoch_start, self.global_batch_size, self.batch_size,
+                                    self.rank, worker, num_workers,
+                                    self.config.shuffle_window * len(self.readers)):   # each source: about W
+            src = (codes >> 32).tolist()
+            batch["sample_key"] = [prefixes[i] + k for i, k in zip(src, batch["sample_key"])]
+            batch["mixture_source"] = [self.names[i] for i in src]
+            yield batch
 
 
 def _as_is(batch: dict) -> dict:

@@ -137,3 +137,32 @@ def test_encoding_a_shard_does_not_import_pandas(real_samples):
             "chunk_index=0, sample_key='k')\nassert S.encode(b.samples(), 'parquet')\nprint('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(sample), capture_output=True, check=True)
     assert out.stdout.decode().strip() == "False"
+
+
+@pytest.mark.parametrize("kernel", ["numba", "numpy"])
+def test_pad_into_equals_pad_row_on_real_samples(real_samples, monkeypatch, kernel):
+    """The batch gather (compiled kernel, and the numpy path used without numba) right-pads exactly as the per-row
+    reference pad_row, for rows in any order written to any output rows, through both formats."""
+    if kernel == "numpy":
+        monkeypatch.setattr(S, "_KERNEL", [None])
+    else:
+        pytest.importorskip("numba")
+    rows = [S.sample_row(s, objective=o, variant=0, source="x", doc_index=0, chunk_index=i,
+                         sample_key=f"train/0/0/{i}") for i, (o, s) in enumerate(real_samples)]
+    seq_len = max(len(r["input_ids"]) for r in rows) + 3
+    assert len({len(r["input_ids"]) for r in rows}) > 3   # rows of many lengths, all padded
+    rng = np.random.default_rng(0)
+    for fmt in S.FORMATS:
+        back = S.decode(S.encode(S.ShardSamples.from_rows(rows), fmt), fmt)
+        pick = rng.permutation(len(rows))[:11]
+        at = rng.permutation(16)[:11]             # scattered output rows, as when a batch spans several shards
+        out = {c: np.full((16, seq_len), -1, dtype=np.int64) for c in S.ARRAY_COLUMNS}
+        back.pad_into(pick, seq_len, out, at)
+        for r, a in zip(pick, at):
+            want = S.pad_row(rows[r], seq_len)
+            for c in S.ARRAY_COLUMNS:
+                np.testing.assert_array_equal(out[c][a], want[c], err_msg=f"{fmt} {kernel} {c} row {r}")
+        untouched = np.setdiff1d(np.arange(16), at)
+        assert all((out[c][untouched] == -1).all() for c in S.ARRAY_COLUMNS)
+        with pytest.raises(S.ShardError, match=r"sample 'train/0/0/\d+' has \d+ tokens > seq_len 8; .*rebuild"):
+            back.pad_into(pick, 8, out, at)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -26,7 +27,9 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
+from pipeline import shards as shards_module
 from pipeline.shards import (
+    ARRAY_COLUMNS,
     SCHEMA_VERSION,
     SUFFIX,
     Manifest,
@@ -35,9 +38,10 @@ from pipeline.shards import (
     ShardSamples,
     atomic_write,
     encode,
+    pad_row,
     sha256,
 )
-from pipeline.stream import ShardCache, ShardStream, StreamConfig, StreamLoader, default_cache_dir
+from pipeline.stream import MixedStream, ShardCache, ShardStream, StreamConfig, StreamLoader, default_cache_dir
 
 SEQ_LEN = 16
 
@@ -170,6 +174,128 @@ def test_resume_with_another_world_size(shard_set):
     bad = ShardStream(shard_set, 3, seed=3, rank=0, world_size=1)
     with pytest.raises(ValueError, match="whole number of global batches"):
         bad.load_state_dict(state)
+
+
+@pytest.fixture(scope="module")
+def real_set(tmp_path_factory, tokenizer_path):
+    """A shard set of real GLM samples (a real sentencepiece model, every objective, chunks of 20 to 200 tokens, so
+    rows of many lengths) written by the real writer in 3 shards of unequal rows; returns (url, {sample_key: the
+    sample's row}) — the rows as they went in, the per-row reference for what a batch must hold."""
+    from pipeline.infilling import SpanPlacementError, make_sample
+    from pipeline.shards import sample_row
+    from pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_path)
+    sp = tok.specials
+    text = (Path(__file__).resolve().parent / "fixtures" / "washington_1790_state_of_the_union.txt").read_text()
+    ids = tok.encode(text)
+    rng = np.random.default_rng(7)
+    rows = []
+    while len(rows) < 60:
+        n = int(rng.integers(20, 200))
+        a = int(rng.integers(0, len(ids) - n))
+        objective = ("bert", "sentence", "gpt")[len(rows) % 3]
+        try:
+            sample = make_sample(np.array([sp.cls, *ids[a:a + n], sp.eos]), objective, rng, specials=sp)
+        except SpanPlacementError:
+            continue
+        rows.append(sample_row(sample, objective=objective, variant=0, source="fixture", doc_index=0,
+                               chunk_index=len(rows), sample_key=f"train/0/0/{len(rows)}"))
+    url = str(tmp_path_factory.mktemp("real") / "set")
+    fs, root = fsspec.core.url_to_fs(url)
+    infos = []
+    for k, (a, b) in enumerate(((0, 25), (25, 32), (32, 60))):
+        data = encode(ShardSamples.from_rows(rows[a:b]), "parquet")
+        atomic_write(fs, f"{root}/s{k}.parquet", data)
+        infos.append(ShardInfo(name=f"s{k}.parquet", rows=b - a, bytes=len(data), sha256=sha256(data), variant=0,
+                               group=k))
+    seq_len = max(len(r["input_ids"]) for r in rows) + 5
+    m = Manifest(schema_version=SCHEMA_VERSION, format="parquet", split="train", seq_len=seq_len, vocab_size=1000,
+                 tokenizer={"fingerprint": "sotu1k"}, specials={}, variants=1, seed=0, config={}, config_hash="",
+                 shards=infos)
+    atomic_write(fs, f"{root}/_manifest.json", m.to_json().encode())
+    return url, {r["sample_key"]: r for r in rows}
+
+
+def assert_rows_match(batch: dict, rows: dict, seq_len: int, prefix: str = "") -> None:
+    """Every sample of the batch is pad_row of its source row (the per-row assembly), int64, in place."""
+    for c in ARRAY_COLUMNS:
+        assert batch[c].dtype == torch.int64 and batch[c].shape == (len(batch["sample_key"]), seq_len), c
+    for i, key in enumerate(batch["sample_key"]):
+        row = rows[key.removeprefix(prefix)]
+        want = pad_row(row, seq_len)
+        for c in ARRAY_COLUMNS:
+            assert batch[c][i].tolist() == want[c].tolist(), (key, c)
+        assert (int(batch["sep"][i]), batch["objective"][i]) == (row["sep"], row["objective"]), key
+
+
+@pytest.mark.parametrize("kernel", ["numba", "numpy"])
+def test_batches_equal_per_row_padding_on_real_shards(real_set, monkeypatch, kernel):
+    """Batches gathered a block at a time from the shards' flat columns hold, sample by sample, exactly what the
+    per-row assembly (pad_row) gives; for shuffle windows inside and across shards, several ranks, workers, and a
+    mixture; every sample of the epoch comes exactly once."""
+    if kernel == "numpy":
+        monkeypatch.setattr(shards_module, "_KERNEL", [None])
+    else:
+        pytest.importorskip("numba")
+    url, rows = real_set
+    seq_len = ShardStream(url, 1).seq_len
+    for world, b, window, workers in ((1, 5, 7, 0), (2, 3, 64, 0), (1, 4, 16, 2)):
+        seen = []
+        for rank in range(world):
+            ds = ShardStream(url, b, seed=2, rank=rank, world_size=world,
+                             config=StreamConfig(shuffle_window=window, num_workers=workers))
+            for batch in StreamLoader(ds):
+                assert_rows_match(batch, rows, seq_len)
+                seen += batch["sample_key"]
+        assert len(seen) == len(set(seen)) == len(rows) // (b * world) * b * world
+    mix = {"sources": {"a": {"path": url, "weight": 1}, "b": {"path": url, "weight": 2}}}
+    ds = MixedStream(mix, 4, seed=1, rank=0, world_size=1, config=StreamConfig(shuffle_window=16))
+    for batch in StreamLoader(ds):
+        for src in ("a", "b"):
+            sub = [i for i, n in enumerate(batch["mixture_source"]) if n == src]
+            part = {c: (v[sub] if isinstance(v, torch.Tensor) else [v[i] for i in sub]) for c, v in batch.items()}
+            assert_rows_match(part, rows, seq_len, prefix=f"{src}:")
+
+
+def test_next_blocks_shards_are_read_in_the_background(real_set, monkeypatch):
+    """While a block is gathered, the shards of the next blocks are read (fetched, checked, decoded) on background
+    threads: after the first batch, shards the first block does not need are already decoded; the stream is the
+    same as read one shard at a time."""
+    url, rows = real_set
+    reads: list[tuple[str, str]] = []
+    real_read = ShardStream.read
+
+    def recorded(self, info):
+        out = real_read(self, info)
+        reads.append((info.name, threading.current_thread().name))
+        return out
+
+    monkeypatch.setattr(ShardStream, "read", recorded)
+    ds = ShardStream(url, 2, seed=4, rank=0, world_size=1, config=StreamConfig(shuffle_window=4))
+    it = iter(StreamLoader(ds))
+    first = next(it)
+    deadline = time.monotonic() + 10
+    while not any(t.startswith("shard-prefetch") for _, t in reads) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(t.startswith("shard-prefetch") for _, t in reads), reads
+    keys = first["sample_key"] + [k for b in it for k in b["sample_key"]]
+    assert len(keys) == len(set(keys)) == len(rows) // 2 * 2
+    assert_rows_match(first, rows, ds.seq_len)
+
+
+def test_sample_longer_than_seq_len_is_named(real_set, tmp_path):
+    """A manifest whose seq_len is shorter than its rows (a planted edit) fails on the first batch, naming the
+    sample and the fix."""
+    url, _ = real_set
+    import shutil
+    shutil.copytree(url, tmp_path / "set")
+    path = tmp_path / "set" / "_manifest.json"
+    m = json.loads(path.read_text())
+    m["seq_len"] = 24
+    path.write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=r"sample 'train/0/0/\d+' has \d+ tokens > seq_len 24; .*rebuild"):
+        next(iter(StreamLoader(ShardStream(str(tmp_path / "set"), 4, rank=0, world_size=1))))
 
 
 def test_webdataset_shards_give_the_same_stream(tmp_path):
