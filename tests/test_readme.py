@@ -28,6 +28,8 @@ SKIPPED = {
     "composer --world_size 32": "32 GPUs on 4 nodes",
     "python jobs/evaluate.py ... --tasks all": "every item of every task: hours on a CPU",
     "python jobs/evaluate.py ... --tasks my_cloze.jsonl": "the user's own files; user tasks are in test_evaluate.py",
+    "python -m benchmarks.gpu --json": "needs a CUDA GPU; its --dry-run (the README line before) runs here and in "
+                                       "test_gpu_bench.py",
 }
 
 
@@ -52,7 +54,7 @@ def workdir(tmp_path_factory, sotu_files) -> str:
     """A fresh folder laid out like a checkout (the code linked in), with a corpus/ of JSONL files for the
     README's `--input 'corpus/*.jsonl'` example."""
     wd = tmp_path_factory.mktemp("readme")
-    for name in ("train.py", "finetune.py", "jobs", "configs", "pipeline", "model"):
+    for name in ("train.py", "finetune.py", "jobs", "configs", "pipeline", "model", "benchmarks"):
         os.symlink(os.path.join(REPO, name), wd / name)
     (wd / "corpus").mkdir()
     for i, path in enumerate(sotu_files[-3:]):
@@ -102,4 +104,6 @@ def test_readme_commands_run_as_written(workdir):
     assert os.path.exists(os.path.join(workdir, "data", "mycorpus", "train", "_manifest.json"))
     assert os.path.exists(os.path.join(workdir, "runs", "tiny", "latest-rank0.pt"))
     assert os.path.exists(os.path.join(workdir, "runs", "tiny1", "latest-rank0.pt"))
+    for run_dir in ("ft-rte", "ft-reverse"):      # the Fine-tune section's runs kept their best model
+        assert os.path.exists(os.path.join(workdir, "runs", run_dir, "best", "best.json")), run_dir
     assert len(ran) >= 9, ran
