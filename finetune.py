@@ -65,15 +65,14 @@ from pipeline.seq2seq import encode_pair, read_pairs
 from pipeline.shards import ShardError, manifest_url, read_manifest
 from pipeline.tokenizer import Tokenizer, find_tokenizer
 from train import (
-    EXIT_WALL_CLOCK,
     OptimConfig,
     Run,
-    WallClockStop,
     _rank0_print,
     _remote,
     build_logging,
     build_optimizer,
     plan_start,
+    run_cli,
 )
 
 DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "finetune", "rte.yaml")
@@ -528,21 +527,10 @@ def main(cfg: FinetuneConfig) -> Trainer:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        from pipeline.config import describe_fields
-
-        print(__doc__.strip() + "\n\nSettings (FinetuneConfig; --key=value, sections dotted):\n"
-              + describe_fields(FinetuneConfig))
-        return 0
-    cfg = parse_args(argv)
-    trainer = main(cfg)
-    trainer.close()
-    stop = next((c for c in trainer.state.callbacks if isinstance(c, WallClockStop)), None)
-    if stop is not None and stop.stopped_at is not None:
-        _rank0_print(f"[finetune] stopped by wall_clock_limit_s at step {stop.stopped_at} (checkpoint saved); run "
-                     "the same command again to resume", file=sys.stderr)
-        return EXIT_WALL_CLOCK
+    status, trainer = run_cli(argv, doc=__doc__, config_cls=FinetuneConfig, parse=parse_args, run=main,
+                              name="finetune")
+    if trainer is None or status:
+        return status
     best = next((c for c in trainer.state.callbacks if isinstance(c, BestCheckpoint)), None)
     if best is not None and best.best is not None:
         _rank0_print(f"[finetune] best {best.at['metric']} = {best.best:.4f} at epoch {best.at['epoch']} "
