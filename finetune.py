@@ -214,10 +214,7 @@ def build_cloze(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: i
     model = ClozeComposer(gcfg, num_labels)
     collate_fn = lambda xs: collate(xs, tok.specials, cfg.include_eop)
     test_padded = pad_to_world(enc_test, lambda x: dataclasses.replace(x, valid=False))
-    train_loader = DataLoader(enc_train, batch_size=cfg.batch_size, collate_fn=collate_fn,
-                              sampler=dist.get_sampler(enc_train, shuffle=True, seed=cfg.seed))
-    test_loader = DataLoader(test_padded, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_fn,
-                             sampler=dist.get_sampler(test_padded, shuffle=False))
+    train_loader, test_loader = _loaders(cfg, enc_train, test_padded, collate_fn)
     evaluator = Evaluator(label="test", dataloader=test_loader, metric_names=list(model.eval_metrics),
                           device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size)
     example = " ".join(FT.render(task, pid, train[0]).split())
@@ -236,6 +233,15 @@ def build_cloze(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len: i
                    "data_sha256": [s["sha256"] for s in sources], "verbalizers": dict(cfg.verbalizers),
                    "include_eop": cfg.include_eop}
     return Job(model, train_loader, [evaluator], [], task.main_metric, fingerprint, notes)
+
+
+def _loaders(cfg, train: list, test: list, collate_fn) -> tuple[DataLoader, DataLoader]:
+    """Train (shuffled per epoch by cfg.seed, each rank its share) and test (in order, each rank its share)."""
+    train_loader = DataLoader(train, batch_size=cfg.batch_size, collate_fn=collate_fn,
+                              sampler=dist.get_sampler(train, shuffle=True, seed=cfg.seed))
+    test_loader = DataLoader(test, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_fn,
+                             sampler=dist.get_sampler(test, shuffle=False))
+    return train_loader, test_loader
 
 
 def pad_to_world(items: list, copy) -> list:
@@ -311,10 +317,7 @@ def build_seq2seq(cfg: FinetuneConfig, tok: Tokenizer, gcfg: GLMConfig, seq_len:
     test_padded = pad_to_world(test_samples, lambda s: {**s, "valid": False})
 
     model = GLMComposer(gcfg, objectives=())
-    train_loader = DataLoader(train_samples, batch_size=cfg.batch_size, collate_fn=collate_pairs,
-                              sampler=dist.get_sampler(train_samples, shuffle=True, seed=cfg.seed))
-    test_loader = DataLoader(test_padded, batch_size=cfg.eval_batch_size or cfg.batch_size, collate_fn=collate_pairs,
-                             sampler=dist.get_sampler(test_padded, shuffle=False))
+    train_loader, test_loader = _loaders(cfg, train_samples, test_padded, collate_pairs)
     evaluator = Evaluator(label="test", dataloader=test_loader, metric_names=list(model.eval_metrics),
                           device_eval_microbatch_size=cfg.eval_batch_size or cfg.batch_size)
     generation = GenerationEval(tok, test, cfg.eval_interval, "rougeL", strategy=cfg.strategy,
