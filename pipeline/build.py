@@ -40,6 +40,7 @@ import time
 import fsspec
 import numpy as np
 
+from pipeline import _infill_kernels as _K
 from pipeline import documents as D
 from pipeline import infilling
 from pipeline import output as O
@@ -53,6 +54,9 @@ MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter gr
 MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
 ENCODE_BATCH = 64   # documents (segments) per sentencepiece batch call
 SHORT_BUCKET = 32   # width of the manifest's short-sample length histogram buckets (tokens)
+# Seed each chunk's Generator by one compiled call (_infill_kernels.seed_into: the same state numpy makes) instead
+# of a SeedSequence and a new Generator per chunk; False (or no numba) takes numpy's objects (same bytes).
+FAST_SEEDING = True
 
 
 def demo_corpus() -> list[str]:
@@ -160,6 +164,13 @@ class Packer:
         probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
         # objective k is drawn when pick < cum_probs[k]; a list of floats for bisect (a numpy call costs ~1 us)
         self.cum_probs = (np.cumsum(probs) / probs.sum()).tolist()
+        # one Generator for every chunk, reseeded per chunk in place, when the compiled seeding is exact here
+        self.fast_seeding = FAST_SEEDING and _K.AVAILABLE and _K.direct_seed()
+        if self.fast_seeding:
+            self.rng = np.random.Generator(np.random.PCG64(0))
+            self.rng_addr = self.rng.bit_generator.ctypes.state_address
+            self.rng_record = np.zeros(6, np.uint64)
+        self.seed: np.random.SeedSequence | None = None   # the chunk's SeedSequence (numpy seeding)
 
     def push(self, framed: np.ndarray, source: str, doc_index: int) -> None:
         self.queue.push(framed, source, doc_index)
@@ -192,6 +203,29 @@ class Packer:
         words[-1] = self.chunk_index
         return np.random.SeedSequence(words)
 
+    def _draws(self) -> tuple[int, int]:
+        """Seed this chunk (index self.chunk_index): SeedSequence(...).generate_state(2, np.uint64) as two ints
+        (the objective draw, the short_seq_prob draw); _fresh_rng() then gives default_rng of that seed."""
+        if self.fast_seeding and not self.chunk_index >> 32:
+            self.seed_words[-1] = self.chunk_index
+            self.seed = None
+            return _K.seed_into(self.rng_addr, self.seed_words, self.rng_record)
+        self.seed = self._seed()
+        return first_uint64(self.seed), int(self.seed.generate_state(2, np.uint64)[1])
+
+    def _fresh_rng(self) -> np.random.Generator:
+        """np.random.default_rng(this chunk's seed), in its initial state (a fresh one for every fit)."""
+        if self.seed is None:
+            _K.seed_into(self.rng_addr, self.seed_words, self.rng_record)
+            return self.rng
+        return np.random.default_rng(self.seed)
+
+    def _entropy(self) -> np.ndarray:
+        """This chunk's SeedSequence entropy (its uint32 words; numpy's own for a chunk index >= 2**32)."""
+        if self.seed is None:
+            return self.seed_words.copy()
+        return self.seed.entropy
+
     def _make(self, chunk: np.ndarray, objective: str, rng: np.random.Generator, fallback: bool = False,
               length_only: bool = False):
         """The chunk's sample, or with length_only its length only (from the drawn spans, no layout built, rng
@@ -204,12 +238,12 @@ class Packer:
             context_mask_ratio=cfg.context_mask_ratio,
             single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
 
-    def _objective(self, seed: np.random.SeedSequence) -> str:
-        pick = float(first_uint64(seed)) / 2.0**64   # objective draw in [0, 1)
+    def _objective(self, first: int) -> str:
+        pick = float(first) / 2.0**64   # objective draw in [0, 1): the seed's first uint64
         return self.objectives[min(bisect.bisect_right(self.cum_probs, pick),
                                    len(self.objectives) - 1)]
 
-    def _split_short(self, seed: np.random.SeedSequence) -> None:
+    def _split_short(self) -> None:
         """short_seq_prob (spec §3.7 split_samples): this chunk's text becomes up to (seq_len-1)//t short samples,
         t ~ U{32 .. seq_len-2} (the official randrange(32, seq_len-1)); each piece holds ~t text tokens, its end
         moved back to a sentence end (or eos) unless that leaves fewer than t//2, and starts with [CLS] (an added
@@ -218,7 +252,7 @@ class Packer:
         (its own chunk index, seed and objective draw); a piece whose sample would exceed seq_len is cut shorter,
         the rest going to the next piece. Every sample still takes a row of seq_len: the padding is counted."""
         cfg, q, acc = self.cfg, self.queue, self.acc
-        child = np.random.SeedSequence(seed.entropy, spawn_key=(1,))   # not the chunk's own sample stream
+        child = np.random.SeedSequence(self._entropy(), spawn_key=(1,))   # not the chunk's own sample stream
         t = int(np.random.default_rng(child).integers(32, cfg.seq_len - 1))
         ends = np.array(sorted(self.specials.sentence_end_ids | {self.specials.eos}))
         acc["short_seq_chunks"] += 1
@@ -230,9 +264,8 @@ class Packer:
             e = int(at_end[-1]) + 2 if len(at_end) and at_end[-1] + 1 >= t // 2 else min(len(look), 1 + t)
             if e < len(look) and look[e] == self.specials.eos:
                 e += 1                                            # never start the next piece with an eos
-            piece_seed = self._seed()
-            objective = self._objective(piece_seed)
-            rng = np.random.default_rng(piece_seed)   # lengths do not advance it: one Generator per piece
+            objective = self._objective(self._draws()[0])
+            rng = self._fresh_rng()   # lengths do not advance it: one Generator per piece
             sample, n = None, e
             for obj in (objective, "gpt") if objective != "gpt" else ("gpt",):
                 if obj != objective:
@@ -264,8 +297,7 @@ class Packer:
                 acc["short_seq_length_hist"][b] = acc["short_seq_length_hist"].get(b, 0) + 1
             self.chunk_index += 1
 
-    def _fit(self, objective: str, seed: np.random.SeedSequence, fallback: bool = False
-             ) -> tuple[np.ndarray, dict] | None:
+    def _fit(self, objective: str, fallback: bool = False) -> tuple[np.ndarray, dict] | None:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
         trials, same seed each): the first guess n = seq_len / growth usually lands within the slack. A trial
         computes the sample's length from its drawn spans only (infilling.sample_length: no layout, the
@@ -274,7 +306,7 @@ class Packer:
         slack = max(1, seq_len // 64)    # <= 1.6% padding accepted without another trial
         avail = self.queue.available
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
-        rng = np.random.default_rng(seed)
+        rng = self._fresh_rng()
         best: np.ndarray | None = None
         tried: set[int] = set()
         for _ in range(12):
@@ -297,23 +329,23 @@ class Packer:
         return None if best is None else (best, self._make(best, objective, rng, fallback))
 
     def _cut(self) -> None:
-        seed = self._seed()
+        first, second = self._draws()
         if self.cfg.short_seq_prob > 0:   # its own word of the seed: the objective draw below is unchanged
-            if float(seed.generate_state(2, np.uint64)[1]) / 2.0**64 < self.cfg.short_seq_prob:
-                self._split_short(seed)
+            if float(second) / 2.0**64 < self.cfg.short_seq_prob:
+                self._split_short()
                 return
-        objective = self._objective(seed)
+        objective = self._objective(first)
         # Only "this chunk cannot take this objective" is expected; any other ValueError (a bad option) must
         # stop the build, not turn into silently dropped tokens.
         try:
-            fitted = self._fit(objective, seed)
+            fitted = self._fit(objective)
         except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
             fitted = None
         if fitted is None and objective != "gpt":
             self.acc["objective_fallbacks"] += 1   # counted, never silent: the chunk becomes a doc-level sample
             objective = "gpt"
             try:
-                fitted = self._fit(objective, seed, fallback=True)
+                fitted = self._fit(objective, fallback=True)
             except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
                 fitted = None
         source, doc_index = self.queue.provenance

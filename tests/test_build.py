@@ -395,3 +395,67 @@ def test_chunk_seeds_are_numpy_seed_sequences_of_the_list(tokenizer_path, tmp_pa
             child = np.random.SeedSequence(got.entropy, spawn_key=(1,))   # as _split_short derives its stream
             assert child.generate_state(2).tolist() == np.random.SeedSequence(
                 want.entropy, spawn_key=(1,)).generate_state(2).tolist()
+            # the compiled seeding (one Generator per packer, reseeded in place) draws the same
+            assert packer._draws() == tuple(want.generate_state(2, np.uint64).tolist())
+            assert packer._fresh_rng().bit_generator.state == np.random.default_rng(want).bit_generator.state
+            assert np.random.SeedSequence(packer._entropy(), spawn_key=(1,)).generate_state(2).tolist() == \
+                np.random.SeedSequence(want.entropy, spawn_key=(1,)).generate_state(2).tolist()
+            assert (packer.seed is None) == (packer.fast_seeding and chunk >> 32 == 0)
+
+
+def test_compiled_seeding_is_numpys_default_rng_of_the_seed_sequence():
+    """_infill_kernels.seed_into: SeedSequence pool mixing, generate_state and PCG64 seeding in one compiled call,
+    written into a live PCG64, equals np.random.default_rng(np.random.SeedSequence(words)) for 1 to 9 words of
+    any value (the draws after it too), and its two returned words are generate_state(2, np.uint64)."""
+    import numpy as np
+
+    from pipeline import _infill_kernels as K
+
+    if not K.AVAILABLE:
+        pytest.skip("numba not installed: the packer seeds with numpy's own objects")
+    assert K.direct_seed()
+    gen = np.random.default_rng(5)
+    rng = np.random.Generator(np.random.PCG64(0))
+    rng.random()   # a live Generator with a half-used 64-bit draw buffered: seeding must reset that too
+    rng.integers(0, 10)
+    record = np.zeros(6, np.uint64)
+    for i in range(400):
+        words = gen.integers(0, 2**32, int(gen.integers(1, 10)), dtype=np.uint64).astype(np.uint32)
+        if i % 7 == 0:
+            words[:] = gen.choice([0, 1, 2**32 - 1], len(words))
+        want = np.random.SeedSequence(words)
+        got = K.seed_into(rng.bit_generator.ctypes.state_address, words, record)
+        assert list(got) == want.generate_state(2, np.uint64).tolist(), words
+        ref = np.random.default_rng(want)
+        assert rng.bit_generator.state == ref.bit_generator.state, words
+        assert rng.integers(0, 2**62, 3).tolist() == ref.integers(0, 2**62, 3).tolist()
+        assert rng.random() == ref.random() and rng.integers(0, 7) == ref.integers(0, 7)
+
+
+@pytest.mark.parametrize("kw", [{}, {"short_seq_prob": 0.3, "variants": 3},
+                                {"single_span_prob": 0.3, "block_mask_prob": 0.2, "context_mask_ratio": 0.3},
+                                {"seq_len": 512, "objectives": {"sentence": 0.5, "gpt": 0.5}, "seed": 2**40 + 3},
+                                {"objectives": {"gpt": 1.0}, "short_seq_prob": 0.1, "format": "wds",
+                                 "task_mask": True, "shuffle_spans": False}],
+                         ids=["default", "short-seq", "single-span-block-context", "seq512-sentence-gpt", "gpt-wds"])
+def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_path, tmp_path, monkeypatch):
+    """The packer's fast paths (compiled seeding into one reused Generator) write the same shard and receipt
+    bytes as the reference path (a SeedSequence and a new Generator per chunk) for one packing group, over
+    configs that reach every branch: short samples, single-span + block + context masks, objective mixes,
+    several variants, a seed of several words, WebDataset."""
+    from pipeline import _infill_kernels as K
+    from pipeline import build as B
+
+    files = D.list_inputs(small_corpus[:4])
+    model = Path(tokenizer_path).read_bytes()
+    seeded, real = [], K.seed_into
+    monkeypatch.setattr(K, "seed_into", lambda *a: seeded.append(1) or real(*a))
+    trees = []
+    for fast in (False, True):
+        monkeypatch.setattr(B, "FAST_SEEDING", fast)
+        out = tmp_path / f"fast{fast}"
+        res = B.process_group(cfg_for(small_corpus, out, tokenizer_path, **kw), 2, files, model)
+        assert res["tokens"] > 20_000
+        trees.append(tree_bytes(out))
+    assert len(trees[0]) >= 3 and trees[0] == trees[1]
+    assert len(seeded) > 100 or not K.AVAILABLE   # the fast run took the compiled seeding
