@@ -54,9 +54,10 @@ MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter gr
 MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
 ENCODE_BATCH = 64   # documents (segments) per sentencepiece batch call
 SHORT_BUCKET = 32   # width of the manifest's short-sample length histogram buckets (tokens)
-# Seed each chunk's Generator by one compiled call (_infill_kernels.seed_into: the same state numpy makes) instead
-# of a SeedSequence and a new Generator per chunk; False (or no numba) takes numpy's objects (same bytes).
-FAST_SEEDING = True
+# The packer's fast paths: each chunk's Generator seeded by one compiled call (_infill_kernels.seed_into: the
+# state numpy makes) instead of a SeedSequence and a new Generator per chunk, and infilling.ChunkSampler (options
+# read once) instead of make_sample / sample_length per call. False: the reference path (the same bytes; tests).
+FAST_PACKING = True
 
 
 def demo_corpus() -> list[str]:
@@ -165,12 +166,13 @@ class Packer:
         # objective k is drawn when pick < cum_probs[k]; a list of floats for bisect (a numpy call costs ~1 us)
         self.cum_probs = (np.cumsum(probs) / probs.sum()).tolist()
         # one Generator for every chunk, reseeded per chunk in place, when the compiled seeding is exact here
-        self.fast_seeding = FAST_SEEDING and _K.AVAILABLE and _K.direct_seed()
+        self.fast_seeding = FAST_PACKING and _K.AVAILABLE and _K.direct_seed()
         if self.fast_seeding:
             self.rng = np.random.Generator(np.random.PCG64(0))
             self.rng_addr = self.rng.bit_generator.ctypes.state_address
             self.rng_record = np.zeros(6, np.uint64)
         self.seed: np.random.SeedSequence | None = None   # the chunk's SeedSequence (numpy seeding)
+        self.samplers: dict[tuple[str, bool], infilling.ChunkSampler] = {}   # (objective, fallback) ->
 
     def push(self, framed: np.ndarray, source: str, doc_index: int) -> None:
         self.queue.push(framed, source, doc_index)
@@ -230,13 +232,23 @@ class Packer:
               length_only: bool = False):
         """The chunk's sample, or with length_only its length only (from the drawn spans, no layout built, rng
         not advanced: infilling.sample_length), so a fit tries lengths and makes one sample."""
-        cfg = self.cfg
-        return (infilling.sample_length if length_only else infilling.make_sample)(
-            chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
-            gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
-            block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
-            context_mask_ratio=cfg.context_mask_ratio,
-            single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
+        sampler = self.samplers.get((objective, fallback))
+        if sampler is None:
+            cfg = self.cfg
+            if not FAST_PACKING:
+                return (infilling.sample_length if length_only else infilling.make_sample)(
+                    chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
+                    gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob,
+                    shuffle_spans=cfg.shuffle_spans, block_position_encoding=cfg.block_position_encoding,
+                    block_mask_prob=cfg.block_mask_prob, context_mask_ratio=cfg.context_mask_ratio,
+                    single_span_prob=0.0 if fallback else cfg.single_span_prob)
+            sampler = self.samplers[objective, fallback] = infilling.ChunkSampler(
+                objective, specials=self.specials, task_mask=cfg.task_mask, gpt_min_ratio=cfg.gpt_min_ratio,
+                gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
+                block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
+                context_mask_ratio=cfg.context_mask_ratio,
+                single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
+        return sampler.length(chunk, rng) if length_only else sampler.sample(chunk, rng)
 
     def _objective(self, first: int) -> str:
         pick = float(first) / 2.0**64   # objective draw in [0, 1): the seed's first uint64

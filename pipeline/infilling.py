@@ -641,6 +641,52 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     return out
 
 
+class ChunkSampler:
+    """`make_sample` and `sample_length` for many chunks of one objective with the same options (a packer's):
+    the same results, the same Generator advance and the same errors as those functions — they answer every
+    call the compiled path does not serve (no numba, the official knobs, a chunk that is not a packer's int32
+    chunk of 64+ tokens starting with [CLS], a chunk the kernels cannot place) — without re-reading the options
+    on each call (~5 us of a sample's ~15 us of Python)."""
+
+    def __init__(self, objective: str, *, specials: Specials, task_mask: bool = False, shuffle_spans: bool = True,
+                 block_position_encoding: bool = True, gpt_infill_prob: float = 0.5, gpt_min_ratio: float = 0.5,
+                 single_span_prob: float = 0.0, block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0):
+        self.objective, self.specials = objective, specials
+        self.options = dict(task_mask=task_mask, shuffle_spans=shuffle_spans,
+                            block_position_encoding=block_position_encoding, gpt_infill_prob=gpt_infill_prob,
+                            gpt_min_ratio=gpt_min_ratio, single_span_prob=single_span_prob,
+                            block_mask_prob=block_mask_prob, context_mask_ratio=context_mask_ratio)
+        # the compiled path of make_sample with make_sample's defaults for the options not given here
+        self.kernel = (_K.AVAILABLE and objective in OBJECTIVES and isinstance(specials, Specials)
+                       and not (single_span_prob or block_mask_prob or context_mask_ratio))
+        self.args = (shuffle_spans, 0.15, 0.15, 3.0, 40, gpt_infill_prob, gpt_min_ratio, True)
+        self.sample_args = (task_mask, shuffle_spans, block_position_encoding, 0.15, 0.15, 3.0, 40,
+                            gpt_infill_prob, gpt_min_ratio, True)
+
+    def _served(self, t, rng) -> bool:
+        return (self.kernel and type(t) is np.ndarray and t.dtype is _I32 and t.ndim == 1 and t.shape[0] >= 64
+                and t[0] == self.specials.cls and type(rng) is np.random.Generator
+                and type(rng.bit_generator) is np.random.PCG64)
+
+    def length(self, tokens, rng: np.random.Generator) -> int:
+        """sample_length(tokens, objective, rng, specials=specials, **options)."""
+        if self._served(tokens, rng):
+            with rng.bit_generator.lock:
+                length = _kernel_length(tokens, self.objective, rng, self.specials, *self.args)
+            if length is not None:
+                return length
+        return sample_length(tokens, self.objective, rng, specials=self.specials, **self.options)
+
+    def sample(self, tokens, rng: np.random.Generator) -> dict:
+        """make_sample(tokens, objective, rng, specials=specials, **options)."""
+        if self._served(tokens, rng):
+            with rng.bit_generator.lock:
+                out = _kernel_sample(tokens, self.objective, rng, self.specials, *self.sample_args)
+            if out is not None:
+                return out
+        return make_sample(tokens, self.objective, rng, specials=self.specials, **self.options)
+
+
 def _as_int32(t: np.ndarray) -> np.ndarray | None:
     """The chunk as contiguous int32 (the one dtype the kernels are compiled for: ids are int32 in the shards);
     None when an id does not fit (the numpy path then decides)."""

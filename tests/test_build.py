@@ -439,8 +439,9 @@ def test_compiled_seeding_is_numpys_default_rng_of_the_seed_sequence():
                                  "task_mask": True, "shuffle_spans": False}],
                          ids=["default", "short-seq", "single-span-block-context", "seq512-sentence-gpt", "gpt-wds"])
 def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_path, tmp_path, monkeypatch):
-    """The packer's fast paths (compiled seeding into one reused Generator) write the same shard and receipt
-    bytes as the reference path (a SeedSequence and a new Generator per chunk) for one packing group, over
+    """The packer's fast paths (compiled seeding into one reused Generator, infilling.ChunkSampler) write the
+    same shard and receipt bytes as the reference path (a SeedSequence and a new Generator per chunk,
+    make_sample and sample_length per call) for one packing group, over
     configs that reach every branch: short samples, single-span + block + context masks, objective mixes,
     several variants, a seed of several words, WebDataset."""
     from pipeline import _infill_kernels as K
@@ -448,14 +449,16 @@ def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_
 
     files = D.list_inputs(small_corpus[:4])
     model = Path(tokenizer_path).read_bytes()
-    seeded, real = [], K.seed_into
+    seeded, real, sampled, real_sample = [], K.seed_into, [], infilling.ChunkSampler.sample
     monkeypatch.setattr(K, "seed_into", lambda *a: seeded.append(1) or real(*a))
+    monkeypatch.setattr(infilling.ChunkSampler, "sample", lambda *a: sampled.append(1) or real_sample(*a))
     trees = []
     for fast in (False, True):
-        monkeypatch.setattr(B, "FAST_SEEDING", fast)
+        monkeypatch.setattr(B, "FAST_PACKING", fast)
         out = tmp_path / f"fast{fast}"
         res = B.process_group(cfg_for(small_corpus, out, tokenizer_path, **kw), 2, files, model)
         assert res["tokens"] > 20_000
         trees.append(tree_bytes(out))
     assert len(trees[0]) >= 3 and trees[0] == trees[1]
     assert len(seeded) > 100 or not K.AVAILABLE   # the fast run took the compiled seeding
+    assert len(sampled) > 100                      # and the prepared sampler (only the fast run uses it)
