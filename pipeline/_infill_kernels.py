@@ -678,6 +678,11 @@ def direct_seed() -> bool:
 _COMPILE_SECONDS: float | None = None
 
 
+def compiled() -> bool:
+    """Whether compile_seconds() has run in this process (its figure is then a cost already paid)."""
+    return _COMPILE_SECONDS is not None
+
+
 def compile_seconds() -> float:
     """Compile (or load from numba's cache) every kernel once on a tiny chunk; wall seconds it took (0 when
     unavailable; later calls return the first figure). Call it before timing anything or once per worker

@@ -132,6 +132,32 @@ def test_rerun_is_identical_and_other_config_refused(reference, small_corpus, to
     # the run's figures benchmarks/build.py divides by (not part of any file): tokens, CPU time, worker RSS
     assert stats["tokens"] == sum(m.accounting["tokens_in"] for m in manifests.values())
     assert 0 < stats["cpu_seconds"] and all(rss > 50 for rss in stats["worker_peak_rss_mb"].values())
+    assert 0 <= stats["compile_seconds"] < stats["seconds"]   # worker processes already warm pay (nearly) nothing
+
+
+def test_kernel_compile_seconds_are_in_the_group_stats(small_corpus, tokenizer_path, tmp_path):
+    """A worker with a cold numba cache compiles the infilling kernels once, up front, and says how long in the
+    group task's stats (compile_seconds, in the build's stats and its log as well); its next group pays 0, and a
+    new process with the cache now on disk loads them faster than it compiled them."""
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline import documents as D\n"
+        "from pipeline.build import process_group\n"
+        "from pipeline.config import BuildConfig\n"
+        "files = D.list_inputs(sys.argv[1:2])\n"
+        "model = Path(sys.argv[2]).read_bytes()\n"
+        "cfg = BuildConfig(input=['x'], output=sys.argv[3], tokenizer=sys.argv[2], seq_len=128)\n"
+        "print(json.dumps([process_group(cfg, g, files, model)['compile_seconds'] for g in (0, 1)]))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    figures = []
+    for run in ("cold", "warm"):
+        p = subprocess.run([sys.executable, "-c", script, small_corpus[0], tokenizer_path, str(tmp_path / run)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        figures.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    (cold, again), (warm, _) = figures
+    assert cold > 0.2 and again == 0.0 and 0 < warm < cold, figures
 
 
 def test_overwrite_and_wds(small_corpus, tokenizer_path, tmp_path, ray_local):
