@@ -388,10 +388,13 @@ class Packer:
         acc["layouts"][layout] = acc["layouts"].get(layout, 0) + 1
         if objective not in self.span_lengths:
             self.span_lengths[objective] = []
-        self.span_lengths[objective].extend([int(e - s) for s, e in sample["spans"]])
-        self.writer.add(
-            sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
-            chunk_index=self.chunk_index, sample_key=f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}")
+        self.span_lengths[objective].extend([e - s for s, e in sample["spans"]])   # ints (np.int64 on numpy's path)
+        key = f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}"
+        if FAST_PACKING:
+            self.writer.add_sample(sample, objective, self.variant, source, doc_index, self.chunk_index, key)
+        else:
+            self.writer.add(sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
+                            chunk_index=self.chunk_index, sample_key=key)
 
 
 class ShardWriter:
@@ -410,6 +413,14 @@ class ShardWriter:
         """One infilling sample plus its provenance columns (S.ShardBuffer.add)."""
         self.rows.add(sample, **provenance)
         if len(self.rows) >= self.rows_per_shard:
+            self.flush()
+
+    def add_sample(self, sample: dict, objective: str, variant: int, source: str, doc_index: int,
+                   chunk_index: int, sample_key: str) -> None:
+        """add() with the provenance columns positional (S.ShardBuffer.add_sample)."""
+        rows = self.rows
+        rows.add_sample(sample, objective, variant, source, doc_index, chunk_index, sample_key)
+        if len(rows.lengths) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:

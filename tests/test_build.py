@@ -488,3 +488,28 @@ def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_
     assert len(trees[0]) >= 3 and trees[0] == trees[1]
     assert len(seeded) > 100 or not K.AVAILABLE   # the fast run took the compiled seeding
     assert len(sampled) > 100                      # and the prepared sampler (only the fast run uses it)
+
+
+def test_shard_buffer_add_sample_is_add():
+    """ShardBuffer.add_sample (positional provenance, the packer's path) buffers what add buffers, through a
+    regrow of the column buffers, and refuses a sample whose token columns differ in length, naming the row."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    a, b = S.ShardBuffer(capacity=100), S.ShardBuffer(capacity=100)
+    for i in range(40):
+        n = int(rng.integers(1, 30))
+        sample = {c: rng.integers(0, 2 if t == np.uint8 else 9000, n).astype(t) for c, t in S.ARRAY_COLUMNS.items()}
+        sample.update(sep=int(rng.integers(0, n)), layout="bert")
+        prov = ("bert", 1, f"doc{i % 3}.txt", i, 7 * i, f"train/0/1/{7 * i}")
+        a.add(sample, **dict(zip(("objective", "variant", "source", "doc_index", "chunk_index", "sample_key"), prov)))
+        b.add_sample(sample, *prov)
+    x, y = a.samples(), b.samples()
+    assert len(a) == len(b) == 40 and np.array_equal(x.offsets, y.offsets)
+    for c in S.ARRAY_COLUMNS:
+        assert np.array_equal(x.arrays[c], y.arrays[c]) and x.arrays[c].dtype == y.arrays[c].dtype
+    for c in S.SCALAR_COLUMNS:
+        assert x.scalars[c].tolist() == y.scalars[c].tolist()
+    bad = dict(sample, targets=sample["targets"][:-1])
+    with pytest.raises(ValueError, match=r"column 'targets' has .* in row 'k9'"):
+        b.add_sample(bad, "bert", 1, "d", 0, 9, "k9")
