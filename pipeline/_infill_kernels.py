@@ -630,6 +630,93 @@ def sample_gpt(t, addr, st, lo, infill_prob, eos, cls, work, out, loss, mask_id,
     return False, g, fill_blocks(t, work, 1, out, loss, mask_id, sop, eop, block_positions, addr, st)
 
 
+# A packer's whole fit in one call: the length trials of build.Packer._fit (same rule, same trial lengths: each
+# trial is the plan of make_sample's compiled path on a prefix of `look`, on a copy of the state, as
+# sample_length does) and then the one sample kept (plan + fill, the state advanced), so the Python per trial
+# (a peek, the sampler's checks, the dispatch) is paid once per chunk. Anything the trials cannot answer the
+# way sample_length's compiled path does (a chunk under 64 tokens, a span that cannot be placed, a gpt bound
+# out of range) returns FALLBACK before any state is written: the caller's Python loop then redoes the fit.
+FALLBACK = 2
+
+
+@_njit
+def _trial_length(code, t, addr, st, cdf, table, bert_ratio, avg_block_length, cls, eos, shuffle, lut,
+                  sentence_ratio, mask_cls, gpt_min_ratio, infill_prob, work):
+    """The output length of make_sample's compiled path on chunk t (-1: the numpy path must answer)."""
+    n = t.shape[0]
+    if n < 64:
+        return -1
+    if code == 0:
+        target = int(bert_ratio * n)
+        status, k = plan_bert(t, addr, st, cdf, table, target, int(target / max(avg_block_length, 1.0) * 1.25) + 8,
+                              cls, eos, shuffle, bert_ratio, work[:5 * n + 8])
+    elif code == 1:
+        status, k = plan_sentence(t, addr, st, lut, int(sentence_ratio * n), cls, shuffle, mask_cls,
+                                  work[:5 * n + 8])
+    else:
+        lo = int(gpt_min_ratio * n)
+        if not 1 <= lo <= n - 2:
+            return -1
+        suffix, _ = plan_gpt(t, addr, st, lo, infill_prob, eos, work[:5 * n + 8])
+        return n + 1 if suffix else n + 2
+    return -1 if status else n + 2 * k
+
+
+@_njit
+def fit_sample(code, look, avail, n, finishing, seq_len, slack, min_chunk, min_remnant, addr, st, cdf, table,
+               bert_ratio, avg_block_length, cls, eos, shuffle, lut, sentence_ratio, mask_cls, gpt_min_ratio,
+               infill_prob, work, out, loss, mask_id, sop, eop, block_positions):
+    """code 0/1/2 = bert/sentence/gpt; look: the queue's next min(avail, seq_len) tokens; n: the first guess.
+    Returns (status, trials, best n (0: none fits), k or g, sep, suffix)."""
+    tried = np.zeros(look.shape[0] + 2, np.bool_)
+    best, trials = 0, 0
+    for _ in range(12):
+        if finishing and 0 < avail - n < min_remnant and avail - min_remnant >= min_remnant:
+            n = avail - min_remnant
+        if n < min_chunk:
+            break
+        if n > look.shape[0]:
+            return FALLBACK, 0, 0, 0, 0, False
+        if tried[n]:
+            break
+        tried[n] = True
+        trials += 1
+        length = _trial_length(code, look[:n], addr, st, cdf, table, bert_ratio, avg_block_length, cls, eos,
+                               shuffle, lut, sentence_ratio, mask_cls, gpt_min_ratio, infill_prob, work)
+        if length < 0:
+            return FALLBACK, 0, 0, 0, 0, False
+        over = length - seq_len
+        if over <= 0:
+            if n > best:
+                best = n
+            if over >= -slack or n >= avail or tried[n + 1]:
+                break
+            n = min(avail, n + max(1, -over // 2))
+        else:
+            n -= max(1, over)
+    if best == 0:
+        return 0, trials, 0, 0, 0, False
+    t = look[:best]
+    w = work[:5 * best + 8]
+    if best > look.shape[0]:
+        return FALLBACK, 0, 0, 0, 0, False
+    if code == 0:
+        target = int(bert_ratio * best)
+        status, k, sep = sample_bert(t, addr, st, cdf, table, target,
+                                     int(target / max(avg_block_length, 1.0) * 1.25) + 8, cls, eos, shuffle,
+                                     bert_ratio, w, out, loss, mask_id, sop, eop, block_positions)
+    elif code == 1:
+        status, k, sep = sample_sentence(t, addr, st, lut, int(sentence_ratio * best), cls, shuffle, mask_cls, w,
+                                         out, loss, mask_id, sop, eop, block_positions)
+    else:
+        suffix, g, sep = sample_gpt(t, addr, st, int(gpt_min_ratio * best), infill_prob, eos, cls, w, out, loss,
+                                    mask_id, sop, eop, block_positions)
+        return 0, trials, best, g, sep, suffix
+    if status:
+        return FALLBACK, 0, 0, 0, 0, False
+    return 0, trials, best, k, sep, False
+
+
 _DIRECT: bool | None = None
 
 

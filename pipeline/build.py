@@ -232,23 +232,28 @@ class Packer:
               length_only: bool = False):
         """The chunk's sample, or with length_only its length only (from the drawn spans, no layout built, rng
         not advanced: infilling.sample_length), so a fit tries lengths and makes one sample."""
+        cfg = self.cfg
+        if not FAST_PACKING:
+            return (infilling.sample_length if length_only else infilling.make_sample)(
+                chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
+                gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob,
+                shuffle_spans=cfg.shuffle_spans, block_position_encoding=cfg.block_position_encoding,
+                block_mask_prob=cfg.block_mask_prob, context_mask_ratio=cfg.context_mask_ratio,
+                single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
+        sampler = self._sampler(objective, fallback)
+        return sampler.length(chunk, rng) if length_only else sampler.sample(chunk, rng)
+
+    def _sampler(self, objective: str, fallback: bool) -> infilling.ChunkSampler:
         sampler = self.samplers.get((objective, fallback))
         if sampler is None:
             cfg = self.cfg
-            if not FAST_PACKING:
-                return (infilling.sample_length if length_only else infilling.make_sample)(
-                    chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
-                    gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob,
-                    shuffle_spans=cfg.shuffle_spans, block_position_encoding=cfg.block_position_encoding,
-                    block_mask_prob=cfg.block_mask_prob, context_mask_ratio=cfg.context_mask_ratio,
-                    single_span_prob=0.0 if fallback else cfg.single_span_prob)
             sampler = self.samplers[objective, fallback] = infilling.ChunkSampler(
                 objective, specials=self.specials, task_mask=cfg.task_mask, gpt_min_ratio=cfg.gpt_min_ratio,
                 gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
                 block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
                 context_mask_ratio=cfg.context_mask_ratio,
                 single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
-        return sampler.length(chunk, rng) if length_only else sampler.sample(chunk, rng)
+        return sampler
 
     def _objective(self, first: int) -> str:
         pick = float(first) / 2.0**64   # objective draw in [0, 1): the seed's first uint64
@@ -319,6 +324,14 @@ class Packer:
         avail = self.queue.available
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
         rng = self._fresh_rng()
+        if self.fast_seeding:   # the loop below in one compiled call (None: it cannot answer every trial)
+            look = self.queue.peek(min(avail, seq_len))   # every trial chunk is a prefix (n <= avail, seq_len)
+            fitted = self._sampler(objective, fallback).fit(look, avail, n, self.finishing, seq_len, slack,
+                                                            MIN_CHUNK, MIN_REMNANT, rng)
+            if fitted is not None:
+                trials, best_n, sample = fitted
+                self.acc["fit_trials"] += trials
+                return None if sample is None else (look[:best_n], sample)
         best: np.ndarray | None = None
         tried: set[int] = set()
         for _ in range(12):

@@ -677,6 +677,49 @@ class ChunkSampler:
                 return length
         return sample_length(tokens, self.objective, rng, specials=self.specials, **self.options)
 
+    def fit(self, look: np.ndarray, avail: int, n: int, finishing: bool, seq_len: int, slack: int, min_chunk: int,
+            min_remnant: int, rng: np.random.Generator) -> tuple[int, int, dict | None] | None:
+        """A packer's whole fit (build.Packer._fit: its trial rule, lengths from sample_length, then make_sample
+        of the fullest chunk that fits) in one compiled call: look holds the queue's next tokens (every trial
+        chunk is a prefix of it), n is the first guess. Returns (trials, chosen length, sample), chosen length 0
+        and sample None when no trial fits; None when the compiled path cannot answer every trial the way
+        sample_length would (the caller then runs its own loop: nothing was drawn, rng is untouched)."""
+        if not (self.kernel and look.dtype is _I32 and look.flags.c_contiguous and look.shape[0] >= 64
+                and look[0] == self.specials.cls and type(rng) is np.random.Generator
+                and type(rng.bit_generator) is np.random.PCG64 and _K.direct_state()):
+            return None
+        sp, o = self.specials, self.options
+        code = OBJECTIVES.index(self.objective)
+        L = look.shape[0]
+        mask_id = sp.mask if not o["task_mask"] or code == 0 else mask_token_id(self.objective, sp, True)
+        cdf, table = _cdf_and_table(3.0, 40)
+        arr = np.empty((4, L + 2 * int(0.15 * L) + 2), ID_DTYPE)   # the longest sample of a prefix of look
+        loss = np.empty(arr.shape[1], LOSS_DTYPE)
+        work = np.empty(5 * L + 8, np.int64)
+        with rng.bit_generator.lock:
+            status, trials, best, kg, sep, suffix = _K.fit_sample(
+                code, look, avail, n, finishing, seq_len, slack, min_chunk, min_remnant,
+                rng.bit_generator.ctypes.state_address, np.empty(6, np.uint64), cdf, table, 0.15, 3.0, sp.cls,
+                sp.eos, o["shuffle_spans"], _boundary_lut(sp.eos, sp.sentence_end_ids), 0.15, True,
+                o["gpt_min_ratio"], o["gpt_infill_prob"], work, arr, loss, mask_id, sp.sop, sp.eop,
+                o["block_position_encoding"])
+        if status:
+            return None
+        if not best:
+            return trials, 0, None
+        if suffix:
+            length, spans, layout = best + 1, [(best - kg, best)], "gpt_suffix"
+        else:
+            kg = 1 if code == 2 else kg                    # the gpt single-span layout: one span
+            length = best + 2 * kg
+            pairs = iter(work[3 * kg:5 * kg].tolist())
+            spans = list(zip(pairs, pairs))
+            layout = "gpt_single_span" if code == 2 else self.objective
+        return trials, best, {
+            "input_ids": arr[0, :length], "targets": arr[1, :length], "loss_mask": loss[:length],
+            "position_ids": arr[2, :length], "block_position_ids": arr[3, :length], "sep": sep, "spans": spans,
+            "layout": layout, "objective": self.objective, "single_span": False}
+
     def sample(self, tokens, rng: np.random.Generator) -> dict:
         """make_sample(tokens, objective, rng, specials=specials, **options)."""
         if self._served(tokens, rng):

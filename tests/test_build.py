@@ -465,9 +465,9 @@ def test_compiled_seeding_is_numpys_default_rng_of_the_seed_sequence():
                                  "task_mask": True, "shuffle_spans": False}],
                          ids=["default", "short-seq", "single-span-block-context", "seq512-sentence-gpt", "gpt-wds"])
 def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_path, tmp_path, monkeypatch):
-    """The packer's fast paths (compiled seeding into one reused Generator, infilling.ChunkSampler) write the
-    same shard and receipt bytes as the reference path (a SeedSequence and a new Generator per chunk,
-    make_sample and sample_length per call) for one packing group, over
+    """The packer's fast paths (compiled seeding into one reused Generator, infilling.ChunkSampler and its
+    compiled fit) write the same shard and receipt bytes as the reference path (a SeedSequence and a new
+    Generator per chunk, make_sample and sample_length per call, the fit loop in Python) for one packing group, over
     configs that reach every branch: short samples, single-span + block + context masks, objective mixes,
     several variants, a seed of several words, WebDataset."""
     from pipeline import _infill_kernels as K
@@ -475,9 +475,14 @@ def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_
 
     files = D.list_inputs(small_corpus[:4])
     model = Path(tokenizer_path).read_bytes()
-    seeded, real, sampled, real_sample = [], K.seed_into, [], infilling.ChunkSampler.sample
+    seeded, real, fits, real_fit = [], K.seed_into, [], infilling.ChunkSampler.fit
     monkeypatch.setattr(K, "seed_into", lambda *a: seeded.append(1) or real(*a))
-    monkeypatch.setattr(infilling.ChunkSampler, "sample", lambda *a: sampled.append(1) or real_sample(*a))
+
+    def fit(*a):
+        fits.append(real_fit(*a))
+        return fits[-1]
+
+    monkeypatch.setattr(infilling.ChunkSampler, "fit", fit)
     trees = []
     for fast in (False, True):
         monkeypatch.setattr(B, "FAST_PACKING", fast)
@@ -487,7 +492,10 @@ def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_
         trees.append(tree_bytes(out))
     assert len(trees[0]) >= 3 and trees[0] == trees[1]
     assert len(seeded) > 100 or not K.AVAILABLE   # the fast run took the compiled seeding
-    assert len(sampled) > 100                      # and the prepared sampler (only the fast run uses it)
+    # and the compiled fit (only the fast run uses it) answered most chunks; the official knobs take make_sample
+    knobs = any(kw.get(k) for k in ("single_span_prob", "block_mask_prob", "context_mask_ratio"))
+    served = sum(f is not None for f in fits)
+    assert served > 100 if K.AVAILABLE and not knobs else served == 0
 
 
 def test_shard_buffer_add_sample_is_add():

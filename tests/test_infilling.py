@@ -549,12 +549,20 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
     from pipeline.config import BuildConfig
     calls = []
     real = infilling.ChunkSampler.sample   # the packer's make_sample (test_chunk_sampler_is_make_sample)
+    real_fit = infilling.ChunkSampler.fit  # its whole fit in one call, the one sample kept made at its end
 
     def counting(*a, **kw):
         calls.append(1)
         return real(*a, **kw)
 
+    def counting_fit(*a):
+        out = real_fit(*a)
+        if out is not None and out[2] is not None:
+            calls.append(1)
+        return out
+
     monkeypatch.setattr(infilling.ChunkSampler, "sample", counting)
+    monkeypatch.setattr(infilling.ChunkSampler, "fit", counting_fit)
     cfg = BuildConfig(seq_len=160, short_seq_prob=0.15)
     fs = fsspec.filesystem("file")
     writer, acc = B.ShardWriter(fs, str(tmp_path), "parquet", 3, 1, 64), B.new_accounting()
@@ -572,6 +580,7 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
     assert len(rows) == acc["samples"] > 50 and acc["short_seq_samples"] > 0
     assert len(calls) == acc["samples"] < acc["fit_trials"]
     monkeypatch.setattr(infilling.ChunkSampler, "sample", real)
+    monkeypatch.setattr(infilling.ChunkSampler, "fit", real_fit)
     for row in rows:
         assert len(row["input_ids"]) <= cfg.seq_len
         chunk = reconstruct(dict(row), SP)
