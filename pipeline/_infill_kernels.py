@@ -797,6 +797,9 @@ def compile_seconds() -> float:
             sample_bert(t, 0, st, cdf, table, 1, 9, 2, 0, True, 0.15, work, out, loss, 3, 6, 7, True)
             sample_sentence(t, 0, st, lut, 1, 2, True, True, work, out, loss, 3, 6, 7, True)
             sample_gpt(t, 0, st, 6, 0.5, 0, 2, work, out, loss, 3, 6, 7, True)
+            for code in range(3):                     # the packer's fit (its chunks: prefixes of an int32 array)
+                fit_sample(code, t, 13, 10, False, 16, 1, 4, 16, 0, st, cdf, table, 0.15, 3.0, 2, 0, True, lut,
+                           0.15, True, 0.5, 0.5, work, out, loss, 3, 6, 7, True)
         direct_state()
         direct_seed()
         _COMPILE_SECONDS = time.perf_counter() - t0
