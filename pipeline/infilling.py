@@ -662,6 +662,7 @@ class ChunkSampler:
         self.args = (shuffle_spans, 0.15, 0.15, 3.0, 40, gpt_infill_prob, gpt_min_ratio, True)
         self.sample_args = (task_mask, shuffle_spans, block_position_encoding, 0.15, 0.15, 3.0, 40,
                             gpt_infill_prob, gpt_min_ratio, True)
+        self.fit_args = self.fill_args = None   # fit()'s kernel arguments, made on its first call
 
     def _served(self, t, rng) -> bool:
         return (self.kernel and type(t) is np.ndarray and t.dtype is _I32 and t.ndim == 1 and t.shape[0] >= 64
@@ -688,21 +689,24 @@ class ChunkSampler:
                 and look[0] == self.specials.cls and type(rng) is np.random.Generator
                 and type(rng.bit_generator) is np.random.PCG64 and _K.direct_state()):
             return None
-        sp, o = self.specials, self.options
-        code = OBJECTIVES.index(self.objective)
+        if self.fit_args is None:   # the options as the kernel's arguments, once
+            sp, o = self.specials, self.options
+            self.code = code = OBJECTIVES.index(self.objective)
+            mask_id = sp.mask if not o["task_mask"] or code == 0 else mask_token_id(self.objective, sp, True)
+            self.fit_args = (*_cdf_and_table(3.0, 40), 0.15, 3.0, sp.cls, sp.eos, o["shuffle_spans"],
+                             _boundary_lut(sp.eos, sp.sentence_end_ids), 0.15, True, o["gpt_min_ratio"],
+                             o["gpt_infill_prob"])
+            self.fill_args = (mask_id, sp.sop, sp.eop, o["block_position_encoding"])
+        code = self.code
         L = look.shape[0]
-        mask_id = sp.mask if not o["task_mask"] or code == 0 else mask_token_id(self.objective, sp, True)
-        cdf, table = _cdf_and_table(3.0, 40)
         arr = np.empty((4, L + 2 * int(0.15 * L) + 2), ID_DTYPE)   # the longest sample of a prefix of look
         loss = np.empty(arr.shape[1], LOSS_DTYPE)
         work = np.empty(5 * L + 8, np.int64)
         with rng.bit_generator.lock:
             status, trials, best, kg, sep, suffix = _K.fit_sample(
                 code, look, avail, n, finishing, seq_len, slack, min_chunk, min_remnant,
-                rng.bit_generator.ctypes.state_address, np.empty(6, np.uint64), cdf, table, 0.15, 3.0, sp.cls,
-                sp.eos, o["shuffle_spans"], _boundary_lut(sp.eos, sp.sentence_end_ids), 0.15, True,
-                o["gpt_min_ratio"], o["gpt_infill_prob"], work, arr, loss, mask_id, sp.sop, sp.eop,
-                o["block_position_encoding"])
+                rng.bit_generator.ctypes.state_address, np.empty(6, np.uint64), *self.fit_args, work, arr, loss,
+                *self.fill_args)
         if status:
             return None
         if not best:
