@@ -199,6 +199,87 @@ if numba is not None:
         q[1], q[0] = st[0], st[1]
         p[1] = (st[4] & _M32) | (st[5] << _S32)
 
+    @_njit
+    def seed_into(addr, words, st):
+        """seed_state(words, st), and the whole record (increment too) written into the PCG64 at `addr`."""
+        u0, u1 = seed_state(words, st)
+        p = _u64_ptr(addr)
+        q = _u64_ptr(p[0])
+        q[1], q[0], q[3], q[2] = st[0], st[1], st[2], st[3]
+        p[1] = _ZERO
+        return u0, u1
+
+
+# ------------------------------------------------------------------------------------------------ seeding
+# np.random.default_rng(np.random.SeedSequence(words)) without building either object: numpy's SeedSequence
+# pool mixing (bit_generator.pyx mix_entropy, a pool of 4 uint32 words), generate_state(4, uint64), and PCG64's
+# seeding from those words (pcg64.c pcg64_set_seed: state = words 0-1, increment = words 2-3, pcg_setseq_128
+# srandom), written straight into a PCG64's state record. Building a SeedSequence and a Generator per chunk
+# costs ~15 us (np.errstate in generate_state, the Generator's ctypes interface); this is one compiled call.
+# `direct_seed()` checks it against numpy once per process; tests/test_build.py checks it over many seeds.
+
+_SS_INIT_A = _U(0x43B0D7E5)
+_SS_MULT_A = _U(0x931E8875)
+_SS_INIT_B = _U(0x8B51F9DD)
+_SS_MULT_B = _U(0x58F38DED)
+_SS_MIX_L = _U(0xCA01F9DD)
+_SS_MIX_R = _U(0x4973F715)
+_S16 = _U(16)
+
+
+@_njit
+def _mix(x, y):
+    r = (_SS_MIX_L * x - _SS_MIX_R * y) & _M32
+    return r ^ (r >> _S16)
+
+
+@_njit
+def seed_state(words, st):
+    """st uint64[6] <- the PCG64 record of default_rng(SeedSequence(words)) (words: uint32 entropy, no spawn key);
+    returns SeedSequence(words).generate_state(2, np.uint64) as two ints."""
+    pool = np.empty(4, np.uint64)
+    h = _SS_INIT_A
+    nw = words.shape[0]
+    for i in range(4):
+        v = _U(words[i]) if i < nw else _ZERO
+        v ^= h
+        h = (h * _SS_MULT_A) & _M32
+        v = (v * h) & _M32
+        pool[i] = v ^ (v >> _S16)
+    for i_src in range(nw if nw > 4 else 4):
+        for i_dst in range(4):
+            if i_src < 4:
+                if i_src == i_dst:
+                    continue
+                v = pool[i_src]
+            else:
+                v = _U(words[i_src])
+            v ^= h
+            h = (h * _SS_MULT_A) & _M32
+            v = (v * h) & _M32
+            pool[i_dst] = _mix(pool[i_dst], v ^ (v >> _S16))
+    h = _SS_INIT_B
+    out = np.empty(4, np.uint64)
+    for i in range(8):
+        v = pool[i % 4] ^ h
+        h = (h * _SS_MULT_B) & _M32
+        v = (v * h) & _M32
+        v ^= v >> _S16
+        if i % 2 == 0:
+            out[i // 2] = v
+        else:
+            out[i // 2] |= v << _S32
+    # pcg_setseq_128_srandom_r: state = 0; inc = (initseq << 1) | 1; step; state += initstate; step
+    st[2] = (out[2] << _ONE) | (out[3] >> _S63)
+    st[3] = (out[3] << _ONE) | _ONE
+    st[0], st[1] = st[2], st[3]                     # 0 * MULT + inc
+    lo = st[1] + out[1]
+    st[0] = st[0] + out[0] + (_ONE if lo < st[1] else _ZERO)
+    st[1] = lo
+    _next64(st)
+    st[4], st[5] = _ZERO, _ZERO
+    return out[0], out[1]
+
 
 # ------------------------------------------------------------------------------------------------------ layout
 # Two calls per sample, so that no array crosses back from compiled code (each one costs ~1 us to box): a plan
@@ -549,6 +630,93 @@ def sample_gpt(t, addr, st, lo, infill_prob, eos, cls, work, out, loss, mask_id,
     return False, g, fill_blocks(t, work, 1, out, loss, mask_id, sop, eop, block_positions, addr, st)
 
 
+# A packer's whole fit in one call: the length trials of build.Packer._fit (same rule, same trial lengths: each
+# trial is the plan of make_sample's compiled path on a prefix of `look`, on a copy of the state, as
+# sample_length does) and then the one sample kept (plan + fill, the state advanced), so the Python per trial
+# (a peek, the sampler's checks, the dispatch) is paid once per chunk. Anything the trials cannot answer the
+# way sample_length's compiled path does (a chunk under 64 tokens, a span that cannot be placed, a gpt bound
+# out of range) returns FALLBACK before any state is written: the caller's Python loop then redoes the fit.
+FALLBACK = 2
+
+
+@_njit
+def _trial_length(code, t, addr, st, cdf, table, bert_ratio, avg_block_length, cls, eos, shuffle, lut,
+                  sentence_ratio, mask_cls, gpt_min_ratio, infill_prob, work):
+    """The output length of make_sample's compiled path on chunk t (-1: the numpy path must answer)."""
+    n = t.shape[0]
+    if n < 64:
+        return -1
+    if code == 0:
+        target = int(bert_ratio * n)
+        status, k = plan_bert(t, addr, st, cdf, table, target, int(target / max(avg_block_length, 1.0) * 1.25) + 8,
+                              cls, eos, shuffle, bert_ratio, work[:5 * n + 8])
+    elif code == 1:
+        status, k = plan_sentence(t, addr, st, lut, int(sentence_ratio * n), cls, shuffle, mask_cls,
+                                  work[:5 * n + 8])
+    else:
+        lo = int(gpt_min_ratio * n)
+        if not 1 <= lo <= n - 2:
+            return -1
+        suffix, _ = plan_gpt(t, addr, st, lo, infill_prob, eos, work[:5 * n + 8])
+        return n + 1 if suffix else n + 2
+    return -1 if status else n + 2 * k
+
+
+@_njit
+def fit_sample(code, look, avail, n, finishing, seq_len, slack, min_chunk, min_remnant, addr, st, cdf, table,
+               bert_ratio, avg_block_length, cls, eos, shuffle, lut, sentence_ratio, mask_cls, gpt_min_ratio,
+               infill_prob, work, out, loss, mask_id, sop, eop, block_positions):
+    """code 0/1/2 = bert/sentence/gpt; look: the queue's next min(avail, seq_len) tokens; n: the first guess.
+    Returns (status, trials, best n (0: none fits), k or g, sep, suffix)."""
+    tried = np.zeros(look.shape[0] + 2, np.bool_)
+    best, trials = 0, 0
+    for _ in range(12):
+        if finishing and 0 < avail - n < min_remnant and avail - min_remnant >= min_remnant:
+            n = avail - min_remnant
+        if n < min_chunk:
+            break
+        if n > look.shape[0]:
+            return FALLBACK, 0, 0, 0, 0, False
+        if tried[n]:
+            break
+        tried[n] = True
+        trials += 1
+        length = _trial_length(code, look[:n], addr, st, cdf, table, bert_ratio, avg_block_length, cls, eos,
+                               shuffle, lut, sentence_ratio, mask_cls, gpt_min_ratio, infill_prob, work)
+        if length < 0:
+            return FALLBACK, 0, 0, 0, 0, False
+        over = length - seq_len
+        if over <= 0:
+            if n > best:
+                best = n
+            if over >= -slack or n >= avail or tried[n + 1]:
+                break
+            n = min(avail, n + max(1, -over // 2))
+        else:
+            n -= max(1, over)
+    if best == 0:
+        return 0, trials, 0, 0, 0, False
+    t = look[:best]
+    w = work[:5 * best + 8]
+    if best > look.shape[0]:
+        return FALLBACK, 0, 0, 0, 0, False
+    if code == 0:
+        target = int(bert_ratio * best)
+        status, k, sep = sample_bert(t, addr, st, cdf, table, target,
+                                     int(target / max(avg_block_length, 1.0) * 1.25) + 8, cls, eos, shuffle,
+                                     bert_ratio, w, out, loss, mask_id, sop, eop, block_positions)
+    elif code == 1:
+        status, k, sep = sample_sentence(t, addr, st, lut, int(sentence_ratio * best), cls, shuffle, mask_cls, w,
+                                         out, loss, mask_id, sop, eop, block_positions)
+    else:
+        suffix, g, sep = sample_gpt(t, addr, st, int(gpt_min_ratio * best), infill_prob, eos, cls, w, out, loss,
+                                    mask_id, sop, eop, block_positions)
+        return 0, trials, best, g, sep, suffix
+    if status:
+        return FALLBACK, 0, 0, 0, 0, False
+    return 0, trials, best, k, sep, False
+
+
 _DIRECT: bool | None = None
 
 
@@ -571,7 +739,35 @@ def direct_state() -> bool:
     return _DIRECT
 
 
+_SEED: bool | None = None
+
+
+def direct_seed() -> bool:
+    """Whether seed_into makes exactly np.random.default_rng(np.random.SeedSequence(words)) here (checked once,
+    on a few word lists: one word, the pool's four, more than four; multi-word values)."""
+    global _SEED
+    if _SEED is None:
+        _SEED = False
+        if direct_state():
+            ok = True
+            for words in ([0], [7, 0, 1, 2], [7, 0, 5, 1, 4095], [2**32 - 1, 3, 1, 2**32 - 1, 0, 8, 9]):
+                w = np.array(words, dtype=np.uint32)
+                want = np.random.SeedSequence(w)
+                bg = np.random.PCG64(0)
+                st = np.zeros(6, np.uint64)
+                u0, u1 = seed_into(bg.ctypes.state_address, w, st)
+                ok = (ok and bg.state == np.random.PCG64(want).state
+                      and [u0, u1] == want.generate_state(2, np.uint64).tolist())
+            _SEED = bool(ok)
+    return _SEED
+
+
 _COMPILE_SECONDS: float | None = None
+
+
+def compiled() -> bool:
+    """Whether compile_seconds() has run in this process (its figure is then a cost already paid)."""
+    return _COMPILE_SECONDS is not None
 
 
 def compile_seconds() -> float:
@@ -601,6 +797,10 @@ def compile_seconds() -> float:
             sample_bert(t, 0, st, cdf, table, 1, 9, 2, 0, True, 0.15, work, out, loss, 3, 6, 7, True)
             sample_sentence(t, 0, st, lut, 1, 2, True, True, work, out, loss, 3, 6, 7, True)
             sample_gpt(t, 0, st, 6, 0.5, 0, 2, work, out, loss, 3, 6, 7, True)
+            for code in range(3):                     # the packer's fit (its chunks: prefixes of an int32 array)
+                fit_sample(code, t, 13, 10, False, 16, 1, 4, 16, 0, st, cdf, table, 0.15, 3.0, 2, 0, True, lut,
+                           0.15, True, 0.5, 0.5, work, out, loss, 3, 6, 7, True)
         direct_state()
+        direct_seed()
         _COMPILE_SECONDS = time.perf_counter() - t0
     return _COMPILE_SECONDS

@@ -40,6 +40,7 @@ import time
 import fsspec
 import numpy as np
 
+from pipeline import _infill_kernels as _K
 from pipeline import documents as D
 from pipeline import infilling
 from pipeline import output as O
@@ -53,6 +54,10 @@ MIN_CHUNK = 4       # the shortest chunk any objective accepts (gpt); shorter gr
 MIN_REMNANT = 16    # at a stream's end, cut so that what is left is 0 or at least this many tokens
 ENCODE_BATCH = 64   # documents (segments) per sentencepiece batch call
 SHORT_BUCKET = 32   # width of the manifest's short-sample length histogram buckets (tokens)
+# The packer's fast paths: each chunk's Generator seeded by one compiled call (_infill_kernels.seed_into: the
+# state numpy makes) instead of a SeedSequence and a new Generator per chunk, and infilling.ChunkSampler (options
+# read once) instead of make_sample / sample_length per call. False: the reference path (the same bytes; tests).
+FAST_PACKING = True
 
 
 def demo_corpus() -> list[str]:
@@ -160,6 +165,14 @@ class Packer:
         probs = np.array([cfg.objectives[o] for o in self.objectives], dtype=np.float64)
         # objective k is drawn when pick < cum_probs[k]; a list of floats for bisect (a numpy call costs ~1 us)
         self.cum_probs = (np.cumsum(probs) / probs.sum()).tolist()
+        # one Generator for every chunk, reseeded per chunk in place, when the compiled seeding is exact here
+        self.fast_seeding = FAST_PACKING and _K.AVAILABLE and _K.direct_seed()
+        if self.fast_seeding:
+            self.rng = np.random.Generator(np.random.PCG64(0))
+            self.rng_addr = self.rng.bit_generator.ctypes.state_address
+            self.rng_record = np.zeros(6, np.uint64)
+        self.seed: np.random.SeedSequence | None = None   # the chunk's SeedSequence (numpy seeding)
+        self.samplers: dict[tuple[str, bool], infilling.ChunkSampler] = {}   # (objective, fallback) ->
 
     def push(self, framed: np.ndarray, source: str, doc_index: int) -> None:
         self.queue.push(framed, source, doc_index)
@@ -192,24 +205,62 @@ class Packer:
         words[-1] = self.chunk_index
         return np.random.SeedSequence(words)
 
+    def _draws(self) -> tuple[int, int]:
+        """Seed this chunk (index self.chunk_index): SeedSequence(...).generate_state(2, np.uint64) as two ints
+        (the objective draw, the short_seq_prob draw); _fresh_rng() then gives default_rng of that seed."""
+        if self.fast_seeding and not self.chunk_index >> 32:
+            self.seed_words[-1] = self.chunk_index
+            self.seed = None
+            return _K.seed_into(self.rng_addr, self.seed_words, self.rng_record)
+        self.seed = self._seed()
+        return first_uint64(self.seed), int(self.seed.generate_state(2, np.uint64)[1])
+
+    def _fresh_rng(self) -> np.random.Generator:
+        """np.random.default_rng(this chunk's seed), in its initial state (a fresh one for every fit)."""
+        if self.seed is None:
+            _K.seed_into(self.rng_addr, self.seed_words, self.rng_record)
+            return self.rng
+        return np.random.default_rng(self.seed)
+
+    def _entropy(self) -> np.ndarray:
+        """This chunk's SeedSequence entropy (its uint32 words; numpy's own for a chunk index >= 2**32)."""
+        if self.seed is None:
+            return self.seed_words.copy()
+        return self.seed.entropy
+
     def _make(self, chunk: np.ndarray, objective: str, rng: np.random.Generator, fallback: bool = False,
               length_only: bool = False):
         """The chunk's sample, or with length_only its length only (from the drawn spans, no layout built, rng
         not advanced: infilling.sample_length), so a fit tries lengths and makes one sample."""
         cfg = self.cfg
-        return (infilling.sample_length if length_only else infilling.make_sample)(
-            chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
-            gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
-            block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
-            context_mask_ratio=cfg.context_mask_ratio,
-            single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
+        if not FAST_PACKING:
+            return (infilling.sample_length if length_only else infilling.make_sample)(
+                chunk, objective, rng, specials=self.specials, task_mask=cfg.task_mask,
+                gpt_min_ratio=cfg.gpt_min_ratio, gpt_infill_prob=cfg.gpt_infill_prob,
+                shuffle_spans=cfg.shuffle_spans, block_position_encoding=cfg.block_position_encoding,
+                block_mask_prob=cfg.block_mask_prob, context_mask_ratio=cfg.context_mask_ratio,
+                single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
+        sampler = self._sampler(objective, fallback)
+        return sampler.length(chunk, rng) if length_only else sampler.sample(chunk, rng)
 
-    def _objective(self, seed: np.random.SeedSequence) -> str:
-        pick = float(first_uint64(seed)) / 2.0**64   # objective draw in [0, 1)
+    def _sampler(self, objective: str, fallback: bool) -> infilling.ChunkSampler:
+        sampler = self.samplers.get((objective, fallback))
+        if sampler is None:
+            cfg = self.cfg
+            sampler = self.samplers[objective, fallback] = infilling.ChunkSampler(
+                objective, specials=self.specials, task_mask=cfg.task_mask, gpt_min_ratio=cfg.gpt_min_ratio,
+                gpt_infill_prob=cfg.gpt_infill_prob, shuffle_spans=cfg.shuffle_spans,
+                block_position_encoding=cfg.block_position_encoding, block_mask_prob=cfg.block_mask_prob,
+                context_mask_ratio=cfg.context_mask_ratio,
+                single_span_prob=0.0 if fallback else cfg.single_span_prob)   # a fallback is a doc-level sample
+        return sampler
+
+    def _objective(self, first: int) -> str:
+        pick = float(first) / 2.0**64   # objective draw in [0, 1): the seed's first uint64
         return self.objectives[min(bisect.bisect_right(self.cum_probs, pick),
                                    len(self.objectives) - 1)]
 
-    def _split_short(self, seed: np.random.SeedSequence) -> None:
+    def _split_short(self) -> None:
         """short_seq_prob (spec §3.7 split_samples): this chunk's text becomes up to (seq_len-1)//t short samples,
         t ~ U{32 .. seq_len-2} (the official randrange(32, seq_len-1)); each piece holds ~t text tokens, its end
         moved back to a sentence end (or eos) unless that leaves fewer than t//2, and starts with [CLS] (an added
@@ -218,7 +269,7 @@ class Packer:
         (its own chunk index, seed and objective draw); a piece whose sample would exceed seq_len is cut shorter,
         the rest going to the next piece. Every sample still takes a row of seq_len: the padding is counted."""
         cfg, q, acc = self.cfg, self.queue, self.acc
-        child = np.random.SeedSequence(seed.entropy, spawn_key=(1,))   # not the chunk's own sample stream
+        child = np.random.SeedSequence(self._entropy(), spawn_key=(1,))   # not the chunk's own sample stream
         t = int(np.random.default_rng(child).integers(32, cfg.seq_len - 1))
         ends = np.array(sorted(self.specials.sentence_end_ids | {self.specials.eos}))
         acc["short_seq_chunks"] += 1
@@ -230,9 +281,8 @@ class Packer:
             e = int(at_end[-1]) + 2 if len(at_end) and at_end[-1] + 1 >= t // 2 else min(len(look), 1 + t)
             if e < len(look) and look[e] == self.specials.eos:
                 e += 1                                            # never start the next piece with an eos
-            piece_seed = self._seed()
-            objective = self._objective(piece_seed)
-            rng = np.random.default_rng(piece_seed)   # lengths do not advance it: one Generator per piece
+            objective = self._objective(self._draws()[0])
+            rng = self._fresh_rng()   # lengths do not advance it: one Generator per piece
             sample, n = None, e
             for obj in (objective, "gpt") if objective != "gpt" else ("gpt",):
                 if obj != objective:
@@ -264,8 +314,7 @@ class Packer:
                 acc["short_seq_length_hist"][b] = acc["short_seq_length_hist"].get(b, 0) + 1
             self.chunk_index += 1
 
-    def _fit(self, objective: str, seed: np.random.SeedSequence, fallback: bool = False
-             ) -> tuple[np.ndarray, dict] | None:
+    def _fit(self, objective: str, fallback: bool = False) -> tuple[np.ndarray, dict] | None:
         """A chunk whose sample fills seq_len up to `slack` pad tokens (else the fullest of a few deterministic
         trials, same seed each): the first guess n = seq_len / growth usually lands within the slack. A trial
         computes the sample's length from its drawn spans only (infilling.sample_length: no layout, the
@@ -274,7 +323,15 @@ class Packer:
         slack = max(1, seq_len // 64)    # <= 1.6% padding accepted without another trial
         avail = self.queue.available
         n = min(avail, max(MIN_CHUNK, int(seq_len / GROWTH[objective])))
-        rng = np.random.default_rng(seed)
+        rng = self._fresh_rng()
+        if self.fast_seeding:   # the loop below in one compiled call (None: it cannot answer every trial)
+            look = self.queue.peek(min(avail, seq_len))   # every trial chunk is a prefix (n <= avail, seq_len)
+            fitted = self._sampler(objective, fallback).fit(look, avail, n, self.finishing, seq_len, slack,
+                                                            MIN_CHUNK, MIN_REMNANT, rng)
+            if fitted is not None:
+                trials, best_n, sample = fitted
+                self.acc["fit_trials"] += trials
+                return None if sample is None else (look[:best_n], sample)
         best: np.ndarray | None = None
         tried: set[int] = set()
         for _ in range(12):
@@ -297,23 +354,23 @@ class Packer:
         return None if best is None else (best, self._make(best, objective, rng, fallback))
 
     def _cut(self) -> None:
-        seed = self._seed()
+        first, second = self._draws()
         if self.cfg.short_seq_prob > 0:   # its own word of the seed: the objective draw below is unchanged
-            if float(seed.generate_state(2, np.uint64)[1]) / 2.0**64 < self.cfg.short_seq_prob:
-                self._split_short(seed)
+            if float(second) / 2.0**64 < self.cfg.short_seq_prob:
+                self._split_short()
                 return
-        objective = self._objective(seed)
+        objective = self._objective(first)
         # Only "this chunk cannot take this objective" is expected; any other ValueError (a bad option) must
         # stop the build, not turn into silently dropped tokens.
         try:
-            fitted = self._fit(objective, seed)
+            fitted = self._fit(objective)
         except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
             fitted = None
         if fitted is None and objective != "gpt":
             self.acc["objective_fallbacks"] += 1   # counted, never silent: the chunk becomes a doc-level sample
             objective = "gpt"
             try:
-                fitted = self._fit(objective, seed, fallback=True)
+                fitted = self._fit(objective, fallback=True)
             except (infilling.SpanPlacementError, infilling.ChunkTooShortError):
                 fitted = None
         source, doc_index = self.queue.provenance
@@ -344,10 +401,13 @@ class Packer:
         acc["layouts"][layout] = acc["layouts"].get(layout, 0) + 1
         if objective not in self.span_lengths:
             self.span_lengths[objective] = []
-        self.span_lengths[objective].extend([int(e - s) for s, e in sample["spans"]])
-        self.writer.add(
-            sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
-            chunk_index=self.chunk_index, sample_key=f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}")
+        self.span_lengths[objective].extend([e - s for s, e in sample["spans"]])   # ints (np.int64 on numpy's path)
+        key = f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}"
+        if FAST_PACKING:
+            self.writer.add_sample(sample, objective, self.variant, source, doc_index, self.chunk_index, key)
+        else:
+            self.writer.add(sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
+                            chunk_index=self.chunk_index, sample_key=key)
 
 
 class ShardWriter:
@@ -366,6 +426,14 @@ class ShardWriter:
         """One infilling sample plus its provenance columns (S.ShardBuffer.add)."""
         self.rows.add(sample, **provenance)
         if len(self.rows) >= self.rows_per_shard:
+            self.flush()
+
+    def add_sample(self, sample: dict, objective: str, variant: int, source: str, doc_index: int,
+                   chunk_index: int, sample_key: str) -> None:
+        """add() with the provenance columns positional (S.ShardBuffer.add_sample)."""
+        rows = self.rows
+        rows.add_sample(sample, objective, variant, source, doc_index, chunk_index, sample_key)
+        if len(rows.lengths) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:
@@ -403,6 +471,9 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     how the shards and the receipt name each input (output.input_names; default: its URL)."""
     names = names or {f.url: f.url for f in files}
     t0, cpu0 = time.time(), _cpu_seconds()
+    # the compiled kernels, compiled or loaded from numba's cache once per worker process, up front (else each one
+    # compiles on its first use, mid-group) and measured: a cold compile shows in the run's stats
+    compile_seconds = 0.0 if _K.compiled() else _K.compile_seconds()
     tok = _tokenizer(model_bytes, cfg.tokenizer_commands)
     specials = tok.specials
     fs, root = fsspec.core.url_to_fs(cfg.output, **cfg.storage_options)
@@ -466,6 +537,7 @@ def process_group(cfg: BuildConfig, group: int, files: list[D.InputFile], model_
     tokens = accs["train"]["tokens_in"] + accs["validation"]["tokens_in"]
     # Run statistics (not part of any committed file: they depend on timing and the machine).
     return {"group": group, "tokens": tokens, "seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - cpu0,
+            "compile_seconds": compile_seconds,
             "pid": os.getpid(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "documents": accs["train"]["documents"] + accs["validation"]["documents"]}
 
@@ -762,7 +834,9 @@ def storage_error(e: BaseException) -> str | None:
 def build(cfg: BuildConfig, stats: dict | None = None) -> dict:
     """Build (or resume) the shard sets of cfg; returns {split: Manifest}, or for a multi-source build (cfg.sources)
     {source: {split: Manifest}}. `stats`, when given, receives this run's figures: tokens, seconds (excluding Ray
-    start-up), cpu_seconds (of the group tasks, all their threads), peak RSS (MB) of each worker process.
+    start-up), cpu_seconds (of the group tasks, all their threads), compile_seconds (the infilling kernels,
+    compiled or loaded from numba's cache once per worker process; part of the tasks' seconds), peak RSS (MB) of
+    each worker process.
 
     Object-store errors that mean missing credentials or a wrong endpoint are raised as ValueError naming the
     fix."""
@@ -966,7 +1040,7 @@ def _build(cfg: BuildConfig, stats: dict | None) -> dict[str, S.Manifest]:
 
 def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenizer, lock: O.OutputLock,
                 stats: dict | None, t0: float) -> int:
-    tokens, cpu = 0, 0.0
+    tokens, cpu, compile_seconds = 0, 0.0, 0.0
     if not todo:
         return tokens
     import ray
@@ -988,6 +1062,7 @@ def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenize
             lock.check()
             tokens += res["tokens"]
             cpu += res["cpu_seconds"]
+            compile_seconds += res["compile_seconds"]
             if stats is not None:
                 rss = stats.setdefault("worker_peak_rss_mb", {})
                 rss[res["pid"]] = max(rss.get(res["pid"], 0.0), res["peak_rss_mb"])
@@ -997,6 +1072,9 @@ def _run_groups(cfg: BuildConfig, groups: list, todo: list[int], tok: T.Tokenize
         bar.close()
         for ref in pending:   # a failed build leaves no task writing into the output after its lock is gone
             ray.cancel(ref, force=True)
+    if compile_seconds:
+        print(f"[build] infilling kernels compiled or loaded from numba's cache: {compile_seconds:.1f} s in all "
+              "(once per worker process; part of the group tasks' seconds)", flush=True)
     if stats is not None:
-        stats.update(tokens=tokens, seconds=time.time() - t_work, cpu_seconds=cpu)
+        stats.update(tokens=tokens, seconds=time.time() - t_work, cpu_seconds=cpu, compile_seconds=compile_seconds)
     return tokens

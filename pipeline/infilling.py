@@ -641,6 +641,99 @@ def make_sample(tokens, objective: str, rng: np.random.Generator, *, specials: S
     return out
 
 
+class ChunkSampler:
+    """`make_sample` and `sample_length` for many chunks of one objective with the same options (a packer's):
+    the same results, the same Generator advance and the same errors as those functions — they answer every
+    call the compiled path does not serve (no numba, the official knobs, a chunk that is not a packer's int32
+    chunk of 64+ tokens starting with [CLS], a chunk the kernels cannot place) — without re-reading the options
+    on each call (~5 us of a sample's ~15 us of Python)."""
+
+    def __init__(self, objective: str, *, specials: Specials, task_mask: bool = False, shuffle_spans: bool = True,
+                 block_position_encoding: bool = True, gpt_infill_prob: float = 0.5, gpt_min_ratio: float = 0.5,
+                 single_span_prob: float = 0.0, block_mask_prob: float = 0.0, context_mask_ratio: float = 0.0):
+        self.objective, self.specials = objective, specials
+        self.options = dict(task_mask=task_mask, shuffle_spans=shuffle_spans,
+                            block_position_encoding=block_position_encoding, gpt_infill_prob=gpt_infill_prob,
+                            gpt_min_ratio=gpt_min_ratio, single_span_prob=single_span_prob,
+                            block_mask_prob=block_mask_prob, context_mask_ratio=context_mask_ratio)
+        # the compiled path of make_sample with make_sample's defaults for the options not given here
+        self.kernel = (_K.AVAILABLE and objective in OBJECTIVES and isinstance(specials, Specials)
+                       and not (single_span_prob or block_mask_prob or context_mask_ratio))
+        self.args = (shuffle_spans, 0.15, 0.15, 3.0, 40, gpt_infill_prob, gpt_min_ratio, True)
+        self.sample_args = (task_mask, shuffle_spans, block_position_encoding, 0.15, 0.15, 3.0, 40,
+                            gpt_infill_prob, gpt_min_ratio, True)
+        self.fit_args = self.fill_args = None   # fit()'s kernel arguments, made on its first call
+
+    def _served(self, t, rng) -> bool:
+        return (self.kernel and type(t) is np.ndarray and t.dtype is _I32 and t.ndim == 1 and t.shape[0] >= 64
+                and t[0] == self.specials.cls and type(rng) is np.random.Generator
+                and type(rng.bit_generator) is np.random.PCG64)
+
+    def length(self, tokens, rng: np.random.Generator) -> int:
+        """sample_length(tokens, objective, rng, specials=specials, **options)."""
+        if self._served(tokens, rng):
+            with rng.bit_generator.lock:
+                length = _kernel_length(tokens, self.objective, rng, self.specials, *self.args)
+            if length is not None:
+                return length
+        return sample_length(tokens, self.objective, rng, specials=self.specials, **self.options)
+
+    def fit(self, look: np.ndarray, avail: int, n: int, finishing: bool, seq_len: int, slack: int, min_chunk: int,
+            min_remnant: int, rng: np.random.Generator) -> tuple[int, int, dict | None] | None:
+        """A packer's whole fit (build.Packer._fit: its trial rule, lengths from sample_length, then make_sample
+        of the fullest chunk that fits) in one compiled call: look holds the queue's next tokens (every trial
+        chunk is a prefix of it), n is the first guess. Returns (trials, chosen length, sample), chosen length 0
+        and sample None when no trial fits; None when the compiled path cannot answer every trial the way
+        sample_length would (the caller then runs its own loop: nothing was drawn, rng is untouched)."""
+        if not (self.kernel and look.dtype is _I32 and look.flags.c_contiguous and look.shape[0] >= 64
+                and look[0] == self.specials.cls and type(rng) is np.random.Generator
+                and type(rng.bit_generator) is np.random.PCG64 and _K.direct_state()):
+            return None
+        if self.fit_args is None:   # the options as the kernel's arguments, once
+            sp, o = self.specials, self.options
+            self.code = code = OBJECTIVES.index(self.objective)
+            mask_id = sp.mask if not o["task_mask"] or code == 0 else mask_token_id(self.objective, sp, True)
+            self.fit_args = (*_cdf_and_table(3.0, 40), 0.15, 3.0, sp.cls, sp.eos, o["shuffle_spans"],
+                             _boundary_lut(sp.eos, sp.sentence_end_ids), 0.15, True, o["gpt_min_ratio"],
+                             o["gpt_infill_prob"])
+            self.fill_args = (mask_id, sp.sop, sp.eop, o["block_position_encoding"])
+        code = self.code
+        L = look.shape[0]
+        arr = np.empty((4, L + 2 * int(0.15 * L) + 2), ID_DTYPE)   # the longest sample of a prefix of look
+        loss = np.empty(arr.shape[1], LOSS_DTYPE)
+        work = np.empty(5 * L + 8, np.int64)
+        with rng.bit_generator.lock:
+            status, trials, best, kg, sep, suffix = _K.fit_sample(
+                code, look, avail, n, finishing, seq_len, slack, min_chunk, min_remnant,
+                rng.bit_generator.ctypes.state_address, np.empty(6, np.uint64), *self.fit_args, work, arr, loss,
+                *self.fill_args)
+        if status:
+            return None
+        if not best:
+            return trials, 0, None
+        if suffix:
+            length, spans, layout = best + 1, [(best - kg, best)], "gpt_suffix"
+        else:
+            kg = 1 if code == 2 else kg                    # the gpt single-span layout: one span
+            length = best + 2 * kg
+            pairs = iter(work[3 * kg:5 * kg].tolist())
+            spans = list(zip(pairs, pairs))
+            layout = "gpt_single_span" if code == 2 else self.objective
+        return trials, best, {
+            "input_ids": arr[0, :length], "targets": arr[1, :length], "loss_mask": loss[:length],
+            "position_ids": arr[2, :length], "block_position_ids": arr[3, :length], "sep": sep, "spans": spans,
+            "layout": layout, "objective": self.objective, "single_span": False}
+
+    def sample(self, tokens, rng: np.random.Generator) -> dict:
+        """make_sample(tokens, objective, rng, specials=specials, **options)."""
+        if self._served(tokens, rng):
+            with rng.bit_generator.lock:
+                out = _kernel_sample(tokens, self.objective, rng, self.specials, *self.sample_args)
+            if out is not None:
+                return out
+        return make_sample(tokens, self.objective, rng, specials=self.specials, **self.options)
+
+
 def _as_int32(t: np.ndarray) -> np.ndarray | None:
     """The chunk as contiguous int32 (the one dtype the kernels are compiled for: ids are int32 in the shards);
     None when an id does not fit (the numpy path then decides)."""

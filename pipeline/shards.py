@@ -205,6 +205,7 @@ def sample_row(sample: dict, **provenance) -> dict:
 
 
 _PROVENANCE = frozenset(SCALAR_COLUMNS) - {"sep", "layout"}
+_ARRAY_NAMES = tuple(ARRAY_COLUMNS)
 
 
 class ShardBuffer:
@@ -247,6 +248,34 @@ class ShardBuffer:
         sc["layout"].append(sample["layout"])
         for c, v in provenance.items():
             sc[c].append(v)
+
+    def add_sample(self, sample: dict, objective: str, variant: int, source: str, doc_index: int,
+                   chunk_index: int, sample_key: str) -> None:
+        """add(sample, objective=..., ...) with the provenance columns positional (the packer's per-sample path:
+        no keyword dict to build and check)."""
+        a, n = self.used, len(sample["input_ids"])
+        arrays = self.arrays
+        if a + n > len(arrays["input_ids"]):
+            self.add(sample, objective=objective, variant=variant, source=source, doc_index=doc_index,
+                     chunk_index=chunk_index, sample_key=sample_key)   # regrows the buffers
+            return
+        for c in _ARRAY_NAMES:
+            v = sample[c]
+            if len(v) != n:
+                raise ValueError(f"column {c!r} has {len(v)} entries and input_ids {n} in row {sample_key!r}; "
+                                 "every token column needs one entry per token")
+            arrays[c][a:a + n] = v
+        self.used = a + n
+        self.lengths.append(n)
+        sc = self.scalars
+        sc["sep"].append(sample["sep"])
+        sc["layout"].append(sample["layout"])
+        sc["objective"].append(objective)
+        sc["variant"].append(variant)
+        sc["source"].append(source)
+        sc["doc_index"].append(doc_index)
+        sc["chunk_index"].append(chunk_index)
+        sc["sample_key"].append(sample_key)
 
     def samples(self) -> ShardSamples:
         """The buffered rows (views into the buffers: encode them before the next add)."""

@@ -132,6 +132,32 @@ def test_rerun_is_identical_and_other_config_refused(reference, small_corpus, to
     # the run's figures benchmarks/build.py divides by (not part of any file): tokens, CPU time, worker RSS
     assert stats["tokens"] == sum(m.accounting["tokens_in"] for m in manifests.values())
     assert 0 < stats["cpu_seconds"] and all(rss > 50 for rss in stats["worker_peak_rss_mb"].values())
+    assert 0 <= stats["compile_seconds"] < stats["seconds"]   # worker processes already warm pay (nearly) nothing
+
+
+def test_kernel_compile_seconds_are_in_the_group_stats(small_corpus, tokenizer_path, tmp_path):
+    """A worker with a cold numba cache compiles the infilling kernels once, up front, and says how long in the
+    group task's stats (compile_seconds, in the build's stats and its log as well); its next group pays 0, and a
+    new process with the cache now on disk loads them faster than it compiled them."""
+    script = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from pipeline import documents as D\n"
+        "from pipeline.build import process_group\n"
+        "from pipeline.config import BuildConfig\n"
+        "files = D.list_inputs(sys.argv[1:2])\n"
+        "model = Path(sys.argv[2]).read_bytes()\n"
+        "cfg = BuildConfig(input=['x'], output=sys.argv[3], tokenizer=sys.argv[2], seq_len=128)\n"
+        "print(json.dumps([process_group(cfg, g, files, model)['compile_seconds'] for g in (0, 1)]))\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    figures = []
+    for run in ("cold", "warm"):
+        p = subprocess.run([sys.executable, "-c", script, small_corpus[0], tokenizer_path, str(tmp_path / run)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        figures.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    (cold, again), (warm, _) = figures
+    assert cold > 0.2 and again == 0.0 and 0 < warm < cold, figures
 
 
 def test_overwrite_and_wds(small_corpus, tokenizer_path, tmp_path, ray_local):
@@ -395,3 +421,103 @@ def test_chunk_seeds_are_numpy_seed_sequences_of_the_list(tokenizer_path, tmp_pa
             child = np.random.SeedSequence(got.entropy, spawn_key=(1,))   # as _split_short derives its stream
             assert child.generate_state(2).tolist() == np.random.SeedSequence(
                 want.entropy, spawn_key=(1,)).generate_state(2).tolist()
+            # the compiled seeding (one Generator per packer, reseeded in place) draws the same
+            assert packer._draws() == tuple(want.generate_state(2, np.uint64).tolist())
+            assert packer._fresh_rng().bit_generator.state == np.random.default_rng(want).bit_generator.state
+            assert np.random.SeedSequence(packer._entropy(), spawn_key=(1,)).generate_state(2).tolist() == \
+                np.random.SeedSequence(want.entropy, spawn_key=(1,)).generate_state(2).tolist()
+            assert (packer.seed is None) == (packer.fast_seeding and chunk >> 32 == 0)
+
+
+def test_compiled_seeding_is_numpys_default_rng_of_the_seed_sequence():
+    """_infill_kernels.seed_into: SeedSequence pool mixing, generate_state and PCG64 seeding in one compiled call,
+    written into a live PCG64, equals np.random.default_rng(np.random.SeedSequence(words)) for 1 to 9 words of
+    any value (the draws after it too), and its two returned words are generate_state(2, np.uint64)."""
+    import numpy as np
+
+    from pipeline import _infill_kernels as K
+
+    if not K.AVAILABLE:
+        pytest.skip("numba not installed: the packer seeds with numpy's own objects")
+    assert K.direct_seed()
+    gen = np.random.default_rng(5)
+    rng = np.random.Generator(np.random.PCG64(0))
+    rng.random()   # a live Generator with a half-used 64-bit draw buffered: seeding must reset that too
+    rng.integers(0, 10)
+    record = np.zeros(6, np.uint64)
+    for i in range(400):
+        words = gen.integers(0, 2**32, int(gen.integers(1, 10)), dtype=np.uint64).astype(np.uint32)
+        if i % 7 == 0:
+            words[:] = gen.choice([0, 1, 2**32 - 1], len(words))
+        want = np.random.SeedSequence(words)
+        got = K.seed_into(rng.bit_generator.ctypes.state_address, words, record)
+        assert list(got) == want.generate_state(2, np.uint64).tolist(), words
+        ref = np.random.default_rng(want)
+        assert rng.bit_generator.state == ref.bit_generator.state, words
+        assert rng.integers(0, 2**62, 3).tolist() == ref.integers(0, 2**62, 3).tolist()
+        assert rng.random() == ref.random() and rng.integers(0, 7) == ref.integers(0, 7)
+
+
+@pytest.mark.parametrize("kw", [{}, {"short_seq_prob": 0.3, "variants": 3},
+                                {"single_span_prob": 0.3, "block_mask_prob": 0.2, "context_mask_ratio": 0.3},
+                                {"seq_len": 512, "objectives": {"sentence": 0.5, "gpt": 0.5}, "seed": 2**40 + 3},
+                                {"objectives": {"gpt": 1.0}, "short_seq_prob": 0.1, "format": "wds",
+                                 "task_mask": True, "shuffle_spans": False}],
+                         ids=["default", "short-seq", "single-span-block-context", "seq512-sentence-gpt", "gpt-wds"])
+def test_packer_fast_paths_make_the_reference_bytes(kw, small_corpus, tokenizer_path, tmp_path, monkeypatch):
+    """The packer's fast paths (compiled seeding into one reused Generator, infilling.ChunkSampler and its
+    compiled fit) write the same shard and receipt bytes as the reference path (a SeedSequence and a new
+    Generator per chunk, make_sample and sample_length per call, the fit loop in Python) for one packing group, over
+    configs that reach every branch: short samples, single-span + block + context masks, objective mixes,
+    several variants, a seed of several words, WebDataset."""
+    from pipeline import _infill_kernels as K
+    from pipeline import build as B
+
+    files = D.list_inputs(small_corpus[:4])
+    model = Path(tokenizer_path).read_bytes()
+    seeded, real, fits, real_fit = [], K.seed_into, [], infilling.ChunkSampler.fit
+    monkeypatch.setattr(K, "seed_into", lambda *a: seeded.append(1) or real(*a))
+
+    def fit(*a):
+        fits.append(real_fit(*a))
+        return fits[-1]
+
+    monkeypatch.setattr(infilling.ChunkSampler, "fit", fit)
+    trees = []
+    for fast in (False, True):
+        monkeypatch.setattr(B, "FAST_PACKING", fast)
+        out = tmp_path / f"fast{fast}"
+        res = B.process_group(cfg_for(small_corpus, out, tokenizer_path, **kw), 2, files, model)
+        assert res["tokens"] > 20_000
+        trees.append(tree_bytes(out))
+    assert len(trees[0]) >= 3 and trees[0] == trees[1]
+    assert len(seeded) > 100 or not K.AVAILABLE   # the fast run took the compiled seeding
+    # and the compiled fit (only the fast run uses it) answered most chunks; the official knobs take make_sample
+    knobs = any(kw.get(k) for k in ("single_span_prob", "block_mask_prob", "context_mask_ratio"))
+    served = sum(f is not None for f in fits)
+    assert served > 100 if K.AVAILABLE and not knobs else served == 0
+
+
+def test_shard_buffer_add_sample_is_add():
+    """ShardBuffer.add_sample (positional provenance, the packer's path) buffers what add buffers, through a
+    regrow of the column buffers, and refuses a sample whose token columns differ in length, naming the row."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    a, b = S.ShardBuffer(capacity=100), S.ShardBuffer(capacity=100)
+    for i in range(40):
+        n = int(rng.integers(1, 30))
+        sample = {c: rng.integers(0, 2 if t == np.uint8 else 9000, n).astype(t) for c, t in S.ARRAY_COLUMNS.items()}
+        sample.update(sep=int(rng.integers(0, n)), layout="bert")
+        prov = ("bert", 1, f"doc{i % 3}.txt", i, 7 * i, f"train/0/1/{7 * i}")
+        a.add(sample, **dict(zip(("objective", "variant", "source", "doc_index", "chunk_index", "sample_key"), prov)))
+        b.add_sample(sample, *prov)
+    x, y = a.samples(), b.samples()
+    assert len(a) == len(b) == 40 and np.array_equal(x.offsets, y.offsets)
+    for c in S.ARRAY_COLUMNS:
+        assert np.array_equal(x.arrays[c], y.arrays[c]) and x.arrays[c].dtype == y.arrays[c].dtype
+    for c in S.SCALAR_COLUMNS:
+        assert x.scalars[c].tolist() == y.scalars[c].tolist()
+    bad = dict(sample, targets=sample["targets"][:-1])
+    with pytest.raises(ValueError, match=r"column 'targets' has .* in row 'k9'"):
+        b.add_sample(bad, "bert", 1, "d", 0, 9, "k9")

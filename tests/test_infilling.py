@@ -548,14 +548,21 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
     from pipeline import shards as S
     from pipeline.config import BuildConfig
     calls = []
-    real = infilling.make_sample
+    real = infilling.ChunkSampler.sample   # the packer's make_sample (test_chunk_sampler_is_make_sample)
+    real_fit = infilling.ChunkSampler.fit  # its whole fit in one call, the one sample kept made at its end
 
     def counting(*a, **kw):
-        if not kw.get("_length_only"):
-            calls.append(1)
+        calls.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(infilling, "make_sample", counting)
+    def counting_fit(*a):
+        out = real_fit(*a)
+        if out is not None and out[2] is not None:
+            calls.append(1)
+        return out
+
+    monkeypatch.setattr(infilling.ChunkSampler, "sample", counting)
+    monkeypatch.setattr(infilling.ChunkSampler, "fit", counting_fit)
     cfg = BuildConfig(seq_len=160, short_seq_prob=0.15)
     fs = fsspec.filesystem("file")
     writer, acc = B.ShardWriter(fs, str(tmp_path), "parquet", 3, 1, 64), B.new_accounting()
@@ -572,7 +579,8 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
             for shard in [S.read_shard(fs, f"{tmp_path}/{info.name}", info, "parquet")] for i in range(len(shard))]
     assert len(rows) == acc["samples"] > 50 and acc["short_seq_samples"] > 0
     assert len(calls) == acc["samples"] < acc["fit_trials"]
-    monkeypatch.setattr(infilling, "make_sample", real)
+    monkeypatch.setattr(infilling.ChunkSampler, "sample", real)
+    monkeypatch.setattr(infilling.ChunkSampler, "fit", real_fit)
     for row in rows:
         assert len(row["input_ids"]) <= cfg.seq_len
         chunk = reconstruct(dict(row), SP)
@@ -605,3 +613,49 @@ def test_without_numba_or_with_the_kernels_off_the_numpy_path_makes_the_same_byt
                              env=dict(os.environ, **env), timeout=120)
         assert res.returncode == 0, res.stderr
         assert res.stdout.split() == [_digest(out), "False"]
+
+
+@pytest.mark.parametrize("options", [{}, {"task_mask": True, "shuffle_spans": False, "block_position_encoding": False},
+                                     {"gpt_min_ratio": 0.3, "gpt_infill_prob": 0.9},
+                                     {"single_span_prob": 0.4},
+                                     {"block_mask_prob": 0.3, "context_mask_ratio": 0.3}])
+def test_chunk_sampler_is_make_sample(options):
+    """ChunkSampler (the packer's prepared make_sample) gives make_sample's sample and sample_length's length,
+    leaves the Generator where they leave it, and raises what they raise: over packer-like int32 chunks, chunks
+    of other dtypes, chunks under 64 tokens, chunks too short for the objective, every objective and the
+    official knobs (which it hands to make_sample)."""
+    import re
+
+    from pipeline.infilling import ChunkSampler, sample_length
+
+    sp = dataclasses.replace(SP, dblock=7)   # the block and context masks need [dBLOCK]
+    rng = np.random.default_rng(31)
+    cols = ("input_ids", "targets", "loss_mask", "position_ids", "block_position_ids")
+    served = errors = 0
+    for i in range(300):
+        t = random_chunk(rng)
+        t = t.astype(np.int64) if i % 5 == 0 else t.astype(np.int32)
+        if i % 17 == 0:
+            t = t[:int(rng.integers(1, 12))]
+        for obj in ("bert", "sentence", "gpt"):
+            sampler = ChunkSampler(obj, specials=sp, **options)
+            a, b = np.random.default_rng(i), np.random.default_rng(i)
+            try:
+                want = (sample_length(t, obj, a, specials=sp, **options),
+                        make_sample(t, obj, a, specials=sp, **options))
+            except ValueError as e:
+                for call in (sampler.length, sampler.sample):
+                    with pytest.raises(type(e), match=re.escape(str(e))):
+                        call(t, b)
+                errors += 1
+                continue
+            got = (sampler.length(t, b), sampler.sample(t, b))
+            served += sampler._served(t, b)
+            assert got[0] == want[0] == len(got[1]["input_ids"])
+            for c in cols:
+                np.testing.assert_array_equal(got[1][c], want[1][c], err_msg=f"{i} {obj} {c}")
+            assert {k: v for k, v in got[1].items() if k not in cols} == {k: v for k, v in want[1].items()
+                                                                           if k not in cols}
+            assert a.bit_generator.state == b.bit_generator.state
+    assert served > 200 if sampler.kernel else served == 0
+    assert 0 < errors < 300
