@@ -751,24 +751,35 @@ def sample_length(tokens, objective: str, rng: np.random.Generator, *, specials:
     return make_sample(tokens, objective, rng, specials=specials, _length_only=True, **options)
 
 
+def _kernel_inputs(t: np.ndarray, rng: np.random.Generator):
+    """What a compiled plan/sample call takes besides the options: the chunk as contiguous int32 (None when its ids
+    do not fit: the numpy path answers), the Generator's PCG64 state (its address when the kernels can read and
+    write it in place, else a copy in `st` and the state dict to put back), and a work array."""
+    if t.dtype is not _I32 or not t.flags.c_contiguous:
+        t = _as_int32(t)
+        if t is None:
+            return None
+    bg = rng.bit_generator
+    st = np.empty(6, np.uint64)
+    state = None
+    if _K.direct_state():
+        addr = bg.ctypes.state_address
+    else:
+        addr = 0
+        st[:], state = _K.get_state(bg)
+    return t, addr, st, state, np.empty(5 * len(t) + 8, np.int64)
+
+
 def _kernel_length(t, objective, rng, specials, shuffle_spans, bert_ratio, sentence_ratio, avg_block_length,
                    max_block_length, gpt_infill_prob, gpt_min_ratio, sentence_mask_cls) -> int | None:
     """The output length of the sample make_sample would make, from the compiled plan alone (the draws and the
     spans; no layout), on a copy of the Generator's state (it is not advanced). None when the numpy path must
     answer (chunk not placeable, bad option)."""
-    if t.dtype is not _I32 or not t.flags.c_contiguous:
-        t = _as_int32(t)
-        if t is None:
-            return None
+    got = _kernel_inputs(t, rng)
+    if got is None:
+        return None
+    t, addr, st, state, work = got
     n = len(t)
-    bg = rng.bit_generator
-    st = np.empty(6, np.uint64)
-    if _K.direct_state():
-        addr = bg.ctypes.state_address
-    else:
-        addr = 0
-        st[:] = _K.get_state(bg)[0]
-    work = np.empty(5 * n + 8, np.int64)
     if objective == "bert":
         target = int(bert_ratio * n)
         status, k = _K.plan_bert(t, addr, st, *_cdf_and_table(avg_block_length, max_block_length), target,
@@ -792,19 +803,11 @@ def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_
     """make_sample by one compiled call (plan + fill, pipeline/_infill_kernels.py): the numpy path's draws from
     the same PCG64 stream, so the same bytes, and the Generator advanced as the numpy path advances it. None
     when the numpy path must run (chunk not placeable, bad option; the Generator is then untouched)."""
-    if t.dtype is not _I32 or not t.flags.c_contiguous:
-        t = _as_int32(t)
-        if t is None:
-            return None
+    got = _kernel_inputs(t, rng)
+    if got is None:
+        return None
+    t, addr, st, state, work = got
     n = len(t)
-    bg = rng.bit_generator
-    st = np.empty(6, np.uint64)
-    if _K.direct_state():
-        addr = bg.ctypes.state_address
-    else:
-        addr = 0
-        st[:], state = _K.get_state(bg)
-    work = np.empty(5 * n + 8, np.int64)
     mask_id = specials.mask if not task_mask or objective == "bert" else mask_token_id(objective, specials, True)
     if objective == "bert":
         target = int(bert_ratio * n)
@@ -847,7 +850,7 @@ def _kernel_sample(t, objective, rng, specials, task_mask, shuffle_spans, block_
         pairs = iter(work[3 * k:5 * k].tolist())
         spans = list(zip(pairs, pairs))
     if not addr:
-        _K.put_state(bg, st, state)
+        _K.put_state(rng.bit_generator, st, state)
     return {"input_ids": arr[0, :length], "targets": arr[1, :length], "loss_mask": loss[:length],
             "position_ids": arr[2, :length], "block_position_ids": arr[3, :length], "sep": sep, "spans": spans,
             "layout": layout, "objective": objective, "single_span": False}

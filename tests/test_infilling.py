@@ -279,20 +279,24 @@ def _digest(samples) -> str:
 
 
 DIGEST_SCRIPT = """
-import sys, numpy as np
+import sys
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-from test_infilling import SP, _digest, random_chunk
-from pipeline.infilling import make_sample
-out = []
-for seed in range(30):
-    t = random_chunk(np.random.default_rng(seed + 100))
-    for obj in ("bert", "sentence", "gpt"):
-        try:
-            out.append(make_sample(t, obj, np.random.default_rng(seed), specials=SP, task_mask=True))
-        except ValueError:
-            pass
-print(_digest(out))
+from test_infilling import _digest, mixed_samples
+print(_digest(mixed_samples()))
 """
+
+
+def mixed_samples() -> list[dict]:
+    """Samples of every objective on 30 random chunks (the ones that cannot be placed skipped)."""
+    out = []
+    for seed in range(30):
+        t = random_chunk(np.random.default_rng(seed + 100))
+        for obj in ("bert", "sentence", "gpt"):
+            try:
+                out.append(make_sample(t, obj, np.random.default_rng(seed), specials=SP, task_mask=True))
+            except ValueError:
+                pass
+    return out
 
 
 def test_determinism_same_bytes_in_fresh_process():
@@ -597,14 +601,7 @@ def test_packer_makes_one_sample_per_kept_chunk_and_each_is_the_pure_sample_of_i
 def test_without_numba_or_with_the_kernels_off_the_numpy_path_makes_the_same_bytes():
     """numba is optional at run time: with it blocked from importing (or GLM_INFILL_KERNEL=0) make_sample takes
     the numpy path, in a fresh process, and the samples are the same bytes as the compiled path's here."""
-    out = []
-    for seed in range(30):
-        t = random_chunk(np.random.default_rng(seed + 100))
-        for obj in ("bert", "sentence", "gpt"):
-            try:
-                out.append(make_sample(t, obj, np.random.default_rng(seed), specials=SP, task_mask=True))
-            except ValueError:
-                pass
+    out = mixed_samples()
     script = DIGEST_SCRIPT.format(root=str(ROOT), tests=str(Path(__file__).resolve().parent))
     blocked = "import sys; sys.modules['numba'] = None\n"
     probe = "\nfrom pipeline import _infill_kernels as K; print(K.AVAILABLE)"
