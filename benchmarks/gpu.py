@@ -74,8 +74,8 @@ def write_synthetic_shards(folder: str, *, num_samples: int, seq_len: int, vocab
         sample = make_sample(chunk, objective, rng, specials=specials)
         if len(sample["input_ids"]) > seq_len:
             continue
-        writer.add(S.sample_row(sample, objective=objective, variant=0, source="synthetic", doc_index=n,
-                                chunk_index=n, sample_key=f"train/0/0/{n}"))
+        writer.add(sample, objective=objective, variant=0, source="synthetic", doc_index=n, chunk_index=n,
+                   sample_key=f"train/0/0/{n}")
         n += 1
     writer.flush()
     config = {"synthetic": True, "seq_len": seq_len, "seed": seed}
