@@ -747,7 +747,7 @@ def _rank0_print(*a, file=None) -> None:
 EXIT_WALL_CLOCK = 3   # the run stopped at wall_clock_limit_s after saving a checkpoint: rerun it to continue
 
 
-def run_cli(argv: list[str] | None, *, doc: str, config_cls, parse, run, name: str, duration: str = "max_duration"):
+def run_cli(argv: list[str] | None, *, doc: str, config_cls, parse, run, name: str):
     """The command line of train.py and finetune.py: --help prints the doc and every setting; otherwise parse, run
     and close the trainer. Returns (exit status, trainer): EXIT_WALL_CLOCK (with a message) when the wall-clock
     limit stopped the run before max_duration, else 0; trainer is None after --help."""
@@ -764,7 +764,7 @@ def run_cli(argv: list[str] | None, *, doc: str, config_cls, parse, run, name: s
     stop = next((c for c in trainer.state.callbacks if isinstance(c, WallClockStop)), None)
     if stop is not None and stop.stopped_at is not None:
         _rank0_print(f"[{name}] stopped by wall_clock_limit_s={stop.limit_s:g} at step {stop.stopped_at} before "
-                     f"{duration} {cfg.max_duration} (checkpoint saved); exit code {EXIT_WALL_CLOCK}: run the same "
+                     f"max_duration {cfg.max_duration} (checkpoint saved); exit code {EXIT_WALL_CLOCK}: run the same "
                      "command again to resume", file=sys.stderr)
         return EXIT_WALL_CLOCK, trainer
     return 0, trainer
@@ -774,16 +774,6 @@ def cli(argv: list[str] | None = None) -> int:
     """Run main(); return the exit status: 0 when max_duration was reached, EXIT_WALL_CLOCK when the wall-clock
     limit stopped the run first (its checkpoint is saved; the same command resumes it)."""
     return run_cli(argv, doc=__doc__, config_cls=TrainConfig, parse=parse_args, run=main, name="train")[0]
-    cfg = parse_args(argv)
-    trainer = main(cfg)
-    trainer.close()
-    stop = next((c for c in trainer.state.callbacks if isinstance(c, WallClockStop)), None)
-    if stop is not None and stop.stopped_at is not None:
-        _rank0_print(f"[train] stopped by wall_clock_limit_s={stop.limit_s:g} at step {stop.stopped_at} before "
-                     f"max_duration {cfg.max_duration} (checkpoint saved); exit code {EXIT_WALL_CLOCK}: run the same "
-                     "command again to resume", file=sys.stderr)
-        return EXIT_WALL_CLOCK
-    return 0
 
 
 if __name__ == "__main__":
