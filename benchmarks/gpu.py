@@ -46,7 +46,7 @@ from pipeline.infilling import make_sample
 from pipeline.stream import ShardStream, StreamLoader
 from pipeline.tokenizer import COMMAND_TOKENS, Specials
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 CUDA_TEST = "tests/test_model_glm.py::test_flex_on_cuda_matches_official"
 # bounds of max |flex - sdpa| / max |sdpa|: fp32 differs only in summation order, bf16 autocast also in the rounding
 # of scores and probabilities (bf16 keeps 8 bits: 2^-8 = 0.4% per value)
