@@ -172,7 +172,7 @@ class Packer:
             self.rng_addr = self.rng.bit_generator.ctypes.state_address
             self.rng_record = np.zeros(6, np.uint64)
         self.seed: np.random.SeedSequence | None = None   # the chunk's SeedSequence (numpy seeding)
-        self.samplers: dict[tuple[str, bool], infilling.ChunkSampler] = {}   # (objective, fallback) ->
+        self.samplers: dict[tuple[str, bool], infilling.ChunkSampler] = {}   # by (objective, fallback)
 
     def push(self, framed: np.ndarray, source: str, doc_index: int) -> None:
         self.queue.push(framed, source, doc_index)
@@ -402,12 +402,8 @@ class Packer:
         if objective not in self.span_lengths:
             self.span_lengths[objective] = []
         self.span_lengths[objective].extend([e - s for s, e in sample["spans"]])   # ints (np.int64 on numpy's path)
-        key = f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}"
-        if FAST_PACKING:
-            self.writer.add_sample(sample, objective, self.variant, source, doc_index, self.chunk_index, key)
-        else:
-            self.writer.add(sample, objective=objective, variant=self.variant, source=source, doc_index=doc_index,
-                            chunk_index=self.chunk_index, sample_key=key)
+        self.writer.add_sample(sample, objective, self.variant, source, doc_index, self.chunk_index,
+                               f"{self.split}/{self.group}/{self.variant}/{self.chunk_index}")
 
 
 class ShardWriter:
@@ -423,17 +419,16 @@ class ShardWriter:
         self.shards: list[S.ShardInfo] = []
 
     def add(self, sample: dict, **provenance) -> None:
-        """One infilling sample plus its provenance columns (S.ShardBuffer.add)."""
+        """One infilling sample plus its provenance columns as keywords (S.ShardBuffer.add checks them)."""
         self.rows.add(sample, **provenance)
         if len(self.rows) >= self.rows_per_shard:
             self.flush()
 
     def add_sample(self, sample: dict, objective: str, variant: int, source: str, doc_index: int,
                    chunk_index: int, sample_key: str) -> None:
-        """add() with the provenance columns positional (S.ShardBuffer.add_sample)."""
-        rows = self.rows
-        rows.add_sample(sample, objective, variant, source, doc_index, chunk_index, sample_key)
-        if len(rows.lengths) >= self.rows_per_shard:
+        """add() with the provenance columns positional (the packer's per-sample path)."""
+        self.rows.add_sample(sample, objective, variant, source, doc_index, chunk_index, sample_key)
+        if len(self.rows) >= self.rows_per_shard:
             self.flush()
 
     def flush(self) -> None:

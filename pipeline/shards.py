@@ -229,25 +229,7 @@ class ShardBuffer:
         if provenance.keys() != _PROVENANCE:
             raise ValueError(f"ShardBuffer.add: provenance columns {sorted(provenance)} do not match the schema's "
                              f"{sorted(_PROVENANCE)}; pass exactly those (pipeline/shards.py SCALAR_COLUMNS)")
-        a, n = self.used, len(sample["input_ids"])
-        if a + n > len(self.arrays["input_ids"]):
-            cap = max(2 * len(self.arrays["input_ids"]), a + n)
-            for c, old in self.arrays.items():
-                self.arrays[c] = np.empty(cap, dtype=old.dtype)
-                self.arrays[c][:a] = old[:a]
-        for c, buf in self.arrays.items():
-            v = sample[c]
-            if len(v) != n:
-                raise ValueError(f"column {c!r} has {len(v)} entries and input_ids {n} in row "
-                                 f"{provenance['sample_key']!r}; every token column needs one entry per token")
-            buf[a:a + n] = v
-        self.used = a + n
-        self.lengths.append(n)
-        sc = self.scalars
-        sc["sep"].append(sample["sep"])
-        sc["layout"].append(sample["layout"])
-        for c, v in provenance.items():
-            sc[c].append(v)
+        self.add_sample(sample, **provenance)
 
     def add_sample(self, sample: dict, objective: str, variant: int, source: str, doc_index: int,
                    chunk_index: int, sample_key: str) -> None:
@@ -255,10 +237,11 @@ class ShardBuffer:
         no keyword dict to build and check)."""
         a, n = self.used, len(sample["input_ids"])
         arrays = self.arrays
-        if a + n > len(arrays["input_ids"]):
-            self.add(sample, objective=objective, variant=variant, source=source, doc_index=doc_index,
-                     chunk_index=chunk_index, sample_key=sample_key)   # regrows the buffers
-            return
+        if a + n > len(arrays["input_ids"]):   # grow: double, or to what this row needs
+            cap = max(2 * len(arrays["input_ids"]), a + n)
+            for c, old in arrays.items():
+                arrays[c] = np.empty(cap, dtype=old.dtype)
+                arrays[c][:a] = old[:a]
         for c in _ARRAY_NAMES:
             v = sample[c]
             if len(v) != n:
