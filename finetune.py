@@ -73,6 +73,7 @@ from train import (
     build_optimizer,
     plan_start,
     run_cli,
+    run_of,
 )
 
 DEFAULT_PRESET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "finetune", "rte.yaml")
@@ -401,14 +402,8 @@ class BestCheckpoint(Callback):
 
 
 def resolve_run(cfg: FinetuneConfig) -> Run:
-    on_gpu = torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
-    if precision != "fp32" and not on_gpu:
-        raise ValueError(f"precision={precision!r} needs a GPU; use fp32 or auto")
-    save_folder = cfg.save_folder or os.path.join("runs", "finetune", cfg.task)
-    run_name = cfg.run_name or f"ft-{cfg.task}"
-    log_folder = cfg.log_folder or (os.path.join("runs", run_name) if _remote(save_folder) else save_folder)
-    return Run(int(os.environ.get("WORLD_SIZE", 1)), on_gpu, precision, run_name, save_folder, log_folder)
+    return run_of(cfg.precision, cfg.run_name or f"ft-{cfg.task}",
+                  cfg.save_folder or os.path.join("runs", "finetune", cfg.task), cfg.log_folder, cfg.storage_options)
 
 
 def load_tokenizer(cfg: FinetuneConfig) -> Tokenizer:

@@ -357,19 +357,27 @@ def main(cfg: TrainConfig) -> Trainer:
     return trainer
 
 
-def resolve_run(cfg: TrainConfig) -> Run:
+def run_of(precision: str, run_name: str, save_folder: str, log_folder: str, storage_options: dict,
+           *load_paths: str) -> Run:
+    """Where and how a run runs (train.py and finetune.py): the precision ("auto": bf16 on a GPU, else fp32), the
+    log folder (default: the save folder, or runs/<run_name> for a remote one), and storage_options handed to
+    Composer's object store for a remote save folder or load path."""
     on_gpu = torch.cuda.is_available()
-    precision = cfg.precision if cfg.precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
+    precision = precision if precision != "auto" else ("amp_bf16" if on_gpu else "fp32")
     if precision != "fp32" and not on_gpu:
         raise ValueError(f"precision={precision!r} needs a GPU (Composer refuses it on CPU); use fp32 or auto")
-    if cfg.model.attn_impl == "flex" and not on_gpu:
-        raise ValueError("model.attn_impl='flex' has no backward on CPU; train on CPU with attn_impl=sdpa")
-    run_name = cfg.run_name or f"glm-{cfg.model.preset}"
-    # each preset gets its own default folder, so autoresume never picks up another model's checkpoint
-    save_folder = cfg.save_folder or os.path.join("runs", cfg.model.preset)
-    log_folder = cfg.log_folder or (os.path.join("runs", run_name) if _remote(save_folder) else save_folder)
-    object_store_credentials(cfg.storage_options, save_folder, cfg.load_path)
+    log_folder = log_folder or (os.path.join("runs", run_name) if _remote(save_folder) else save_folder)
+    object_store_credentials(storage_options, save_folder, *load_paths)
     return Run(int(os.environ.get("WORLD_SIZE", 1)), on_gpu, precision, run_name, save_folder, log_folder)
+
+
+def resolve_run(cfg: TrainConfig) -> Run:
+    if cfg.model.attn_impl == "flex" and not torch.cuda.is_available():
+        raise ValueError("model.attn_impl='flex' has no backward on CPU; train on CPU with attn_impl=sdpa")
+    # each preset gets its own default folder, so autoresume never picks up another model's checkpoint
+    return run_of(cfg.precision, cfg.run_name or f"glm-{cfg.model.preset}",
+                  cfg.save_folder or os.path.join("runs", cfg.model.preset), cfg.log_folder, cfg.storage_options,
+                  cfg.load_path)
 
 
 def build_data(cfg: TrainConfig) -> Data:
